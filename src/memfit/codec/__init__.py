@@ -1,0 +1,28 @@
+"""memfit.codec: block-wise compression of tensors, and nothing about autograd.
+
+Formats: :class:`IntFormat` (8/4/2-bit codes with a per-block scale and offset,
+stochastic or nearest rounding), :class:`FP8Format` (e4m3 with a per-block scale),
+:class:`BitMaskFormat` (lossless 1 bit per element for masks) and :class:`RawFormat`
+(kept as is). :func:`encode` and :func:`decode` convert; :class:`Encoded` holds the
+result and knows its size. Kernels: fused C++ on CPU, Triton on CUDA, eager PyTorch
+as the always-correct fallback (see :mod:`memfit.codec.kernels`).
+"""
+
+from .blockwise import Encoded, can_encode, decode, encode, is_plain_dense, tensor_nbytes
+from .formats import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+from .kernels import backend_name
+
+__all__ = [
+    "BitMaskFormat",
+    "Encoded",
+    "FP8Format",
+    "Format",
+    "IntFormat",
+    "RawFormat",
+    "backend_name",
+    "can_encode",
+    "decode",
+    "encode",
+    "is_plain_dense",
+    "tensor_nbytes",
+]

@@ -1,0 +1,153 @@
+"""``encode`` / ``decode``: any tensor in, an :class:`Encoded` out, and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+from .kernels import backend_for
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# A private stream of seeds for stochastic rounding, so encoding never consumes the
+# global RNG (a compressed run must draw the same dropout masks as a plain one).
+_seed_gen = torch.Generator().manual_seed(0x6D656D666974)
+
+
+def _next_seed() -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=_seed_gen))
+
+
+@dataclass
+class Encoded:
+    """A tensor in compressed form. ``decode(enc)`` gives back a contiguous tensor with
+    the original shape and dtype (exactly, for lossless formats)."""
+
+    format: Format
+    shape: torch.Size
+    dtype: torch.dtype
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    lo: torch.Tensor | None = None
+    nonfinite_index: torch.Tensor | None = None
+    nonfinite_value: torch.Tensor | None = None
+    raw: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes actually held by this object's tensors."""
+        total = 0
+        for t in (self.codes, self.scale, self.lo, self.nonfinite_index, self.nonfinite_value):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        if self.raw is not None:
+            total += tensor_nbytes(self.raw)
+        return total
+
+
+def tensor_nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's elements; 0 for kinds without a flat storage we can size."""
+    try:
+        if t.is_sparse:
+            return tensor_nbytes(t._values()) + tensor_nbytes(t._indices())
+        return t.numel() * t.element_size()
+    except Exception:  # nested, exotic subclasses
+        return 0
+
+
+def is_plain_dense(t: torch.Tensor) -> bool:
+    """True for an ordinary strided tensor (not sparse, quantized, nested, meta or a
+    tensor subclass such as DTensor), the only kind memfit re-encodes."""
+    return (
+        type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+    ) and t.layout is torch.strided and not t.is_quantized and not t.is_nested and t.device.type != "meta"
+
+
+def can_encode(x: torch.Tensor, fmt: Format) -> bool:
+    """Whether ``fmt`` applies to ``x``; otherwise :func:`encode` stores it raw."""
+    if isinstance(fmt, RawFormat) or not is_plain_dense(x):
+        return False
+    if isinstance(fmt, BitMaskFormat):
+        return x.dtype in (torch.bool, torch.uint8, torch.int8) or x.dtype in FLOAT_DTYPES
+    return x.dtype in FLOAT_DTYPES
+
+
+def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
+    """Compress ``x`` in format ``fmt``.
+
+    Any shape works (empty, 0-dim, non-contiguous views); the result is about the
+    flattened values, so views are not preserved. Tensors that ``fmt`` does not apply
+    to (integer tensors under a float format, complex, sparse, quantized, nested and
+    subclass tensors) are stored as they are, by reference, never copied or altered.
+
+    Non-finite values in float formats come back exactly: each block's scale is taken
+    over its finite elements only, so an inf or nan does not spoil its neighbours.
+
+    ``seed`` fixes the stochastic-rounding noise; by default a private stream is used,
+    never the global RNG.
+    """
+    if not can_encode(x, fmt):
+        if isinstance(fmt, BitMaskFormat) and is_plain_dense(x):
+            raise ValueError(f"BitMaskFormat needs a bool or {{0,1}} tensor, got dtype {x.dtype}")
+        return Encoded(RawFormat(), x.shape, x.dtype, raw=x)
+    flat = x.detach().reshape(-1)
+    if not flat.is_contiguous():  # reshape of a 0-stride expand can stay strided
+        flat = flat.contiguous()
+    k = backend_for(x.device)
+    if isinstance(fmt, BitMaskFormat):
+        if x.dtype is not torch.bool:
+            if flat.numel() and not bool(((flat == 0) | (flat == 1)).all()):
+                raise ValueError("BitMaskFormat needs values in {0, 1}; this tensor has others")
+            flat = flat.to(torch.bool)
+        return Encoded(fmt, x.shape, x.dtype, codes=k.pack_bits(flat))
+    if flat.numel() == 0:
+        return Encoded(fmt, x.shape, x.dtype, codes=flat.new_empty(0, dtype=torch.uint8),
+                       scale=flat.new_empty(0, dtype=torch.float32))
+    if isinstance(fmt, IntFormat):
+        stochastic = fmt.rounding == "stochastic"
+        codes, scale, lo, nonfinite_block = k.quantize_int(
+            flat, fmt.bits, fmt.block_size, fmt.symmetric, stochastic,
+            (_next_seed() if seed is None else seed) if stochastic else 0,
+        )
+    elif isinstance(fmt, FP8Format):
+        codes, scale, nonfinite_block = k.quantize_fp8(flat, fmt.block_size)
+        lo = None
+    else:
+        raise TypeError(f"unknown format {fmt!r}")
+    enc = Encoded(fmt, x.shape, x.dtype, codes=codes, scale=scale, lo=lo)
+    if bool(nonfinite_block.any()):
+        idx = torch.nonzero(~torch.isfinite(flat)).view(-1)
+        enc.nonfinite_index = idx
+        enc.nonfinite_value = flat[idx].clone()
+    return enc
+
+
+def decode(enc: Encoded) -> torch.Tensor:
+    """The tensor ``enc`` stands for: raw tensors are returned as stored; the others
+    come back contiguous, with the original shape and dtype."""
+    fmt = enc.format
+    if isinstance(fmt, RawFormat):
+        return enc.raw
+    n = enc.numel
+    k = backend_for(enc.codes.device)
+    if isinstance(fmt, BitMaskFormat):
+        flat = k.unpack_bits(enc.codes, n)
+        return flat.view(enc.shape) if enc.dtype is torch.bool else flat.to(enc.dtype).view(enc.shape)
+    if n == 0:
+        return torch.empty(enc.shape, dtype=enc.dtype, device=enc.codes.device)
+    if isinstance(fmt, IntFormat):
+        flat = k.dequantize_int(enc.codes, enc.scale, enc.lo, fmt.bits, fmt.block_size, n, enc.dtype)
+    else:
+        flat = k.dequantize_fp8(enc.codes, enc.scale, fmt.block_size, n, enc.dtype)
+    if enc.nonfinite_index is not None:
+        flat[enc.nonfinite_index] = enc.nonfinite_value
+    return flat.view(enc.shape)
