@@ -1,6 +1,19 @@
-"""memfit: train bigger PyTorch models in the memory you have."""
+"""memfit: train bigger PyTorch models in the memory you have.
+
+* :func:`activations` compresses what autograd saves for backward (8/4/2-bit, fp8,
+  1-bit masks) on any model, through saved-tensor hooks.
+* :mod:`memfit.codec` is the block-wise codec underneath.
+"""
 
 from . import codec
+from .activations import ActivationCompressor, ActivationStats, ModuleStats, activations
 
 __version__ = "0.1.0"
-__all__ = ["codec", "__version__"]
+__all__ = [
+    "ActivationCompressor",
+    "ActivationStats",
+    "ModuleStats",
+    "__version__",
+    "activations",
+    "codec",
+]

@@ -1,0 +1,458 @@
+"""The saved-tensor engine: compress what autograd keeps for backward, on any model.
+
+How it works
+------------
+Inside ``with memfit.activations(...)`` every tensor that autograd saves for the
+backward pass goes through :meth:`ActivationCompressor._pack` (a
+``torch.autograd.graph.saved_tensors_hooks`` pack hook), and comes back through
+:meth:`ActivationCompressor._unpack` when backward needs it. Nothing about the model
+changes: no module is swapped, so HF transformers, CNNs and hand-written code all
+work, including ``F.*`` calls that module-swapping tools miss.
+
+What each saved tensor becomes:
+
+* parameters, views of parameters and other leaves that require grad: kept by
+  reference (they are alive anyway, a copy would only cost memory);
+* tensors autograd cannot re-encode (integer, complex, sparse, quantized, nested,
+  tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
+* bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
+* float tensors: the format of the module that saved them (8/4/2-bit block-wise
+  integer codes, fp8, or kept).
+
+A saved tensor is attributed to the innermost module of ``model`` running when it is
+saved. Several ops often save the same storage (a linear's input is the previous
+op's output; q, k and v are strided views of one projection). Plain autograd keeps
+such a storage once, and so does memfit: the first save encodes the whole storage,
+later saves of any view of it reuse that encoding, and unpack rebuilds each view with
+``as_strided`` over one shared decoded buffer.
+
+Modifying a saved tensor in place before backward raises the same ``RuntimeError``
+as plain PyTorch. Hooks normally disable that check, so the engine keeps, per saved
+tensor, an empty tensor that shares the original's version counter but not its
+memory, and compares versions on unpack.
+
+Limits: double backward (``create_graph=True``) differentiates through the decoded
+values, not the originals; tensors saved inside ``torch.utils.checkpoint`` regions
+are handled by checkpoint's own hooks, not memfit's.
+"""
+
+from __future__ import annotations
+
+import random
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode, is_plain_dense
+from .policy import MASK, Setting, module_formats, resolve_setting
+
+_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- stats
+
+
+@dataclass
+class ModuleStats:
+    """What one module saved for backward during the last forward pass."""
+
+    original_bytes: int = 0  # what plain autograd would have kept alive
+    stored_bytes: int = 0  # what memfit holds instead
+    counts: Counter = field(default_factory=Counter)  # saved tensors by kind
+
+    @property
+    def ratio(self) -> float:
+        return self.original_bytes / self.stored_bytes if self.stored_bytes else float("inf")
+
+
+@dataclass
+class ActivationStats:
+    """Per-module totals of the last ``with`` block. Bytes count each storage once,
+    as autograd does; parameters count as zero (they are not activations)."""
+
+    by_module: dict[str, ModuleStats] = field(default_factory=dict)
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(m.original_bytes for m in self.by_module.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(m.stored_bytes for m in self.by_module.values())
+
+    @property
+    def ratio(self) -> float:
+        s = self.stored_bytes
+        return self.original_bytes / s if s else float("inf")
+
+    @property
+    def counts(self) -> Counter:
+        total: Counter = Counter()
+        for m in self.by_module.values():
+            total.update(m.counts)
+        return total
+
+    def table(self, top: int | None = None) -> str:
+        """A plain-text table, largest modules first."""
+        rows = sorted(self.by_module.items(), key=lambda kv: -kv[1].original_bytes)
+        if top is not None:
+            rows = rows[:top]
+        width = max([len("module")] + [len(n or "<root>") for n, _ in rows])
+        lines = [f"{'module':<{width}}  {'saved MB':>10}  {'held MB':>10}  {'ratio':>7}  kinds"]
+        for name, m in rows:
+            kinds = ", ".join(f"{k}:{v}" for k, v in sorted(m.counts.items()))
+            lines.append(
+                f"{name or '<root>':<{width}}  {m.original_bytes / 2**20:>10.2f}  "
+                f"{m.stored_bytes / 2**20:>10.2f}  {m.ratio:>7.2f}  {kinds}"
+            )
+        lines.append(
+            f"{'total':<{width}}  {self.original_bytes / 2**20:>10.2f}  "
+            f"{self.stored_bytes / 2**20:>10.2f}  {self.ratio:>7.2f}"
+        )
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- packed forms
+
+
+class _Kept:
+    """A saved tensor held by reference, with the version it was saved at."""
+
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self.version = tensor._version
+
+
+class _StorageEntry:
+    """One encoded storage, shared by every saved view of it."""
+
+    __slots__ = ("encoded", "storage_ref", "version", "dtype", "_decoded", "__weakref__")
+
+    def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype):
+        self.encoded = encoded
+        self.storage_ref = storage_ref
+        self.version = version
+        self.dtype = dtype
+        self._decoded: weakref.ref | None = None
+
+    def decoded(self) -> torch.Tensor:
+        # Views of one storage are unpacked one by one during backward; while any of
+        # them is alive, the others reuse its buffer instead of decoding again.
+        flat = self._decoded() if self._decoded is not None else None
+        if flat is None:
+            flat = decode(self.encoded)
+            self._decoded = weakref.ref(flat)
+        return flat
+
+
+class _Compressed:
+    """A saved tensor stored as a view (size, stride, offset) of an encoded storage."""
+
+    __slots__ = ("entry", "size", "stride", "offset", "sentinel", "version", "type_name")
+
+    def __init__(self, entry: _StorageEntry, t: torch.Tensor, offset: int):
+        self.entry = entry
+        self.size = t.size()
+        self.stride = t.stride()
+        self.offset = offset
+        self.version = t._version
+        self.sentinel = _version_sentinel(t)
+        self.type_name = t.type()
+
+
+def _version_sentinel(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor sharing ``t``'s version counter but none of its memory."""
+    version = t._version
+    with torch.no_grad():
+        sentinel = t.detach()
+        sentinel.set_()  # drops the storage; the version counter stays shared
+    torch._C._autograd._unsafe_set_version_counter((sentinel,), (version,))
+    return sentinel
+
+
+def _inplace_error(type_name: str, size, current: int, expected: int) -> RuntimeError:
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{type_name} {list(size)}] is at version {current}; expected "
+        f"version {expected} instead. (memfit kept a compressed copy of it; plain PyTorch "
+        "raises the same error.) Hint: enable anomaly detection to find the operation "
+        "that failed to compute its gradient, with torch.autograd.set_detect_anomaly(True)."
+    )
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class ActivationCompressor:
+    """Context manager that compresses the tensors autograd saves inside it.
+
+    Build it with :func:`memfit.activations`. It can be entered once per training
+    step; :attr:`stats` describes the latest ``with`` block. Backward may run after the
+    block has exited (the usual pattern: forward inside, ``loss.backward()`` outside).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        bits: Setting = 8,
+        *,
+        policy: Mapping[str, Setting] | None = None,
+        min_bytes: int = 32 * 1024,
+        block_size: int = 256,
+        rounding: str = "stochastic",
+        strict: bool = False,
+        seed: int = 0,
+    ):
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(min_bytes, int) or min_bytes < 0:
+            raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
+        default = resolve_setting(bits, block_size=block_size, rounding=rounding, where="bits")
+        self.model = model
+        self.default_format = default
+        self.min_bytes = min_bytes
+        self._formats = module_formats(
+            model, default, policy, block_size=block_size, rounding=rounding, strict=strict
+        )
+        self._seed = seed
+        self._seeds = random.Random(seed)
+        self._stats = ActivationStats()
+        self._module_stack: list[str] = []
+        self._entries: dict[tuple, _StorageEntry] = {}
+        self._seen_kept: dict[tuple, weakref.ref] = {}
+        self._handles: list = []
+        self._hooks: saved_tensors_hooks | None = None
+        self._param_storages: set[int] = set()
+
+    # -- public -------------------------------------------------------------------
+
+    @property
+    def stats(self) -> ActivationStats:
+        return self._stats
+
+    def format_for(self, module_name: str) -> Format:
+        """The format used for tensors saved while ``module_name`` is innermost."""
+        return self._formats.get(module_name, self.default_format)
+
+    def __enter__(self) -> "ActivationCompressor":
+        if self._hooks is not None:
+            raise RuntimeError("this memfit.activations context is already active")
+        self._stats = ActivationStats()
+        self._module_stack = []
+        self._entries = {}
+        self._seen_kept = {}
+        if self.model is not None:
+            self._param_storages = {
+                t.untyped_storage().data_ptr()
+                for t in list(self.model.parameters()) + list(self.model.buffers())
+                if is_plain_dense(t)
+            }
+            for name, module in self.model.named_modules():
+                self._handles.append(module.register_forward_pre_hook(self._enter_module(name)))
+                self._handles.append(
+                    module.register_forward_hook(self._exit_module(name), always_call=True)
+                )
+        self._hooks = saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        hooks, self._hooks = self._hooks, None
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._entries = {}  # packed objects keep what backward still needs
+        self._seen_kept = {}
+        hooks.__exit__(*exc)
+
+    # -- module attribution --------------------------------------------------------
+
+    def _enter_module(self, name: str):
+        def hook(module, args):
+            self._module_stack.append(name)
+
+        return hook
+
+    def _exit_module(self, name: str):
+        def hook(module, args, output):
+            stack = self._module_stack
+            if stack and stack[-1] == name:
+                stack.pop()
+            elif name in stack:  # an exception unwound inner modules without their hooks
+                del stack[stack.index(name) :]
+
+        return hook
+
+    def _module_stats(self, name: str) -> ModuleStats:
+        m = self._stats.by_module.get(name)
+        if m is None:
+            m = self._stats.by_module[name] = ModuleStats()
+        return m
+
+    # -- pack / unpack ---------------------------------------------------------------
+
+    def _is_parameter_like(self, t: torch.Tensor) -> bool:
+        if t.requires_grad and t.is_leaf:
+            return True
+        base = t._base
+        if base is not None and base.requires_grad and base.is_leaf:
+            return True
+        return bool(self._param_storages) and is_plain_dense(t) and (
+            t.untyped_storage().data_ptr() in self._param_storages
+        )
+
+    def _pack(self, t: torch.Tensor):
+        module = self._module_stack[-1] if self._module_stack else ""
+        if self._is_parameter_like(t):
+            self._module_stats(module).counts["param"] += 1
+            return _Kept(t)
+        if not is_plain_dense(t):
+            return self._keep(t, module, "raw")
+        fmt = MASK if t.dtype is torch.bool else self.format_for(module)
+        if isinstance(fmt, RawFormat):
+            return self._keep(t, module, "kept")
+        if t.dtype is not torch.bool and t.dtype not in _FLOAT:
+            return self._keep(t, module, "raw")
+        storage = t.untyped_storage()
+        if storage.nbytes() < self.min_bytes:
+            return self._keep(t, module, "small")
+        key = (storage.data_ptr(), t.device, t.dtype)
+        entry = self._entries.get(key)
+        if entry is not None and entry.storage_ref() is storage and entry.version == t._version:
+            self._module_stats(module).counts["shared"] += 1
+            return _Compressed(entry, t, t.storage_offset())
+        return self._compress(t, storage, key, fmt, module)
+
+    def _keep(self, t: torch.Tensor, module: str, kind: str) -> _Kept:
+        stats = self._module_stats(module)
+        stats.counts[kind] += 1
+        if is_plain_dense(t):
+            storage = t.untyped_storage()
+            key = (storage.data_ptr(), t.device)
+            seen = self._seen_kept.get(key)
+            if seen is None or seen() is not storage:
+                self._seen_kept[key] = weakref.ref(storage)
+                stats.original_bytes += storage.nbytes()
+                stats.stored_bytes += storage.nbytes()
+        return _Kept(t)
+
+    def _compress(self, t, storage, key, fmt: Format, module: str) -> _Compressed:
+        itemsize = t.element_size()
+        whole = storage.nbytes() // itemsize
+        span = _span(t)
+        if t.is_contiguous() and t.storage_offset() == 0 and t.numel() == whole:
+            flat, offset, shared = t, 0, True
+        elif span * 2 >= whole and storage.nbytes() % itemsize == 0:
+            # A view covering much of its storage (q/k/v of a fused projection, a
+            # transpose): encode the whole storage once, so sibling views dedupe.
+            flat, offset, shared = t.as_strided((whole,), (1,), 0), t.storage_offset(), True
+        else:
+            # A small window into a big storage: encode only the window.
+            flat, offset, shared = t.contiguous(), None, False
+        seed = self._seeds.getrandbits(62) if _is_stochastic(fmt) else 0
+        encoded = encode(flat, fmt, seed=seed)
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype)
+        if shared:
+            self._entries[key] = entry
+        stats = self._module_stats(module)
+        stats.counts[_kind(fmt)] += 1
+        stats.original_bytes += storage.nbytes() if shared else t.numel() * itemsize
+        stats.stored_bytes += encoded.nbytes
+        packed = _Compressed(entry, t, offset if offset is not None else 0)
+        if offset is None:  # the window was made contiguous: rebuild it as such
+            packed.stride = _contiguous_strides(t.size())
+        return packed
+
+    def _unpack(self, packed) -> torch.Tensor:
+        if isinstance(packed, _Kept):
+            t = packed.tensor
+            if t._version != packed.version:
+                raise _inplace_error(t.type(), t.size(), t._version, packed.version)
+            return t
+        current = packed.sentinel._version
+        if current != packed.version:
+            raise _inplace_error(packed.type_name, packed.size, current, packed.version)
+        flat = packed.entry.decoded()
+        return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def _span(t: torch.Tensor) -> int:
+    """Number of storage elements between the first and last element of a view."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.size(), t.stride()))
+
+
+def _contiguous_strides(size) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for s in reversed(size):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def _is_stochastic(fmt: Format) -> bool:
+    return isinstance(fmt, IntFormat) and fmt.rounding == "stochastic"
+
+
+def _kind(fmt: Format) -> str:
+    if isinstance(fmt, IntFormat):
+        return f"int{fmt.bits}"
+    if isinstance(fmt, FP8Format):
+        return "fp8"
+    return "mask" if fmt is MASK else "kept"
+
+
+def activations(
+    model: torch.nn.Module | None = None,
+    bits: Setting = 8,
+    *,
+    policy: Mapping[str, Setting] | None = None,
+    min_bytes: int = 32 * 1024,
+    block_size: int = 256,
+    rounding: str = "stochastic",
+    strict: bool = False,
+    seed: int = 0,
+) -> ActivationCompressor:
+    """Compress the activations autograd saves for backward, on any model.
+
+    Usage::
+
+        mf = memfit.activations(model, bits=4)
+        for batch in loader:
+            with mf:
+                loss = model(**batch).loss
+            loss.backward()
+            print(mf.stats.ratio)
+
+    Args:
+        model: the model, needed for per-module ``policy`` rules and per-module
+            stats; without it every tensor gets ``bits`` and stats go to ``""``.
+        bits: the default setting: 8, 4 or 2 (block-wise integer codes), ``"fp8"``
+            (e4m3), ``None`` (keep everything; gradients are then bit-identical to
+            plain PyTorch), or a :mod:`memfit.codec` format.
+        policy: per-module rules, ``{glob: setting}`` on qualified module names, e.g.
+            ``{"transformer.h.*.attn": 8, "*.mlp": 2, "lm_head": None}``. The first
+            matching rule wins; modules no rule matches inherit their parent's.
+        min_bytes: storages smaller than this are kept as they are.
+        block_size: elements per quantization block.
+        rounding: ``"stochastic"`` (unbiased; default) or ``"nearest"``.
+        strict: raise ``ValueError`` if a policy glob matches no module.
+        seed: seeds the stochastic-rounding noise (never the global RNG).
+    """
+    return ActivationCompressor(
+        model,
+        bits,
+        policy=policy,
+        min_bytes=min_bytes,
+        block_size=block_size,
+        rounding=rounding,
+        strict=strict,
+        seed=seed,
+    )

@@ -1,0 +1,72 @@
+"""Which format each module's saved tensors get: one setting, or glob rules by module name."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping, Union
+
+import torch
+
+from ..codec import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+
+# What a user may write for a setting: 8, 4, 2, "fp8", None (keep as is) or a codec format.
+Setting = Union[int, str, None, IntFormat, FP8Format, RawFormat]
+
+MASK = BitMaskFormat()
+RAW = RawFormat()
+
+
+def resolve_setting(value: Setting, *, block_size: int, rounding: str, where: str) -> Format:
+    """Turn a user setting into a codec format; ``where`` names the entry in errors."""
+    if value is None:
+        return RAW
+    if isinstance(value, (IntFormat, FP8Format, RawFormat)):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{where}: invalid bits {value!r}; use 8, 4, 2, 'fp8' or None")
+    if isinstance(value, int) and value in (8, 4, 2):
+        return IntFormat(bits=value, block_size=block_size, rounding=rounding)
+    if isinstance(value, str) and value.lower() == "fp8":
+        return FP8Format(block_size=block_size)
+    raise ValueError(f"{where}: invalid bits {value!r}; use 8, 4, 2, 'fp8' or None")
+
+
+def module_formats(
+    model: torch.nn.Module | None,
+    default: Format,
+    rules: Mapping[str, Setting] | None,
+    *,
+    block_size: int,
+    rounding: str,
+    strict: bool,
+) -> dict[str, Format]:
+    """Map every qualified module name of ``model`` to its format.
+
+    A module takes the first rule (in the mapping's order) whose glob matches its own
+    name; a module no rule names inherits its parent's format; the root inherits
+    ``default``. ``fnmatch`` globs are used, so ``*`` also matches dots.
+    """
+    compiled: list[tuple[str, Format]] = []
+    for pattern, value in (rules or {}).items():
+        if not isinstance(pattern, str):
+            raise ValueError(f"policy key {pattern!r} must be a module-name glob string")
+        compiled.append(
+            (pattern, resolve_setting(value, block_size=block_size, rounding=rounding, where=f"policy[{pattern!r}]"))
+        )
+    if model is None:
+        if compiled:
+            raise ValueError("a per-module policy needs the model: memfit.activations(model, policy=...)")
+        return {"": default}
+    formats: dict[str, Format] = {}
+    used = set()
+    for name, _ in model.named_modules():
+        parent = name.rpartition(".")[0] if name else None
+        fmt = formats.get(parent, default) if parent is not None else default
+        matched = [(p, f) for p, f in compiled if fnmatch.fnmatchcase(name, p)]
+        used.update(p for p, _ in matched)
+        formats[name] = matched[0][1] if matched else fmt
+    if strict:
+        unused = [p for p, _ in compiled if p not in used]
+        if unused:
+            raise ValueError(f"policy entry {unused[0]!r} matches no module of {type(model).__name__} (strict=True)")
+    return formats
