@@ -98,7 +98,7 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
     if not can_encode(x, fmt):
         if isinstance(fmt, BitMaskFormat) and is_plain_dense(x):
             raise ValueError(f"BitMaskFormat needs a bool or {{0,1}} tensor, got dtype {x.dtype}")
-        return Encoded(RawFormat(), x.shape, x.dtype, raw=x)
+        return Encoded(RawFormat(), torch.Size([x.numel()]) if x.is_nested else x.shape, x.dtype, raw=x)
     flat = x.detach().reshape(-1)
     if not flat.is_contiguous():  # reshape of a 0-stride expand can stay strided
         flat = flat.contiguous()

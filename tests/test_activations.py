@@ -1,0 +1,339 @@
+"""The saved-tensor engine on real models: gradients, policies, dedupe, errors, odd tensors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import memfit
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=128,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).train()
+
+
+def tiny_bert():
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+        vocab_size=128, max_position_embeddings=32, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(cfg).train()
+
+
+def batch(n=4, seq=32):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (n, seq), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def grads_of(model, data, compressor=None):
+    model.zero_grad(set_to_none=True)
+    if compressor is None:
+        loss = model(**data).loss
+    else:
+        with compressor:
+            loss = model(**data).loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def rel_err(a, b):
+    a = torch.cat([t.flatten() for t in a])
+    b = torch.cat([t.flatten() for t in b])
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+def test_bits_none_is_bit_identical(make):
+    model, data = make(), batch()
+    loss0, g0 = grads_of(model, data)
+    mf = memfit.activations(model, bits=None, min_bytes=0)
+    loss1, g1 = grads_of(model, data, mf)
+    assert torch.equal(loss0, loss1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert mf.stats.original_bytes == mf.stats.stored_bytes > 0
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
+@pytest.mark.parametrize("bits,tol,min_ratio", [(8, 0.03, 3.5), ("fp8", 0.1, 3.5), (4, 0.35, 6.0), (2, 1.2, 10.0)])
+def test_compressed_gradients_are_close(make, bits, tol, min_ratio):
+    model, data = make(), batch()
+    loss0, g0 = grads_of(model, data)
+    mf = memfit.activations(model, bits=bits, min_bytes=0)
+    loss1, g1 = grads_of(model, data, mf)
+    assert torch.equal(loss0, loss1), "the forward pass must be untouched"
+    assert rel_err(g1, g0) < tol
+    assert mf.stats.ratio >= min_ratio * 0.9  # tiny model: int64 ids and tiny stats dilute it
+
+
+def test_gradient_error_shrinks_with_bits():
+    model, data = tiny_gpt2(), batch()
+    _, g0 = grads_of(model, data)
+    errs = [rel_err(grads_of(model, data, memfit.activations(model, bits=b, min_bytes=0))[1], g0) for b in (8, 4, 2)]
+    assert errs[0] < errs[1] < errs[2]
+
+
+def test_unbiased_weight_gradient_error_shrinks_as_one_over_sqrt_k():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 8))
+    x = torch.randn(64, 32)
+    y = torch.randn(64, 8)
+
+    def weight_grad(compressor=None):
+        model.zero_grad()
+        if compressor is None:
+            loss = nn.functional.mse_loss(model(x), y)
+        else:
+            with compressor:
+                loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return model[2].weight.grad.clone()
+
+    exact = weight_grad()
+    samples = torch.stack([weight_grad(memfit.activations(model, bits=2, min_bytes=0, seed=s)) for s in range(256)])
+    err = {}
+    for k in (4, 16, 64, 256):
+        # average over disjoint groups of k seeds to smooth the estimate
+        groups = samples[: (256 // k) * k].view(256 // k, k, *exact.shape).mean(1)
+        err[k] = ((groups - exact).norm(dim=(1, 2)) / exact.norm()).mean().item()
+    slope = (math.log(err[256]) - math.log(err[4])) / (math.log(256) - math.log(4))
+    assert -0.65 < slope < -0.35, (slope, err)
+    assert err[256] < err[4] / 5
+
+
+def test_inplace_modification_raises_like_pytorch():
+    def run(compress):
+        a = torch.randn(64, 64, requires_grad=True)
+        ctx = memfit.activations(bits=8, min_bytes=0) if compress else memfit.activations(bits=None)
+        with ctx:
+            b = a.exp()  # exp saves its output
+        b.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation") as info:
+            b.sum().backward()
+        return str(info.value)
+
+    plain = run(False)
+    compressed = run(True)
+    assert "is at version 1; expected version 0 instead" in plain
+    assert "is at version 1; expected version 0 instead" in compressed
+
+
+def test_inplace_modification_of_dead_tensor_still_raises():
+    a = torch.randn(64, 64, requires_grad=True)
+    with memfit.activations(bits=4, min_bytes=0):
+        b = a.exp()
+        c = b * 3
+    b.add_(1)
+    del b  # the original is gone; the version check must still see the change
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        c.sum().backward()
+
+
+def test_parameters_are_never_compressed_or_copied():
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))
+    seen = []
+    mf = memfit.activations(model, bits=2, min_bytes=0)
+    orig = mf._pack
+
+    def spy(t):
+        packed = orig(t)
+        seen.append((t, packed))
+        return packed
+
+    mf._pack = spy
+    with mf:
+        loss = model(torch.randn(16, 128)).sum()
+    weight_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept_params = [p for t, p in seen if t.untyped_storage().data_ptr() in weight_ptrs]
+    assert kept_params and all(type(p).__name__ == "_Kept" for p in kept_params)
+    assert all(p.tensor.untyped_storage().data_ptr() in weight_ptrs for p in kept_params)
+    assert mf.stats.counts["param"] == len(kept_params)
+    loss.backward()
+
+
+def test_views_of_one_storage_are_stored_once():
+    x = torch.randn(8, 64, 3 * 256, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0, rounding="nearest")
+    with mf:
+        qkv = x * 1.5  # one storage
+        q, k, v = qkv.split(256, dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # strided views
+        out = (q.sin() + k.cos() + v.pow(3)).sum()  # each saves its input view
+    assert mf.stats.counts["shared"] == 2  # k and v reuse q's encoding
+    assert mf.stats.original_bytes == qkv.numel() * 4 + x.numel() * 0  # storage counted once
+    out.backward()
+    exact = torch.autograd.grad((x * 1.5).split(256, -1)[0].transpose(1, 2).sin().sum()
+                                + (x * 1.5).split(256, -1)[1].transpose(1, 2).cos().sum()
+                                + (x * 1.5).split(256, -1)[2].transpose(1, 2).pow(3).sum(), x)[0]
+    assert rel_err([x.grad], [exact]) < 0.01
+
+
+def test_small_tensors_are_kept():
+    x = torch.randn(4, 4, requires_grad=True)
+    mf = memfit.activations(bits=2)  # default min_bytes is far above 64 bytes
+    with mf:
+        y = x.exp().sum()
+    assert mf.stats.counts["small"] >= 1 and mf.stats.ratio == 1.0
+    y.backward()
+    assert torch.allclose(x.grad, x.exp())
+
+
+def test_bool_masks_are_one_bit_and_lossless():
+    x = torch.randn(256, 256, requires_grad=True)
+    mask = torch.rand(256, 256) > 0.5
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        y = torch.where(mask, x, 0.0).sum()  # where saves the bool condition
+    y.backward()
+    assert mf.stats.counts["mask"] == 1
+    assert torch.equal(x.grad, mask.float())
+
+
+def test_policy_globs_choose_formats_per_module():
+    model = tiny_gpt2()
+    mf = memfit.activations(
+        model, bits=8, policy={"transformer.h.*.attn": 4, "*.mlp": 2, "lm_head": None}, min_bytes=0
+    )
+    assert mf.format_for("transformer.h.0.attn").bits == 4
+    assert mf.format_for("transformer.h.0.attn.c_attn").bits == 4  # inherited from the parent
+    assert mf.format_for("transformer.h.1.mlp.act").bits == 2
+    assert mf.format_for("lm_head").bits is None
+    assert mf.format_for("transformer.wte").bits == 8
+    _, g = grads_of(model, batch(), mf)
+    kinds = mf.stats.by_module
+    assert "int2" in kinds["transformer.h.0.mlp.act"].counts
+    assert any("int4" in m.counts for n, m in kinds.items() if ".attn" in n)
+
+
+@pytest.mark.parametrize("bad", [3, 16, "int4", 8.0, True])
+def test_invalid_bits_raise_naming_the_entry(bad):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"policy\['\*\.mlp'\]"):
+        memfit.activations(model, policy={"*.mlp": bad})
+    with pytest.raises(ValueError, match="bits"):
+        memfit.activations(model, bits=bad)
+
+
+def test_strict_policy_rejects_glob_matching_nothing():
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="'encoder.*'"):
+        memfit.activations(model, policy={"*.mlp": 4, "encoder.*": 2}, strict=True)
+    memfit.activations(model, policy={"*.mlp": 4, "encoder.*": 2})  # lenient by default
+
+
+def test_policy_without_model_is_refused():
+    with pytest.raises(ValueError, match="needs the model"):
+        memfit.activations(policy={"*": 4})
+
+
+def test_context_is_reusable_and_stats_reset():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=4, min_bytes=0)
+    grads_of(model, data, mf)
+    first = mf.stats.original_bytes
+    grads_of(model, data, mf)
+    assert mf.stats.original_bytes == first
+
+
+def test_backward_outside_context_and_twice_with_retain_graph():
+    x = torch.randn(64, 64, requires_grad=True)
+    with memfit.activations(bits=8, min_bytes=0, rounding="nearest"):
+        y = x.sigmoid().sum()
+    y.backward(retain_graph=True)
+    g1 = x.grad.clone()
+    y.backward()
+    assert torch.allclose(x.grad, 2 * g1)
+
+
+def test_unhandled_tensor_kinds_are_kept_losslessly():
+    # complex
+    z = torch.randn(64, 64, dtype=torch.complex64, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        out = (z * z.sin()).real.sum()  # only complex tensors are saved
+    out.backward()
+    assert mf.stats.counts["raw"] >= 1  # z.sin(); z itself is a leaf, kept by reference
+    z2 = z.detach().clone().requires_grad_()
+    (z2 * z2.sin()).real.sum().backward()
+    assert torch.equal(z.grad, z2.grad)
+    # sparse
+    s = torch.randn(64, 64).relu().to_sparse().requires_grad_()
+    w = torch.randn(64, 32, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        out = torch.sparse.mm(s, w).sum()
+    out.backward()
+    assert mf.stats.counts["raw"] >= 1
+    w2 = w.detach().clone().requires_grad_()
+    torch.sparse.mm(s.detach(), w2).sum().backward()
+    assert torch.equal(w.grad, w2.grad)
+
+
+def test_nested_tensors_are_kept():
+    a = torch.randn(3, 16, requires_grad=True)
+    b = torch.randn(5, 16, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        nt = torch.nested.as_nested_tensor([a, b])
+        out = (nt.sin()).to_padded_tensor(0.0).sum()
+    out.backward()
+    assert torch.allclose(a.grad, a.detach().cos()) and torch.allclose(b.grad, b.detach().cos())
+
+
+def test_tensor_subclass_is_kept():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    x = TwoTensor(torch.randn(32, 32), torch.randn(32, 32)).requires_grad_()
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        out = x.exp().sum()
+    out.backward()
+    assert mf.stats.counts["raw"] >= 1
+    assert torch.allclose(x.grad.a, x.a.exp()) and torch.allclose(x.grad.b, x.b.exp())
+
+
+def test_dtensor_is_kept(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    started = False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+        started = True
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = distribute_tensor(torch.randn(64, 64), mesh, [Replicate()]).requires_grad_()
+        mf = memfit.activations(bits=2, min_bytes=0)
+        with mf:
+            out = x.exp().sum()
+        out.backward()
+        assert torch.allclose(x.grad.full_tensor(), x.full_tensor().exp())
+    finally:
+        if started:
+            dist.destroy_process_group()
+
+
+def test_bf16_and_fp16_activations():
+    for dtype in (torch.bfloat16, torch.float16):
+        lin = nn.Linear(128, 128).to(dtype)
+        x = torch.randn(64, 128, dtype=dtype)
+        mf = memfit.activations(lin, bits=8, min_bytes=0)
+        with mf:
+            out = lin(x).float().pow(2).sum()
+        out.backward()
+        assert mf.stats.counts.get("int8", 0) >= 1
+        assert lin.weight.grad.dtype == dtype
