@@ -269,17 +269,19 @@ def test_unhandled_tensor_kinds_are_kept_losslessly():
     z2 = z.detach().clone().requires_grad_()
     (z2 * z2.sin()).real.sum().backward()
     assert torch.equal(z.grad, z2.grad)
-    # sparse
-    s = torch.randn(64, 64).relu().to_sparse().requires_grad_()
+    # sparse (a non-leaf sparse tensor, so it is an activation, not a parameter)
+    s_leaf = torch.randn(64, 64).relu().to_sparse().requires_grad_()
     w = torch.randn(64, 32, requires_grad=True)
     mf = memfit.activations(bits=2, min_bytes=0)
     with mf:
-        out = torch.sparse.mm(s, w).sum()
+        out = torch.sparse.mm(s_leaf * 2.0, w).sum()
     out.backward()
     assert mf.stats.counts["raw"] >= 1
+    s2 = s_leaf.detach().clone().requires_grad_()
     w2 = w.detach().clone().requires_grad_()
-    torch.sparse.mm(s.detach(), w2).sum().backward()
+    torch.sparse.mm(s2 * 2.0, w2).sum().backward()
     assert torch.equal(w.grad, w2.grad)
+    assert torch.equal(s_leaf.grad.to_dense(), s2.grad.to_dense())
 
 
 def test_nested_tensors_are_kept():
@@ -321,6 +323,7 @@ def test_dtensor_is_kept(tmp_path):
         with mf:
             out = x.exp().sum()
         out.backward()
+        assert mf.stats.counts["raw"] >= 1
         assert torch.allclose(x.grad.full_tensor(), x.full_tensor().exp())
     finally:
         if started:

@@ -20,7 +20,6 @@
 namespace {
 
 constexpr int64_t CH = 256;  // elements per inner chunk (a multiple of 8)
-constexpr int L = 16;        // lanes of the min/max accumulators
 
 // ---------------------------------------------------------------- element types
 struct F32 {
@@ -64,54 +63,75 @@ struct F16 {
 inline bool is_finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
 
 // ---------------------------------------------------------------- block min / max
+// GCC/Clang vector extensions: 8 fp32 lanes (one AVX register, two SSE ones).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+
+template <class E>
+inline v8f load8(const typename E::T* p) {
+  float t[8];
+  for (int k = 0; k < 8; ++k) t[k] = E::load(p[k]);
+  v8f v;
+  std::memcpy(&v, t, sizeof(v));
+  return v;
+}
+template <>
+inline v8f load8<F32>(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <>
+inline v8f load8<BF16>(const uint16_t* p) {
+  v8u16 h;
+  std::memcpy(&h, p, sizeof(h));
+  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
+  v8f v;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
 // Min and max over the finite elements of x[0, n); lo = hi = 0 when there are none.
 // Returns whether any element was non-finite.
 template <class E>
 inline bool block_min_max(const typename E::T* x, int64_t n, float& lo, float& hi) {
   constexpr float INF = std::numeric_limits<float>::infinity();
-  float mn[L], mx[L];
-  int bad[L];
-  for (int k = 0; k < L; ++k) { mn[k] = INF; mx[k] = -INF; bad[k] = 0; }
-  const int64_t nv = n / L * L;
-  for (int64_t j = 0; j < nv; j += L) {
-    for (int k = 0; k < L; ++k) {
-      const float v = E::load(x[j + k]);
-      mn[k] = v < mn[k] ? v : mn[k];  // NaN never wins a comparison
-      mx[k] = v > mx[k] ? v : mx[k];
-      bad[k] |= !is_finite(v);
-    }
+  v8f mn = {INF, INF, INF, INF, INF, INF, INF, INF};
+  v8f mx = -mn;
+  v8i bad = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int64_t nv = n / 8 * 8;
+  for (int64_t j = 0; j < nv; j += 8) {
+    const v8f v = load8<E>(x + j);
+    mn = v < mn ? v : mn;  // NaN never wins a comparison
+    mx = v > mx ? v : mx;
+    const v8f d = v - v;   // NaN exactly for +-inf and NaN
+    bad |= d != d;
+  }
+  float a = INF, b = -INF;
+  int any_bad = 0;
+  for (int k = 0; k < 8; ++k) {
+    a = mn[k] < a ? mn[k] : a;
+    b = mx[k] > b ? mx[k] : b;
+    any_bad |= bad[k];
   }
   for (int64_t j = nv; j < n; ++j) {
     const float v = E::load(x[j]);
-    mn[0] = v < mn[0] ? v : mn[0];
-    mx[0] = v > mx[0] ? v : mx[0];
-    bad[0] |= !is_finite(v);
+    a = v < a ? v : a;
+    b = v > b ? v : b;
+    any_bad |= !is_finite(v);
   }
-  int any_bad = 0;
-  for (int k = 0; k < L; ++k) any_bad |= bad[k];
   if (any_bad) {  // rare: redo, skipping the infinities (NaNs are skipped already)
-    for (int k = 0; k < L; ++k) { mn[k] = INF; mx[k] = -INF; }
-    for (int64_t j = 0; j < nv; j += L) {
-      for (int k = 0; k < L; ++k) {
-        const float v = E::load(x[j + k]);
-        const bool f = is_finite(v);
-        const float a = f ? v : INF, b = f ? v : -INF;
-        mn[k] = a < mn[k] ? a : mn[k];
-        mx[k] = b > mx[k] ? b : mx[k];
-      }
-    }
-    for (int64_t j = nv; j < n; ++j) {
+    a = INF;
+    b = -INF;
+    for (int64_t j = 0; j < n; ++j) {
       const float v = E::load(x[j]);
       if (is_finite(v)) {
-        mn[0] = v < mn[0] ? v : mn[0];
-        mx[0] = v > mx[0] ? v : mx[0];
+        a = v < a ? v : a;
+        b = v > b ? v : b;
       }
     }
-  }
-  float a = mn[0], b = mx[0];
-  for (int k = 1; k < L; ++k) {
-    a = mn[k] < a ? mn[k] : a;
-    b = mx[k] > b ? mx[k] : b;
   }
   if (a > b) { a = 0.0f; b = 0.0f; }  // no finite element
   lo = a;
