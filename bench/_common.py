@@ -91,6 +91,10 @@ def machine_info() -> dict[str, str]:
     except ImportError:
         pass
     info["memfit codec backend (cpu)"] = memfit_backend("cpu")
+    try:
+        info["load average (1/5/15 min, at start)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
     info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info["command"] = command_line()
     return info
@@ -252,7 +256,7 @@ def print_table(title: str, headers: Sequence[str], rows: Iterable[Sequence[obje
         styled = [c.replace("PASS", "[green]PASS[/green]").replace("FAIL", "[red]FAIL[/red]")
                   for c in r]
         table.add_row(*styled)
-    Console(width=max(120, Console().width)).print(table)
+    Console(width=max(180, Console().width)).print(table)
 
 
 def update_markdown_section(path: Path | str, key: str, body: str, *, title: str = "# Benchmarks") -> None:

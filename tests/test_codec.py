@@ -328,11 +328,10 @@ def test_all_zero_decodes_to_zeros(dtype, fmt, shape):
     assert not torch.signbit(y).any()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 2])
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("bits, symmetric", [(2, False), (4, True), (8, False), (2, True)])
 def test_stochastic_rounding_is_unbiased(bits, symmetric):
     gen = torch.Generator().manual_seed(1234)
-    x = torch.randn(2048, generator=gen)
+    x = torch.randn(1024, generator=gen)
     fmt = IntFormat(bits=bits, block_size=64, rounding="stochastic", symmetric=symmetric)
     decoded = torch.stack([decode(encode(x, fmt, seed=s)).double() for s in range(400)])
     xd = x.double()
@@ -345,7 +344,7 @@ def test_stochastic_rounding_is_unbiased(bits, symmetric):
     rng = 2 * torch.maximum(lo.abs(), hi.abs()) if symmetric else hi - lo
     step = (rng / fmt.levels).mean().item()
     assert err400 < 0.03 * step, (err400, step)  # E|mean - x| <= ~0.5*0.8*step/20
-    bias = (decoded.mean(0) - xd).mean().item()  # over all elements: std ~ step/(2*20*45)
+    bias = (decoded.mean(0) - xd).mean().item()  # over all elements: std ~ 0.4*step/(20*32)
     assert abs(bias) < 0.003 * step, (bias, step)
 
 

@@ -32,7 +32,7 @@ _SOURCE = Path(__file__).with_name("csrc") / "blockwise.cpp"
 # several times faster than the SSE2 baseline. The binary then only runs on CPUs like
 # the one that built it, so the cache key below includes the CPU's model and feature
 # flags: a home directory shared between different machines gets one build per CPU kind.
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
 _LDFLAGS = ["-fopenmp"]
 
 _ext = None

@@ -15,84 +15,108 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
 constexpr int64_t CH = 256;  // elements per inner chunk (a multiple of 8)
 
 // ---------------------------------------------------------------- element types
+// GCC/Clang vector extensions: 8 fp32 lanes (one AVX register, two SSE ones).
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint8_t v8u8 __attribute__((vector_size(8)));
+
+template <class V, class P>
+inline V vload(const P* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <class V, class P>
+inline void vstore(P* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+template <class To, class From>
+inline To bitcast(const From& f) {
+  static_assert(sizeof(To) == sizeof(From), "size mismatch");
+  To t;
+  std::memcpy(&t, &f, sizeof(To));
+  return t;
+}
+
+// Each element type: storage type T, scalar load/store, and 8-wide load8/store8.
 struct F32 {
   using T = float;
   static inline float load(T v) { return v; }
   static inline T store(float f) { return f; }
+  static inline v8f load8(const T* p) { return vload<v8f>(p); }
+  static inline void store8(T* p, v8f v) { vstore(p, v); }
 };
 
 struct BF16 {
   using T = uint16_t;
-  static inline float load(T v) {
-    uint32_t u = static_cast<uint32_t>(v) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  }
-  static inline T store(float f) {  // round to nearest even, as c10::BFloat16
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
+  static inline float load(T v) { return bitcast<float>(static_cast<uint32_t>(v) << 16); }
+  static inline T store(float f) {  // round to nearest even, NaN -> 0x7FC0, as c10::BFloat16
+    const uint32_t u = bitcast<uint32_t>(f);
     if (f != f) return 0x7FC0;
     return static_cast<T>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   }
+  static inline v8f load8(const T* p) {
+    return bitcast<v8f>(__builtin_convertvector(vload<v8u16>(p), v8u32) << 16);
+  }
+  static inline void store8(T* p, v8f v) {
+    const v8u32 u = bitcast<v8u32>(v);
+    v8u32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const v8u32 qnan = {0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u, 0x7FC0u};
+    r = bitcast<v8u32>(v != v) ? qnan : r;
+    vstore(p, __builtin_convertvector(r, v8u16));
+  }
 };
 
-#if defined(__F16C__) && defined(__FLT16_MAX__)
-// Hardware conversions (vcvtph2ps / vcvtps2ph, IEEE round to nearest even, the same
-// results as c10::Half); the compiler vectorizes them.
+#if defined(__F16C__)
+// Hardware conversions (vcvtph2ps / vcvtps2ph, IEEE round to nearest even: the same
+// results as c10::Half).
 struct F16 {
-  using T = _Float16;
-  static inline float load(T v) { return static_cast<float>(v); }
-  static inline T store(float f) { return static_cast<T>(f); }
+  using T = uint16_t;
+  static inline float load(T v) { return _cvtsh_ss(v); }
+  static inline T store(float f) { return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
+  static inline v8f load8(const T* p) {
+    return bitcast<v8f>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static inline void store8(T* p, v8f v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(bitcast<__m256>(v), _MM_FROUND_TO_NEAREST_INT));
+  }
 };
 #else
 struct F16 {
   using T = c10::Half;
   static inline float load(T v) { return static_cast<float>(v); }
   static inline T store(float f) { return c10::Half(f); }
+  static inline v8f load8(const T* p) {
+    float t[8];
+    for (int k = 0; k < 8; ++k) t[k] = static_cast<float>(p[k]);
+    return vload<v8f>(t);
+  }
+  static inline void store8(T* p, v8f v) {
+    for (int k = 0; k < 8; ++k) p[k] = c10::Half(v[k]);
+  }
 };
 #endif
 
 inline bool is_finite(float x) { return std::fabs(x) <= std::numeric_limits<float>::max(); }
 
+inline v8f splat(float f) { return v8f{f, f, f, f, f, f, f, f}; }
+
 // ---------------------------------------------------------------- block min / max
-// GCC/Clang vector extensions: 8 fp32 lanes (one AVX register, two SSE ones).
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
-
-template <class E>
-inline v8f load8(const typename E::T* p) {
-  float t[8];
-  for (int k = 0; k < 8; ++k) t[k] = E::load(p[k]);
-  v8f v;
-  std::memcpy(&v, t, sizeof(v));
-  return v;
-}
-template <>
-inline v8f load8<F32>(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <>
-inline v8f load8<BF16>(const uint16_t* p) {
-  v8u16 h;
-  std::memcpy(&h, p, sizeof(h));
-  const v8u32 u = __builtin_convertvector(h, v8u32) << 16;
-  v8f v;
-  std::memcpy(&v, &u, sizeof(v));
-  return v;
-}
-
 // Min and max over the finite elements of x[0, n); lo = hi = 0 when there are none.
 // Returns whether any element was non-finite.
 template <class E>
@@ -103,7 +127,7 @@ inline bool block_min_max(const typename E::T* x, int64_t n, float& lo, float& h
   v8i bad = {0, 0, 0, 0, 0, 0, 0, 0};
   const int64_t nv = n / 8 * 8;
   for (int64_t j = 0; j < nv; j += 8) {
-    const v8f v = load8<E>(x + j);
+    const v8f v = E::load8(x + j);
     mn = v < mn ? v : mn;  // NaN never wins a comparison
     mx = v > mx ? v : mx;
     const v8f d = v - v;   // NaN exactly for +-inf and NaN
@@ -160,7 +184,7 @@ inline uint32_t fmix32(uint32_t h) {  // murmur3 finalizer
 // (seed, idx), so the noise does not depend on how blocks are split over threads.
 inline float noise_at(uint32_t k0, uint32_t k1, uint32_t lo32, uint32_t hi32) {
   const uint32_t h = fmix32((lo32 ^ k0) + (hi32 + k1) * 0x9E3779B1u);
-  return static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+  return static_cast<float>(static_cast<int32_t>(h >> 8)) * (1.0f / 16777216.0f);
 }
 
 inline void fill_noise(float* u, int64_t len, uint64_t idx0, uint32_t k0, uint32_t k1) {
@@ -248,28 +272,25 @@ inline void quant_block(const typename E::T* x, int64_t nvalid, const QParams& p
   *scale_out = scale;
   if (lo_out) *lo_out = lo;
   const float sub = p.symmetric ? 0.0f : lo;  // x - 0 == x exactly
-  const float off = p.off, top = p.top;
+  const v8f vsub = splat(sub), vinv = splat(inv), voff = splat(p.off), vtop = splat(p.top);
+  const v8f half = splat(0.5f), zero = splat(0.0f);
   alignas(64) uint8_t q[CH];
   alignas(64) float u[CH];
+  alignas(64) float f[CH];
   for (int64_t c0 = 0; c0 < p.block; c0 += CH) {
     const int64_t len = std::min(CH, p.block - c0);
     const typename E::T* xc = x + c0;
-    if (p.stochastic) {
-      fill_noise(u, len, idx0 + static_cast<uint64_t>(c0), p.k0, p.k1);
-      for (int64_t k = 0; k < len; ++k) {
-        float v = ((E::load(xc[k]) - sub) * inv + off) + u[k];
-        v = v > 0.0f ? v : 0.0f;  // also maps NaN to 0
-        v = v < top ? v : top;
-        q[k] = static_cast<uint8_t>(static_cast<int32_t>(v));  // floor, as v >= 0
-      }
-    } else {
-      for (int64_t k = 0; k < len; ++k) {
-        float v = ((E::load(xc[k]) - sub) * inv + off) + 0.5f;
-        v = v > 0.0f ? v : 0.0f;
-        v = v < top ? v : top;
-        q[k] = static_cast<uint8_t>(static_cast<int32_t>(v));
-      }
+    if (p.stochastic) fill_noise(u, len, idx0 + static_cast<uint64_t>(c0), p.k0, p.k1);
+    for (int64_t k = 0; k < len; k += 8) {
+      const v8f r = p.stochastic ? vload<v8f>(u + k) : half;
+      v8f v = ((E::load8(xc + k) - vsub) * vinv + voff) + r;
+      v = v > zero ? v : zero;  // also maps NaN to 0
+      v = v < vtop ? v : vtop;
+      vstore(f + k, v);
     }
+    // v >= 0, so truncation is the floor; a plain loop, which the compiler narrows
+    // to bytes with packs (a vector-extension convert would be scalarized).
+    for (int64_t k = 0; k < len; ++k) q[k] = static_cast<uint8_t>(static_cast<int32_t>(f[k]));
     pack_chunk<BITS>(q, len, codes + c0 * BITS / 8);
   }
 }
@@ -359,6 +380,7 @@ void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, in
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     alignas(64) uint8_t q[CH];
+    alignas(64) float fbuf[CH];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
       const int64_t nvalid = std::min(block, n - start);
@@ -369,11 +391,18 @@ void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, in
         const int64_t len = std::min(CH, nvalid - c0);
         unpack_chunk<BITS>(cb + c0 * BITS / 8, len, q);
         typename E::T* oc = ob + c0;
+        // plain loops: the compiler vectorizes the byte -> float widening
+        float* f = std::is_same<E, F32>::value ? reinterpret_cast<float*>(oc) : fbuf;
         if (lp) {
           const float lo = lp[b];
-          for (int64_t k = 0; k < len; ++k) oc[k] = E::store(lo + static_cast<float>(q[k]) * scale);
+          for (int64_t k = 0; k < len; ++k) f[k] = lo + static_cast<float>(q[k]) * scale;
         } else {
-          for (int64_t k = 0; k < len; ++k) oc[k] = E::store((static_cast<float>(q[k]) - mid) * scale);
+          for (int64_t k = 0; k < len; ++k) f[k] = (static_cast<float>(q[k]) - mid) * scale;
+        }
+        if (!std::is_same<E, F32>::value) {
+          int64_t k = 0;
+          for (; k + 8 <= len; k += 8) E::store8(oc + k, vload<v8f>(f + k));
+          for (; k < len; ++k) oc[k] = E::store(f[k]);
         }
       }
     }
@@ -532,7 +561,24 @@ torch::Tensor pack_bits(const torch::Tensor& x) {
   const uint8_t* xp = reinterpret_cast<const uint8_t*>(x.data_ptr());
   uint8_t* op = out.data_ptr<uint8_t>();
   const int64_t full = n / 8;
+  const bool is_bool = x.scalar_type() == at::kBool;
   at::parallel_for(0, full, 65536, [&](int64_t i0, int64_t i1) {
+#if defined(__AVX2__)
+    if (is_bool) {  // bytes are 0/1: shift bit 0 up to bit 7, gather 32 of them at once
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + i * 8));
+        const uint32_t m = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(v, 7)));
+        std::memcpy(op + i, &m, 4);
+      }
+      for (; i < i1; ++i) {
+        uint64_t w;
+        std::memcpy(&w, xp + i * 8, 8);
+        op[i] = pack8(w);
+      }
+      return;
+    }
+#endif
     for (int64_t c0 = i0; c0 < i1; c0 += CH) {
       const int64_t len = std::min(CH, i1 - c0);
       uint64_t w[CH];
