@@ -139,16 +139,11 @@ def float_tensors(draw, dtypes=FLOAT_DTYPES, nonfinite: bool = True, views: bool
             x = x.transpose(0, x.dim() - 1)
 
     if nonfinite and x.numel() and draw(st.booleans()):
-        x = x.clone()  # a plain tensor again; expand views share elements
-        k = draw(st.integers(1, max(1, min(8, x.numel()))))
-        flat = x.view(-1) if x.is_contiguous() else None
+        x = x.contiguous().clone()  # own storage: expand views share elements
+        k = draw(st.integers(1, min(8, x.numel())))
         idx = torch.randint(0, x.numel(), (k,), generator=gen)
         vals = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
-        picks = vals[torch.randint(0, 3, (k,), generator=gen)]
-        if flat is None:
-            x = x.contiguous()
-            flat = x.view(-1)
-        flat[idx] = picks
+        x.view(-1)[idx] = vals[torch.randint(0, 3, (k,), generator=gen)]
         if draw(st.booleans()) and x.dim() >= 2:
             x = x.transpose(0, 1)  # non-contiguous again
     return x
