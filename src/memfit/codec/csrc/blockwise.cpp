@@ -21,8 +21,31 @@
 #if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace {
+
+// Fresh memory is expensive on many machines: every 4 KiB page faults on first touch
+// (measured here: writing a fresh 48 MB tensor ran at 0.8 GB/s, against 2.9 GB/s into
+// an existing one). Plain autograd never allocates in backward for its saved tensors,
+// but decompression must, so large outputs ask the kernel for transparent huge pages:
+// 512x fewer faults (2.1 GB/s in the same test). A hint only; harmless if THP is off.
+torch::Tensor empty_for_output(int64_t n, const torch::TensorOptions& options) {
+  auto out = torch::empty({n}, options);
+#ifdef __linux__
+  const size_t huge = size_t(1) << 21;
+  const size_t nbytes = static_cast<size_t>(out.numel()) * out.element_size();
+  if (nbytes >= 2 * huge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t first = (p + huge - 1) & ~(huge - 1);
+    const uintptr_t last = (p + nbytes) & ~(huge - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
 
 constexpr int64_t CH = 256;  // elements per inner chunk (a multiple of 8)
 
@@ -347,7 +370,7 @@ std::vector<torch::Tensor> quantize_int(const torch::Tensor& x, int64_t bits, in
   const int64_t n = x.numel();
   const int64_t nb = (n + block - 1) / block;
   auto f32 = x.options().dtype(at::kFloat);
-  auto codes = torch::empty({nb * block * bits / 8}, x.options().dtype(at::kByte));
+  auto codes = empty_for_output(nb * block * bits / 8, x.options().dtype(at::kByte));
   auto scale = torch::empty({nb}, f32);
   auto lo = symmetric ? torch::Tensor() : torch::empty({nb}, f32);
   auto nf = torch::empty({nb}, x.options().dtype(at::kBool));
@@ -433,7 +456,7 @@ torch::Tensor dequantize_int(const torch::Tensor& codes, const torch::Tensor& sc
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out dtype must be float32, bfloat16 or float16");
-  auto out = torch::empty({n}, codes.options().dtype(out_dtype));
+  auto out = empty_for_output(n, codes.options().dtype(out_dtype));
   if (n == 0) return out;
   check_codes(codes, scale, bits, block, n);
   const float* lp = nullptr;
@@ -487,7 +510,7 @@ std::vector<torch::Tensor> quantize_fp8(const torch::Tensor& x, int64_t block) {
   TORCH_CHECK(block >= 8 && block % 8 == 0, "block must be a positive multiple of 8");
   const int64_t n = x.numel();
   const int64_t nb = (n + block - 1) / block;
-  auto codes = torch::empty({nb * block}, x.options().dtype(at::kByte));
+  auto codes = empty_for_output(nb * block, x.options().dtype(at::kByte));
   auto scale = torch::empty({nb}, x.options().dtype(at::kFloat));
   auto nf = torch::empty({nb}, x.options().dtype(at::kBool));
   uint8_t* cp = codes.data_ptr<uint8_t>();
@@ -522,7 +545,7 @@ torch::Tensor dequantize_fp8(const torch::Tensor& codes, const torch::Tensor& sc
                              at::ScalarType out_dtype) {
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out dtype must be float32, bfloat16 or float16");
-  auto out = torch::empty({n}, codes.options().dtype(out_dtype));
+  auto out = empty_for_output(n, codes.options().dtype(out_dtype));
   if (n == 0) return out;
   check_codes(codes, scale, 8, block, n);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
@@ -605,7 +628,7 @@ torch::Tensor unpack_bits(const torch::Tensor& codes, int64_t n) {
   TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous(),
               "codes must be a contiguous uint8 CPU tensor");
   TORCH_CHECK(n >= 0 && (n + 7) / 8 <= codes.numel(), "n is larger than the codes hold");
-  auto out = torch::empty({n}, codes.options().dtype(at::kBool));
+  auto out = empty_for_output(n, codes.options().dtype(at::kBool));
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   uint8_t* op = reinterpret_cast<uint8_t*>(out.data_ptr());
   const int64_t full = n / 8;
