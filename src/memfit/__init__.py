@@ -2,10 +2,11 @@
 
 * :func:`activations` compresses what autograd saves for backward (8/4/2-bit, fp8,
   1-bit masks) on any model, through saved-tensor hooks.
+* :mod:`memfit.optim` has AdamW, SGD and Lion with 8- and 4-bit block-wise state.
 * :mod:`memfit.codec` is the block-wise codec underneath.
 """
 
-from . import codec
+from . import codec, optim
 from .activations import ActivationCompressor, ActivationStats, ModuleStats, activations
 
 __version__ = "0.1.0"
@@ -16,4 +17,5 @@ __all__ = [
     "__version__",
     "activations",
     "codec",
+    "optim",
 ]

@@ -115,8 +115,7 @@ class QuantMap:
     bits: int
     values: torch.Tensor  # [2**bits] fp32, sorted ascending, within [-1, 1]
     midpoints: torch.Tensor = field(repr=False)  # [2**bits - 1] fp32
-    table_thr: torch.Tensor = field(repr=False)  # [2 * cells] fp32
-    table_code: torch.Tensor = field(repr=False)  # [2 * cells] int32
+    table: torch.Tensor = field(repr=False)  # [2 * cells] int32, see _build_table
     mant_bits: int = 0
     emin: int = 0
     cells: int = 0  # table cells per sign
@@ -136,56 +135,61 @@ class QuantMap:
         if not bool((values[1:] >= values[:-1]).all()) or float(values.abs().max()) > 1.0:
             raise ValueError("map values must be sorted and within [-1, 1]")
         mids = ((values[:-1] + values[1:]) * 0.5).contiguous()  # fp32 arithmetic
-        thr, code, mb, emin, cells = _build_table(mids.numpy())
-        return cls(name, bits, values, mids, torch.from_numpy(thr), torch.from_numpy(code), mb, emin, cells)
+        table, mb, emin, cells = _build_table(mids.numpy())
+        return cls(name, bits, values, mids, torch.from_numpy(table), mb, emin, cells)
 
 
-def _build_table(mids: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int, int]:
-    """Find the fewest mantissa bits B (then the highest lowest exponent) such that
-    every table cell holds at most one midpoint, and build the table."""
+def _build_table(mids: np.ndarray) -> tuple[np.ndarray, int, int, int]:
+    """Find the fewest mantissa bits B (then the highest lowest exponent ``emin``) such
+    that every table cell holds at most one midpoint and no midpoint lies in
+    ``[-2**(emin-127), 2**(emin-127)]`` (everything smaller in magnitude shares cell 0),
+    and build the packed table: ``code_lo << 24 | t_off`` per cell and sign, where
+    ``t_off`` is the midpoint's fp32 bit pattern minus the cell's lowest (magnitudes),
+    or a sentinel (``0xFFFFFF`` for x >= 0, ``0`` for x < 0) when the cell holds none."""
     mids = mids.astype(np.float32)
 
     def count_below(x: np.ndarray) -> np.ndarray:  # code of x = #(mids < x)
         return np.searchsorted(mids, x, side="left").astype(np.int64)
 
-    def cell_edges(B: int, emin: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    for B in range(3, 12):
+        emin = 126
+        while emin > 1:
+            base0 = np.float32(2.0 ** (emin - 127))
+            if not ((mids >= -base0) & (mids <= base0)).any():
+                break
+            emin -= 1
+        cells = ((127 - emin) << B) + 1
         j = np.arange(cells, dtype=np.int64)
         lo_bits = (j + (emin << B)) << (23 - B)
         hi_bits = ((j + 1 + (emin << B)) << (23 - B)) - 1  # last float of the cell
-        lo = _f32_bits_to_float(lo_bits)
-        hi = _f32_bits_to_float(hi_bits)
-        lo = lo.copy()
-        lo[0] = 0.0  # cell 0 also holds every smaller magnitude
-        return lo, hi
-
-    for B in range(3, 12):
-        for emin in range(126, 0, -1):
-            cells = ((127 - emin) << B) + 1
-            lo, hi = cell_edges(B, emin, cells)
-            ok0 = all(
-                count_below(np.array([b], np.float32))[0] - count_below(np.array([a], np.float32))[0] <= 1
-                for a, b in ((lo[0], hi[0]), (-hi[0], -lo[0]))
-            )
-            if ok0:
-                break
-        else:  # pragma: no cover
-            continue
-        thr_all, code_all, fine = [], [], True
+        a = _f32_bits_to_float(lo_bits)
+        b = _f32_bits_to_float(hi_bits)
+        packed, fine = [], True
         for sign in (0, 1):
-            a, b = (lo, hi) if sign == 0 else (-hi, -lo)
-            ca, cb = count_below(a.astype(np.float32)), count_below(b.astype(np.float32))
+            lo, hi = (a, b) if sign == 0 else (-b, -a)
+            ca, cb = count_below(lo), count_below(hi)
             d = cb - ca
             if (d > 1).any():
                 fine = False
                 break
-            thr = np.full(cells, np.inf, dtype=np.float32)
+            t_off = np.full(cells, 0xFFFFFF if sign == 0 else 0, dtype=np.int64)
             sel = d == 1
-            thr[sel] = mids[ca[sel]]
-            thr_all.append(thr)
-            code_all.append(ca.astype(np.int32))
+            t = np.abs(mids[ca[sel]]).astype(np.float32)
+            t_off[sel] = t.view(np.uint32).astype(np.int64) - lo_bits[sel]
+            packed.append((ca << 24) | t_off)
         if fine:
-            return np.concatenate(thr_all), np.concatenate(code_all), B, emin, cells
+            table = np.concatenate(packed).astype(np.uint32).view(np.int32)
+            return table, B, emin, cells
     raise ValueError("map too dense for a lookup table")  # pragma: no cover
+
+
+def nozero(values: torch.Tensor) -> torch.Tensor:
+    """An unsigned map with its zero code replaced by half its smallest positive value,
+    so that nothing decodes to exactly 0 (the zero-point problem of second moments)."""
+    v = values.clone()
+    pos = v[v > 0]
+    v[v == 0] = float(pos.min()) / 2
+    return torch.sort(v).values
 
 
 _MAP_BUILDERS = {
@@ -193,6 +197,8 @@ _MAP_BUILDERS = {
     "dynamic8_unsigned": lambda: dynamic_map(8, False),
     "dynamic4_signed": lambda: dynamic_map(4, True),
     "dynamic4_unsigned": lambda: dynamic_map(4, False),
+    "dynamic8_unsigned_nozero": lambda: nozero(dynamic_map(8, False)),
+    "dynamic4_unsigned_nozero": lambda: nozero(dynamic_map(4, False)),
     "linear4_unsigned_nozero": lambda: linear_map(4, False, zero=False),
     "linear8_unsigned_nozero": lambda: linear_map(8, False, zero=False),
     "linear4_unsigned": lambda: linear_map(4, False, zero=True),
@@ -218,19 +224,23 @@ def quantize_normalized(xn: torch.Tensor, qmap: QuantMap) -> torch.Tensor:
     ties go to the lower code; NaN gets the code nearest 0."""
     x = xn.to(torch.float32).clamp(-1.0, 1.0)
     x = torch.nan_to_num(x, nan=0.0)
-    return torch.searchsorted(qmap.midpoints, x.contiguous(), side="left")
+    return torch.searchsorted(qmap.midpoints.to(x.device), x.contiguous(), side="left")
 
 
 def table_lookup(xn: torch.Tensor, qmap: QuantMap) -> torch.Tensor:
-    """The same codes as :func:`quantize_normalized` computed the way the fused kernels
-    do (bit tricks + one table load + one comparison); used to test the table."""
+    """The same codes as :func:`quantize_normalized`, computed the way the fused kernels
+    do (bit tricks, one table load, one integer comparison); used to test the table."""
     x = torch.nan_to_num(xn.to(torch.float32).clamp(-1.0, 1.0), nan=0.0).contiguous()
     u = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    sign = u >> 31
-    j = ((u & 0x7FFFFFFF) >> (23 - qmap.mant_bits)) - (qmap.emin << qmap.mant_bits)
-    j = j.clamp(0, qmap.cells - 1)
-    idx = j + sign * qmap.cells
-    return qmap.table_code.to(torch.int64)[idx] + (x > qmap.table_thr[idx]).to(torch.int64)
+    neg = (u >> 31).bool()
+    mag = u & 0x7FFFFFFF
+    shift = 23 - qmap.mant_bits
+    j = ((mag >> shift) - (qmap.emin << qmap.mant_bits)).clamp(0, qmap.cells - 1)
+    x_off = (mag - ((j + (qmap.emin << qmap.mant_bits)) << shift)).clamp(min=0)
+    e = qmap.table.to(torch.int64)[j + neg.to(torch.int64) * qmap.cells] & 0xFFFFFFFF
+    code, t_off = e >> 24, e & 0xFFFFFF
+    up = torch.where(neg, x_off < t_off, x_off > t_off)
+    return code + up.to(torch.int64)
 
 
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,354 @@
+"""What memfit's optimizers share: the per-parameter choice between fp32 and quantized
+state, the quantized step (fused C++ on CPU, eager elsewhere), checkpoints and
+conversion to and from torch's own state format."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Iterable
+
+import torch
+
+from . import _qstate as Q
+from ._kernels import fused_step
+
+_KEEP_ATTR = "_memfit_keep_fp32"
+MEMFIT_GROUP_KEYS = ("state_bits", "block_size", "min_quantized_numel")
+
+
+def keep_fp32(*objs: Any):
+    """Mark parameters (tensors, or every parameter of the modules given) so that
+    memfit's optimizers keep their state in fp32 whatever the group's ``state_bits``
+    (embeddings, norms, heads you do not want quantized). Returns its argument when
+    given one, so ``keep_fp32(model.lm_head.weight)`` can be used inline."""
+    for obj in objs:
+        params = obj.parameters() if isinstance(obj, torch.nn.Module) else [obj]
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"keep_fp32 expects tensors or modules, got {type(p).__name__}")
+            setattr(p, _KEEP_ATTR, True)
+    return objs[0] if len(objs) == 1 else objs
+
+
+def is_kept_fp32(p: torch.Tensor) -> bool:
+    return bool(getattr(p, _KEEP_ATTR, False))
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except Exception:  # pragma: no cover - builds without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` (shaped like ``p``'s local part) as a tensor placed like ``p``: a DTensor
+    with ``p``'s mesh and placements when ``p`` is one."""
+    if _is_dtensor(p):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return local.to(p.device)
+
+
+def global_numel(p: torch.Tensor) -> int:
+    """Elements of the whole parameter: a DTensor's (FSDP2 shard's) global size, so the
+    fp32-or-quantized decision never depends on how the parameter is sharded."""
+    return int(p.numel())  # DTensor.numel() is the global one
+
+
+def _as_step_tensor(step: Any) -> torch.Tensor:
+    if isinstance(step, torch.Tensor):
+        return step.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
+    return torch.tensor(float(step), dtype=torch.float32)
+
+
+class QuantizedOptimizer(torch.optim.Optimizer):
+    """Base class. Subclasses set ``_ALGO``, ``_STATE_NAMES``, ``_NAME`` and implement
+    ``_maps``, ``_hparams``, ``_fp32_step``, ``_has_state`` and ``_torch_group``."""
+
+    _ALGO: int
+    _STATE_NAMES: tuple[str, ...]
+    _NAME: str
+    _SPARSE_MSG: str
+    _SPARSE_OK_FP32 = False  # True: sparse gradients allowed where the state is fp32
+
+    # ---------------------------------------------------------------- construction
+
+    def add_param_group(self, param_group: dict) -> None:
+        bits = param_group.get("state_bits", self.defaults.get("state_bits"))
+        if isinstance(bits, bool) or bits not in (32, 8, 4):
+            raise ValueError(f"state_bits must be 32, 8 or 4, got {bits!r}")
+        block = param_group.get("block_size", self.defaults.get("block_size"))
+        if block is not None and (
+            isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 2 or block > Q.MAX_BLOCK
+        ):
+            raise ValueError(f"block_size must be None or an even int in [2, {Q.MAX_BLOCK}], got {block!r}")
+        mq = param_group.get("min_quantized_numel", self.defaults.get("min_quantized_numel"))
+        if isinstance(mq, bool) or not isinstance(mq, int) or mq < 0:
+            raise ValueError(f"min_quantized_numel must be a non-negative int, got {mq!r}")
+        super().add_param_group(param_group)
+
+    # ---------------------------------------------------------------- subclass API
+
+    def _maps(self, bits: int) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _has_state(self, group: dict) -> bool:
+        return True
+
+    def _hparams(self, group: dict, step: float) -> list[float]:
+        raise NotImplementedError
+
+    def _fp32_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _fp32_entry(self, p: torch.Tensor, values: list[torch.Tensor] | None, step: float) -> dict:
+        """A state entry in torch's own format (``values`` None: fresh zeros)."""
+        raise NotImplementedError
+
+    def _torch_group(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- layout
+
+    def layout_for(self, p: torch.Tensor, group: dict) -> Q.Layout | None:
+        """How ``p``'s state is kept under ``group``: None for fp32, else a Layout."""
+        bits = group["state_bits"]
+        if (
+            bits == 32
+            or not self._has_state(group)
+            or not p.is_floating_point()  # complex params keep fp32 state
+            or is_kept_fp32(p)
+            or global_numel(p) < group["min_quantized_numel"]
+        ):
+            return None
+        block = group["block_size"] or Q.DEFAULT_BLOCK[bits]
+        return Q.Layout(bits, block, self._maps(bits))
+
+    def _entry_values(self, entry: dict, p: torch.Tensor) -> tuple[list[torch.Tensor] | None, float]:
+        """(flat fp32 state values or None when the entry holds no state, step)."""
+        step = float(entry["step"]) if "step" in entry else 0.0
+        if "qbits" in entry:
+            return Q.dequantize(entry, self._STATE_NAMES), step
+        vals = [entry.get(name) for name in self._STATE_NAMES]
+        if any(v is None for v in vals):
+            return None, step
+        return [_local(v).detach().reshape(-1) for v in vals], step
+
+    def _convert(self, entry: dict, p: torch.Tensor, layout: Q.Layout | None) -> dict:
+        """``entry`` (any supported format, already validated) in ``layout``'s format."""
+        if layout is not None and layout.matches(entry):
+            return entry
+        if layout is None and "qbits" not in entry:
+            return entry
+        values, step = self._entry_values(entry, p)
+        if layout is None:
+            return self._fp32_entry(p, values, step)
+        lp = _local(p)
+        if values is None:
+            return Q.new_entry(self._STATE_NAMES, layout, lp.numel(), p.shape, step, device=lp.device)
+        if any(v.is_complex() for v in values):
+            raise ValueError("complex state cannot be quantized")
+        vals = [v.to(device=lp.device, dtype=torch.float32) for v in values]
+        out = Q.quantize(vals, self._STATE_NAMES, layout, p.shape, step)
+        if self._ALGO == Q.ALGO_SGD and step == 0.0:  # torch SGD keeps no step: a buffer exists
+            out["step"] = torch.tensor(1.0, dtype=torch.float32)
+        return out
+
+    # ---------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            fp32_params = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                layout = self.layout_for(p, group)
+                if p.grad.is_sparse and (layout is not None or not self._SPARSE_OK_FP32):
+                    raise RuntimeError(self._SPARSE_MSG)
+                state = self.state[p]
+                if layout is None:
+                    if "qbits" in state:  # group switched to fp32 state: dequantize
+                        self.state[p] = self._convert(state, p, None)
+                    fp32_params.append(p)
+                    continue
+                if not state:
+                    lp = _local(p)
+                    self.state[p] = state = Q.new_entry(self._STATE_NAMES, layout, lp.numel(), p.shape, device=lp.device)
+                elif not layout.matches(state):
+                    self.state[p] = state = self._convert(state, p, layout)
+                self._quantized_step(p, state, group)
+            if fp32_params:
+                self._fp32_step(group, fp32_params)
+        return loss
+
+    def _quantized_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
+        lp, lg = _local(p), _local(p.grad)
+        state["step"] += 1
+        hp = self._hparams(group, float(state["step"]))
+        inplace = lp.dtype == torch.float32 and lp.is_contiguous()
+        p32 = lp.view(-1) if inplace else lp.detach().reshape(-1).to(torch.float32).contiguous()
+        g32 = lg.reshape(-1)
+        if g32.dtype != torch.float32 or not g32.is_contiguous():
+            g32 = g32.to(torch.float32).contiguous()
+        if g32.numel() != p32.numel():
+            raise RuntimeError(f"gradient has {g32.numel()} elements, parameter {p32.numel()}")
+        names = self._STATE_NAMES
+        fn = fused_step() if p32.device.type == "cpu" else None
+        if fn is not None:
+            nb = Q.n_blocks(state["numel"], state["block"])
+            redo = torch.zeros(nb, dtype=torch.uint8)
+            if state["nf_idx"].numel():
+                redo[state["nf_idx"] // state["block"]] = 1
+            codes, absmax, values, table, mids, tparams = Q.fused_args(state, names)
+            fn(self._ALGO, p32, g32, codes, absmax, values, table, mids, tparams, state["qbits"], state["block"], redo, hp)
+            ids = torch.nonzero(redo).reshape(-1)
+            if ids.numel():
+                Q.eager_step(self._ALGO, p32, g32, state, names, hp, ids)
+        else:
+            Q.eager_step(self._ALGO, p32, g32, state, names, hp, None)
+        if not inplace:
+            lp.copy_(p32.view(lp.shape))
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a memfit state dict (exactly: a resumed run takes bit-identical steps)
+        or a torch optimizer's own (its fp32 states are quantized where this optimizer
+        quantizes). Refuses, with ValueError and without changing anything, a state
+        dict whose groups, parameter counts or shapes differ from this optimizer's."""
+        for pre_hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
+            out = pre_hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        groups = self.param_groups
+        saved_groups = state_dict["param_groups"]
+        if len(groups) != len(saved_groups):
+            raise ValueError(
+                f"loaded state dict has a different number of parameter groups ({len(saved_groups)} vs {len(groups)})"
+            )
+        for i, (g, sg) in enumerate(zip(groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"loaded state dict contains a parameter group that doesn't match the size of optimizer's "
+                    f"group {i} ({len(sg['params'])} vs {len(g['params'])} parameters)"
+                )
+            if sg.get("amsgrad"):
+                raise ValueError("memfit optimizers do not support amsgrad; cannot load an amsgrad state")
+        id_map = dict(
+            zip(chain.from_iterable(g["params"] for g in saved_groups), chain.from_iterable(g["params"] for g in groups))
+        )
+        new_groups = []
+        for g, sg in zip(groups, saved_groups):
+            ng = {k: v for k, v in g.items()}  # keeps memfit keys a torch dict lacks
+            for k, v in sg.items():
+                if k != "params":
+                    ng[k] = copy.deepcopy(v)
+            ng["params"] = g["params"]
+            if "param_names" in g and "param_names" not in sg:
+                ng["param_names"] = g["param_names"]
+            new_groups.append(ng)
+        # validate the new group options the same way as at construction
+        for ng in new_groups:
+            bits = ng.get("state_bits")
+            if isinstance(bits, bool) or bits not in (32, 8, 4):
+                raise ValueError(f"loaded state dict has state_bits={bits!r}; must be 32, 8 or 4")
+        group_of = {id(p): ng for ng in new_groups for p in ng["params"]}
+        new_state: dict = defaultdict(dict)
+        for key, entry in state_dict["state"].items():
+            if key not in id_map:
+                raise ValueError(f"loaded state dict has state for parameter {key!r}, which no group lists")
+            p = id_map[key]
+            new_state[p] = self._import_entry(entry, p, group_of[id(p)], f"parameter {key}")
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
+        for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
+            post_hook(self)
+
+    def _import_entry(self, entry: dict, p: torch.Tensor, group: dict, what: str) -> dict:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{what}: state must be a dict, got {type(entry).__name__}")
+        lp = _local(p)
+        if "qbits" in entry:
+            Q.validate_entry(entry, self._STATE_NAMES, what)
+            if list(entry["shape"]) != list(p.shape) or int(entry["numel"]) != lp.numel():
+                raise ValueError(
+                    f"{what}: saved state is for shape {tuple(entry['shape'])} ({entry['numel']} local elements), "
+                    f"the parameter has shape {tuple(p.shape)} ({lp.numel()}); is this the same model?"
+                )
+            entry = {
+                k: (v.detach().to(lp.device, copy=True) if isinstance(v, torch.Tensor) else copy.deepcopy(v))
+                for k, v in entry.items()
+            }
+            entry["step"] = _as_step_tensor(entry.get("step", 0.0))
+            for name in self._STATE_NAMES:
+                entry[f"{name}_absmax"] = entry[f"{name}_absmax"].to(torch.float32).contiguous()
+                entry[f"{name}_nf"] = entry[f"{name}_nf"].to(torch.float32).contiguous()
+                entry[f"{name}_codes"] = entry[f"{name}_codes"].contiguous()
+            entry["nf_idx"] = entry["nf_idx"].to(torch.int64).contiguous()
+        else:
+            for name in self._STATE_NAMES:
+                v = entry.get(name)
+                if v is None:
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    raise ValueError(f"{what}: state {name!r} must be a tensor, got {type(v).__name__}")
+                if tuple(_local(v).shape) != tuple(lp.shape):
+                    raise ValueError(
+                        f"{what}: saved {name!r} has shape {tuple(v.shape)}, the parameter has shape "
+                        f"{tuple(lp.shape)}; is this the same model?"
+                    )
+            if "max_exp_avg_sq" in entry:
+                raise ValueError(f"{what}: amsgrad state (max_exp_avg_sq) is not supported")
+            values, step = self._entry_values(entry, p)
+            entry = self._fp32_entry(p, values, step) if values is not None or "step" in entry else {}
+        layout = self.layout_for(p, group)
+        if not entry:
+            return entry
+        return self._convert(entry, p, layout)
+
+    def to_torch_state_dict(self) -> dict:
+        """This optimizer's state as the matching torch optimizer's (``torch.optim.AdamW``
+        for AdamW, ``torch.optim.SGD`` for SGD): quantized states dequantized to fp32
+        tensors of the parameter's shape and dtype, memfit-only group keys dropped. Lion
+        (no torch counterpart) gets the same fp32 ``exp_avg`` format."""
+        sd = self.state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        state = {}
+        for key, entry in sd["state"].items():
+            p = params[key]
+            values, step = self._entry_values(entry, p)
+            state[key] = self._fp32_entry(p, values, step)
+        groups = [self._torch_group(g) for g in sd["param_groups"]]
+        return {"state": state, "param_groups": groups}
+
+    def state_nbytes(self) -> int:
+        """Bytes held by optimizer state tensors (codes, absmax, side tables, fp32 states, steps)."""
+        total = 0
+        for entry in self.state.values():
+            for v in entry.values():
+                if isinstance(v, torch.Tensor):
+                    total += _local(v).numel() * _local(v).element_size()
+        return total
+
+    def quantized_params(self) -> Iterable[torch.Tensor]:
+        """The parameters whose state is (or will be, at their first step) quantized."""
+        for g in self.param_groups:
+            for p in g["params"]:
+                if self.layout_for(p, g) is not None:
+                    yield p
+

@@ -1,0 +1,81 @@
+"""``memfit.optim.Lion``: Lion (Chen et al. 2023, "Symbolic Discovery of Optimization
+Algorithms") with its one moment block-wise quantized."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _qstate as Q
+from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
+
+
+class Lion(QuantizedOptimizer):
+    """Lion: ``c = b1*m + (1-b1)*g``; ``p = p*(1 - lr*wd) - lr*sign(c)``;
+    ``m = b2*m + (1-b2)*g``. Defaults lr=1e-4, betas=(0.9, 0.99), weight_decay=0.
+    The moment uses the signed dynamic map, 8-bit (block 256) or 4-bit (block 128).
+    Options ``state_bits``, ``block_size``, ``min_quantized_numel`` as for
+    :class:`memfit.optim.AdamW`. ``sign`` follows ``torch.sign`` (NaN -> 0)."""
+
+    _ALGO = Q.ALGO_LION
+    _STATE_NAMES = ("exp_avg",)
+    _NAME = "Lion"
+    _SPARSE_MSG = "Lion does not support sparse gradients"
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        state_bits: int = 8,
+        block_size: int | None = None,
+        min_quantized_numel: int = 4096,
+        maximize: bool = False,
+    ):
+        if float(lr) < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= float(b) <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = dict(
+            lr=lr, betas=betas, weight_decay=weight_decay, state_bits=state_bits, block_size=block_size,
+            min_quantized_numel=min_quantized_numel, maximize=maximize,
+        )
+        super().__init__(params, defaults)
+
+    def _maps(self, bits):
+        return ("dynamic8_signed",) if bits == 8 else ("dynamic4_signed",)
+
+    def _hparams(self, group, step):
+        lr = float(group["lr"])
+        b1, b2 = (float(b) for b in group["betas"])
+        gs = -1.0 if group["maximize"] else 1.0
+        return [1.0 - lr * float(group["weight_decay"]), lr, b1, 1.0 - b1, b2, 1.0 - b2, gs]
+
+    def _fp32_entry(self, p, values, step):
+        lp = _local(p)
+        ea = torch.zeros_like(p) if values is None else like_param(p, values[0].reshape(lp.shape).to(lp.dtype).clone())
+        return {"step": torch.tensor(float(step), dtype=torch.float32), "exp_avg": ea}
+
+    def _fp32_step(self, group, params):
+        lr = float(group["lr"])
+        b1, b2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state.update(self._fp32_entry(p, None, 0.0))
+            state["step"] += 1
+            g = -p.grad if group["maximize"] else p.grad
+            m = state["exp_avg"]
+            if wd != 0.0:
+                p.mul_(1.0 - lr * wd)
+            c = m * b1 + g * (1.0 - b1)
+            p.add_(torch.sgn(c), alpha=-lr)
+            m.mul_(b2).add_(g, alpha=1.0 - b2)
+
+    def _torch_group(self, group):
+        return {k: v for k, v in group.items() if k not in MEMFIT_GROUP_KEYS}
