@@ -2,7 +2,10 @@
 
 The runs share everything but how activations are kept for backward: the same random
 init (one model, deep-copied), the same batches in the same order (:mod:`memfit.data`,
-seeded), the same AdamW and learning-rate schedule.
+seeded), the same AdamW, learning-rate schedule (warmup, cosine decay) and gradient-norm
+clipping. The learning rate is modest and gradients are clipped on purpose: in an
+unstable regime, two runs that differ by any tiny perturbation (even just memfit's
+rounding seed) drift several percent apart in loss, which would drown the comparison.
 
 * ``fp32``: plain PyTorch, every activation kept as is;
 * ``memfit N-bit``: the forward runs inside ``memfit.activations(model, bits=N)``;
@@ -33,7 +36,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -62,10 +65,12 @@ class DemoConfig:
     n_head: int = 4
     seq_len: int = 128
     batch_size: int = 8
-    lr: float = 3e-3
+    lr: float = 1e-3
     warmup: int = 30
     weight_decay: float = 0.01
+    grad_clip: float | None = 1.0  # clip the global gradient norm (None: no clipping)
     min_bytes: int = 32 * 1024
+    policy: Mapping[str, int | None] | None = None  # memfit per-module rules (None: bits everywhere)
     final_window: int = 20
     max_data_bytes: int | None = None
 
@@ -263,7 +268,7 @@ def train_run(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     compressor = (
-        activations(model, bits=bits, min_bytes=config.min_bytes, seed=config.seed)
+        activations(model, bits=bits, policy=config.policy, min_bytes=config.min_bytes, seed=config.seed)
         if kind == "memfit"
         else None
     )
@@ -276,6 +281,8 @@ def train_run(
         if tracker is not None:
             result.saved_bytes = _cpu_total(tracker.get_tracker_snapshot()) - before
         loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -308,11 +315,13 @@ def run_demo(
     *,
     on_run_start: Callable[[str], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_run_end: Callable[[RunResult], None] | None = None,
 ) -> DemoResult:
     """Train every run of ``config`` and return the measurements (no printing)."""
     from .codec import backend_name
 
     t0 = time.perf_counter()
+    backend = backend_name("cpu")  # loads (or JIT-builds) the codec kernels before any timing
     data = load_text_bytes(max_bytes=config.max_data_bytes)
     batches = ByteBatches(
         data, seq_len=config.seq_len, batch_size=config.batch_size, steps=config.steps, seed=config.seed
@@ -323,12 +332,14 @@ def run_demo(
         if on_run_start is not None:
             on_run_start(name)
         runs.append(train_run(base, batches, config, name, kind, bits, on_step))
+        if on_run_end is not None:
+            on_run_end(runs[-1])
     return DemoResult(
         config=config,
         runs=runs,
         data_bytes=int(data.numel()),
         n_params=sum(p.numel() for p in base.parameters()),
-        backend=backend_name("cpu"),
+        backend=backend,
         wall_seconds=time.perf_counter() - t0,
     )
 
@@ -403,27 +414,46 @@ def save_plot(result: DemoResult, path: str | Path, *, smooth: int = 10) -> Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = Figure(figsize=(13, 5), dpi=110)
+    fig = Figure(figsize=(13, 6), dpi=110)
     FigureCanvasAgg(fig)  # draw with Agg; the global pyplot backend is left alone
-    ax_loss, ax_mem = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
+    grid = fig.add_gridspec(2, 2, width_ratios=[3, 2], height_ratios=[3, 1])
+    ax_loss = fig.add_subplot(grid[0, 0])
+    ax_diff = fig.add_subplot(grid[1, 0], sharex=ax_loss)
+    ax_mem = fig.add_subplot(grid[:, 1])
     colors = {"plain": "black", "checkpoint": "tab:gray"}
     bit_colors = {8: "tab:blue", 4: "tab:orange", 2: "tab:red"}
 
+    def running_mean(values: list[float]) -> list[float]:
+        k = max(1, min(smooth, len(values)))
+        out, acc = [], 0.0
+        for i, v in enumerate(values):
+            acc += v
+            if i >= k:
+                acc -= values[i - k]
+            out.append(acc / min(i + 1, k))
+        return out
+
+    base = running_mean(result.baseline.losses)
     for run in result.runs:
         color = bit_colors.get(run.bits, colors.get(run.kind, None))
         steps = list(range(1, len(run.losses) + 1))
-        k = max(1, min(smooth, len(run.losses)))
-        smoothed = [sum(run.losses[max(0, i - k + 1) : i + 1]) / len(run.losses[max(0, i - k + 1) : i + 1])
-                    for i in range(len(run.losses))]
+        smoothed = running_mean(run.losses)
         style = "--" if run.kind == "checkpoint" else "-"
-        ax_loss.plot(steps, run.losses, color=color, alpha=0.15, linewidth=0.8)
+        ax_loss.plot(steps, run.losses, color=color, alpha=0.12, linewidth=0.8)
         ax_loss.plot(steps, smoothed, style, color=color, linewidth=1.4,
                      label=f"{run.name} (final {run.final_loss:.3f})")
-    ax_loss.set_xlabel("step")
+        if run is not result.baseline:
+            rel = [100 * (a - b) / b for a, b in zip(smoothed, base)]
+            ax_diff.plot(steps, rel, style, color=color, linewidth=1.2)
     ax_loss.set_ylabel("training loss (nats/byte)")
-    ax_loss.set_title(f"loss (lines: {smooth}-step running mean)")
+    ax_loss.set_title(f"training loss (faint: per step; lines: {smooth}-step running mean)")
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
+    ax_loss.tick_params(labelbottom=False)
+    ax_diff.axhline(0.0, color="black", linewidth=0.8)
+    ax_diff.set_xlabel("step")
+    ax_diff.set_ylabel("vs fp32 (%)")
+    ax_diff.grid(alpha=0.3)
 
     names = [r.name for r in result.runs]
     xs = list(range(len(names)))
@@ -481,7 +511,7 @@ def main(
         disable=not progress,
     )
     with bar:
-        task = bar.add_task("loading data", total=total, loss="–")
+        task = bar.add_task("preparing", total=total, loss="–")
 
         def on_run_start(name: str) -> None:
             bar.update(task, description=name)
@@ -489,7 +519,13 @@ def main(
         def on_step(i: int, loss: float) -> None:
             bar.update(task, advance=1, loss=f"{loss:.3f}")
 
-        result = run_demo(config, on_run_start=on_run_start, on_step=on_step)
+        def on_run_end(run: RunResult) -> None:
+            bar.console.print(
+                f"{run.name}: {len(run.losses)} steps, {run.seconds_per_step:.3f} s/step, "
+                f"final loss {run.final_loss:.4f}"
+            )
+
+        result = run_demo(config, on_run_start=on_run_start, on_step=on_step, on_run_end=on_run_end)
 
     console.print(render_table(result))
     if out is not None:
