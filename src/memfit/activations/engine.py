@@ -297,23 +297,22 @@ class ActivationCompressor:
 
     # -- pack / unpack ---------------------------------------------------------------
 
-    def _is_parameter_like(self, t: torch.Tensor) -> bool:
+    def _is_parameter_like(self, t: torch.Tensor, dense: bool) -> bool:
         if t.requires_grad and t.is_leaf:
             return True
         base = t._base
         if base is not None and base.requires_grad and base.is_leaf:
             return True
-        return bool(self._param_storages) and is_plain_dense(t) and (
-            t.untyped_storage().data_ptr() in self._param_storages
-        )
+        return dense and t.untyped_storage().data_ptr() in self._param_storages
 
     def _pack(self, t: torch.Tensor):
         module = self._module_stack[-1] if self._module_stack else ""
-        if self._is_parameter_like(t):
+        dense = is_plain_dense(t)
+        if self._is_parameter_like(t, dense):
             self._module_stats(module).counts["param"] += 1
             return _Kept(t)
-        if not is_plain_dense(t):
-            return self._keep(t, module, "raw")
+        if not dense:
+            return self._keep(t, module, "raw", dense=False)
         fmt = MASK if t.dtype is torch.bool else self.format_for(module)
         if isinstance(fmt, RawFormat):
             return self._keep(t, module, "kept")
@@ -329,10 +328,10 @@ class ActivationCompressor:
             return _Compressed(entry, t, t.storage_offset())
         return self._compress(t, storage, key, fmt, module)
 
-    def _keep(self, t: torch.Tensor, module: str, kind: str) -> _Kept:
+    def _keep(self, t: torch.Tensor, module: str, kind: str, dense: bool = True) -> _Kept:
         stats = self._module_stats(module)
         stats.counts[kind] += 1
-        if is_plain_dense(t):
+        if dense:
             storage = t.untyped_storage()
             key = (storage.data_ptr(), t.device)
             seen = self._seen_kept.get(key)
