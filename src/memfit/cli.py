@@ -34,6 +34,11 @@ def _add_demo(subparsers) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300; 12 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed for the init, the batch order and the rounding noise")
     p.add_argument("--bits", default="8,4,2", help="memfit bit widths to run, comma-separated (default 8,4,2)")
+    p.add_argument(
+        "--bits-everywhere",
+        action="store_true",
+        help="compress every module at --bits (default: embeddings, final norm and loss head at 8 bits)",
+    )
     p.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing run")
     p.add_argument("--out", default="memfit-demo.png", help="where to write the PNG (default memfit-demo.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
@@ -62,6 +67,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"memfit demo: --bits: {exc}", file=sys.stderr)
         return 2
     overrides = dict(seed=args.seed, bits=bits, checkpointing=not args.no_checkpointing)
+    if args.bits_everywhere:
+        overrides["ends_bits"] = None
     if args.steps is not None:
         overrides["steps"] = args.steps
     try:
