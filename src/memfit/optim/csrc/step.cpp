@@ -485,6 +485,24 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
     alignas(64) float s1[MAXB];
     alignas(64) float np[MAXB];
     alignas(64) int32_t tmp[MAXB];
+    // Every algorithm ends a block the same way: if a new state went non-finite, leave
+    // the block untouched and mark it for the exact slow path; else write the params
+    // and requantize the states.
+    auto commit_block = [&](int64_t b, int64_t start, int64_t cnt, int nstates) {
+      float* states[2] = {s0, s1};
+      float am[2] = {0.0f, 0.0f};
+      bool bad = false;
+      for (int k = 0; k < nstates; ++k) am[k] = absmax_check(states[k], cnt, &bad);
+      if (bad) {
+        redo[b] = 1;
+        return;
+      }
+      std::memcpy(P + start, np, sizeof(float) * cnt);
+      for (int k = 0; k < nstates; ++k) {
+        quant_block<BITS>(states[k], cnt, block, am[k], tabs[k], codes[k], start, tmp);
+        absmax[k][b] = am[k];
+      }
+    };
     for (int64_t b = b0; b < b1; ++b) {
       if (redo[b]) continue;
       const int64_t start = b * block;
@@ -536,18 +554,7 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
           s1[i] = v;
           np[i] = pi;
         }
-        bool bad = false;
-        const float am0 = absmax_check(s0, cnt, &bad);
-        const float am1 = absmax_check(s1, cnt, &bad);
-        if (bad) {
-          redo[b] = 1;
-          continue;
-        }
-        std::memcpy(P + start, np, sizeof(float) * cnt);
-        quant_block<BITS>(s0, cnt, block, am0, tabs[0], codes[0], start, tmp);
-        absmax[0][b] = am0;
-        quant_block<BITS>(s1, cnt, block, am1, tabs[1], codes[1], start, tmp);
-        absmax[1][b] = am1;
+        commit_block(b, start, cnt, 2);
       } else if (algo == SGD) {
         const float lr = (float)hp[0], mom = (float)hp[1], omd = (float)hp[2], wd = (float)hp[3],
                     gs = (float)hp[4];
@@ -576,15 +583,7 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
           np[i] = p[i] - lr * d;
           s0[i] = buf;
         }
-        bool bad = false;
-        const float am0 = absmax_check(s0, cnt, &bad);
-        if (bad) {
-          redo[b] = 1;
-          continue;
-        }
-        std::memcpy(P + start, np, sizeof(float) * cnt);
-        quant_block<BITS>(s0, cnt, block, am0, tabs[0], codes[0], start, tmp);
-        absmax[0][b] = am0;
+        commit_block(b, start, cnt, 1);
       } else {  // LION
         const float decay = (float)hp[0], lr = (float)hp[1], b1c = (float)hp[2], omb1 = (float)hp[3],
                     b2c = (float)hp[4], omb2 = (float)hp[5], gs = (float)hp[6];
@@ -617,15 +616,7 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
           s0[i] = b2c * s0[i] + omb2 * gi;
           np[i] = pi;
         }
-        bool bad = false;
-        const float am0 = absmax_check(s0, cnt, &bad);
-        if (bad) {
-          redo[b] = 1;
-          continue;
-        }
-        std::memcpy(P + start, np, sizeof(float) * cnt);
-        quant_block<BITS>(s0, cnt, block, am0, tabs[0], codes[0], start, tmp);
-        absmax[0][b] = am0;
+        commit_block(b, start, cnt, 1);
       }
     }
   });
