@@ -7,7 +7,11 @@ Contenders, on each model:
 * ``ckpt``: ``torch.utils.checkpoint`` (non-reentrant) around every block: each GPT-2
   transformer block (HF's own activation checkpointing), each ResNet bottleneck layer.
 * ``memfit-8/4/2``: ``with memfit.activations(model, bits=b): loss = ...``, then
-  ``loss.backward()`` outside the block.
+  ``loss.backward()`` outside the block. These are memfit's defaults, so at 4 and 2
+  bits the loss head (what is saved after the last block: final norm, output layer,
+  loss) is kept at 8 bits.
+* ``memfit-2/all`` (``--with-everywhere``): 2 bits for the loss head too
+  (``head_bits=2``), to show what the head costs in memory.
 
 Measured, for each contender, as a ratio to ``plain``:
 
@@ -198,10 +202,7 @@ class Contender:
     mf: object | None = None  # the memfit ActivationCompressor
 
 
-ENDS_POLICY = {"gpt2": {"": 8, "transformer.h.*": 2}}  # blocks at 2 bits, the rest at 8
-
-
-def contenders(w: Workload, seed: int, with_ends: bool = False) -> list[Contender]:
+def contenders(w: Workload, seed: int, with_everywhere: bool = False) -> list[Contender]:
     import memfit
 
     out = [Contender("plain", contextlib.nullcontext, contextlib.nullcontext),
@@ -209,10 +210,9 @@ def contenders(w: Workload, seed: int, with_ends: bool = False) -> list[Contende
     for b in BITS:
         mf = memfit.activations(w.model, bits=b, seed=seed)
         out.append(Contender(f"memfit-{b}", contextlib.nullcontext, (lambda mf=mf: mf), mf))
-    if with_ends and w.key in ENDS_POLICY:
-        # The demo's 2-bit setting: 2-bit blocks, embeddings/final norm/loss head at 8.
-        mf = memfit.activations(w.model, bits=2, policy=ENDS_POLICY[w.key], seed=seed)
-        out.append(Contender("memfit-2/8ends", contextlib.nullcontext, (lambda mf=mf: mf), mf))
+    if with_everywhere:
+        mf = memfit.activations(w.model, bits=2, head_bits=2, seed=seed)
+        out.append(Contender("memfit-2/all", contextlib.nullcontext, (lambda mf=mf: mf), mf))
     return out
 
 
@@ -269,8 +269,8 @@ class Row:
     codec: tuple[float, float] | None = None  # memfit (pack s, unpack s)
 
 
-def run_model(w: Workload, rounds: int, seed: int, with_ends: bool = False) -> list[Row]:
-    cs = contenders(w, seed, with_ends)
+def run_model(w: Workload, rounds: int, seed: int, with_everywhere: bool = False) -> list[Row]:
+    cs = contenders(w, seed, with_everywhere)
     log(f"\n== {w.title}")
     log(f"timing: 1 warm-up step each, then {rounds} interleaved rounds")
     timings = C.interleaved_timing({c.name: (lambda c=c: step(w, c)) for c in cs},
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--seed", type=int, default=0, help="memfit stochastic-rounding seed")
     ap.add_argument("--quick", action="store_true", help="tiny models: a smoke test; implies --no-write")
-    ap.add_argument("--with-ends", action="store_true",
-                    help="GPT-2 only: add memfit-2/8ends, the demo's 2-bit setting (blocks 2-bit, the rest 8-bit)")
+    ap.add_argument("--with-everywhere", action="store_true",
+                    help="add memfit-2/all: 2 bits for the loss head too (head_bits=2)")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOCS.relative_to(C.REPO)}")
     args = ap.parse_args(argv)
 
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for key in models:
         w = build_gpt2(args.quick) if key == "gpt2" else build_resnet(args.quick, args.batch_resnet)
-        rows = run_model(w, rounds, args.seed, args.with_ends)
+        rows = run_model(w, rounds, args.seed, args.with_everywhere)
         results.append((w, rows))
         w.model = w.loss = w.checkpointing = None  # free the model before the next one
         w.tensors = ()

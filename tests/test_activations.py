@@ -218,6 +218,63 @@ def test_policy_globs_choose_formats_per_module():
     assert any("int4" in m.counts for n, m in kinds.items() if ".attn" in n)
 
 
+def _int_kinds(stats, name):
+    return {k for k in stats.by_module[name].counts if k.startswith("int")}
+
+
+def test_loss_head_stays_at_8_bits_below_8():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=2, min_bytes=0)
+    grads_of(model, data, mf)
+    grads_of(model, data, mf)  # a second forward starts in the blocks again
+    stats = mf.stats
+    # After the last block: final norm, output layer and the loss (in the root's forward).
+    for name in ("transformer.ln_f", "lm_head", ""):
+        assert _int_kinds(stats, name) == {"int8"}, name
+    for name in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.h.1.attn"):
+        assert _int_kinds(stats, name) == {"int2"}, name
+    assert mf.head_format.bits == 8 and mf.head_format.rounding == "stochastic"
+
+
+def test_head_bits_equal_to_bits_quantizes_everything_alike():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0)
+    grads_of(model, data, mf)
+    kinds = set().union(*(_int_kinds(mf.stats, n) for n in mf.stats.by_module))
+    assert kinds == {"int2"}
+
+
+@pytest.mark.parametrize("bits", [8, "fp8", None])
+def test_no_head_rule_at_8_bits_and_above(bits):
+    assert memfit.activations(tiny_gpt2(), bits=bits).head_format is None
+
+
+def test_policy_rules_beat_the_head_rule():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=2, policy={"lm_head": 4, "transformer.*": 2}, min_bytes=0)
+    grads_of(model, data, mf)
+    assert _int_kinds(mf.stats, "lm_head") == {"int4"}
+    assert _int_kinds(mf.stats, "transformer.ln_f") == {"int2"}  # inherits the transformer.* rule
+    assert _int_kinds(mf.stats, "") == {"int8"}  # the loss: no rule names the root
+
+
+def test_head_without_module_list_is_code_outside_submodules():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    x = torch.randn(128, 64, requires_grad=True)
+    mf = memfit.activations(model, bits=2, min_bytes=0)
+    with mf:
+        loss = torch.log_softmax(model(x), dim=-1).exp().sum()  # saved outside every submodule
+    loss.backward()
+    assert _int_kinds(mf.stats, "") == {"int8"}
+    assert _int_kinds(mf.stats, "1") == {"int2"}
+
+
+def test_invalid_head_bits_raise():
+    with pytest.raises(ValueError, match="head_bits"):
+        memfit.activations(tiny_gpt2(), bits=2, head_bits=3)
+
+
 @pytest.mark.parametrize("bad", [3, 16, "int4", 8.0, True])
 def test_invalid_bits_raise_naming_the_entry(bad):
     model = tiny_gpt2()

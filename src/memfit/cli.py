@@ -37,7 +37,7 @@ def _add_demo(subparsers) -> None:
     p.add_argument(
         "--bits-everywhere",
         action="store_true",
-        help="compress every module at --bits (default: embeddings, final norm and loss head at 8 bits)",
+        help="quantize the loss head at --bits too (default: final norm, output layer and loss at 8 bits)",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing run")
     p.add_argument("--out", default="memfit-demo.png", help="where to write the PNG (default memfit-demo.png)")
@@ -68,7 +68,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     overrides = dict(seed=args.seed, bits=bits, checkpointing=not args.no_checkpointing)
     if args.bits_everywhere:
-        overrides["ends_bits"] = None
+        overrides["bits_everywhere"] = True
     if args.steps is not None:
         overrides["steps"] = args.steps
     try:

@@ -8,13 +8,11 @@ unstable regime, two runs that differ by any tiny perturbation (even just memfit
 rounding seed) drift several percent apart in loss, which would drown the comparison.
 
 * ``fp32``: plain PyTorch, every activation kept as is;
-* ``memfit N-bit``: the forward runs inside ``memfit.activations(model, bits=N, policy=...)``
-  with the transformer blocks at N bits and the ends of the model (embeddings, final
-  norm and the loss head) at ``ends_bits`` (8), as low-bit training usually keeps its
-  first and last layers precise. The loss head matters most: at 2 bits everywhere the
-  quantized log-softmax alone costs about 14% in final loss on this model (measured:
-  +18.5% with 2 bits everywhere, +4.6% with only the root module at 8 bits, +1.3% with
-  all the ends at 8). ``ends_bits=None`` puts everything at N bits;
+* ``memfit N-bit``: the forward runs inside ``memfit.activations(model, bits=N)``,
+  the library's defaults: the transformer blocks at N bits, the loss head (final norm,
+  output layer, the loss; see ``head_bits`` in :func:`memfit.activations`) at 8 bits.
+  ``bits_everywhere=True`` (``--bits-everywhere``) passes ``head_bits=N`` instead, to
+  show what the head costs in fidelity when it is quantized too;
 * ``checkpointing``: ``torch.utils.checkpoint`` around every transformer block
   (non-reentrant), recomputing activations during backward.
 
@@ -76,8 +74,8 @@ class DemoConfig:
     weight_decay: float = 0.01
     grad_clip: float | None = 1.0  # clip the global gradient norm (None: no clipping)
     min_bytes: int = 32 * 1024
-    policy: Mapping[str, int | None] | None = None  # memfit per-module rules (overrides ends_bits)
-    ends_bits: int | None = 8  # bits outside transformer.h.* (None: the run's bits everywhere)
+    policy: Mapping[str, int | None] | None = None  # memfit per-module rules
+    bits_everywhere: bool = False  # quantize the loss head at the run's bits too
     final_window: int = 20
     max_data_bytes: int | None = None
 
@@ -256,14 +254,6 @@ def _cpu_total(snapshot: dict) -> int:
     return int(dev[_TOTAL_KEY]) if dev else 0
 
 
-def _policy(config: DemoConfig, bits: int | None) -> Mapping[str, int | None] | None:
-    if config.policy is not None or config.ends_bits is None or bits is None or bits >= config.ends_bits:
-        return config.policy
-    # The root rule is inherited by every module outside the blocks (embeddings, ln_f,
-    # lm_head, and the loss computed in the root's forward); the blocks get ``bits``.
-    return {"": config.ends_bits, "transformer.h.*": bits}
-
-
 def train_run(
     base_model: torch.nn.Module,
     batches: ByteBatches,
@@ -283,7 +273,14 @@ def train_run(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     compressor = (
-        activations(model, bits=bits, policy=_policy(config, bits), min_bytes=config.min_bytes, seed=config.seed)
+        activations(
+            model,
+            bits=bits,
+            policy=config.policy,
+            min_bytes=config.min_bytes,
+            seed=config.seed,
+            head_bits=bits if config.bits_everywhere else "auto",
+        )
         if kind == "memfit"
         else None
     )

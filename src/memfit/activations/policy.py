@@ -39,12 +39,15 @@ def module_formats(
     block_size: int,
     rounding: str,
     strict: bool,
-) -> dict[str, Format]:
+) -> tuple[dict[str, Format], set[str]]:
     """Map every qualified module name of ``model`` to its format.
 
     A module takes the first rule (in the mapping's order) whose glob matches its own
     name; a module no rule names inherits its parent's format; the root inherits
     ``default``. ``fnmatch`` globs are used, so ``*`` also matches dots.
+
+    Also returns the names whose format a rule set (directly or by inheritance), so
+    callers can tell an explicit choice from the default.
     """
     compiled: list[tuple[str, Format]] = []
     for pattern, value in (rules or {}).items():
@@ -56,8 +59,9 @@ def module_formats(
     if model is None:
         if compiled:
             raise ValueError("a per-module policy needs the model: memfit.activations(model, policy=...)")
-        return {"": default}
+        return {"": default}, set()
     formats: dict[str, Format] = {}
+    ruled: set[str] = set()
     used = set()
     for name, _ in model.named_modules():
         parent = name.rpartition(".")[0] if name else None
@@ -65,8 +69,23 @@ def module_formats(
         matched = [(p, f) for p, f in compiled if fnmatch.fnmatchcase(name, p)]
         used.update(p for p, _ in matched)
         formats[name] = matched[0][1] if matched else fmt
+        if matched or parent in ruled:
+            ruled.add(name)
     if strict:
         unused = [p for p, _ in compiled if p not in used]
         if unused:
             raise ValueError(f"policy entry {unused[0]!r} matches no module of {type(model).__name__} (strict=True)")
-    return formats
+    return formats, ruled
+
+
+def main_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """The model's repeated blocks: the ``nn.ModuleList`` of two or more modules that
+    holds the most parameters (``transformer.h`` in GPT-2, ``encoder.layer`` in BERT,
+    ``encoder.stages`` in HF ResNet), with its qualified name; None if there is none."""
+    best, best_params = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) >= 2:
+            n = sum(p.numel() for p in module.parameters())
+            if n > best_params:
+                best, best_params = (name, module), n
+    return best
