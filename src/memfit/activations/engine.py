@@ -47,6 +47,7 @@ are handled by checkpoint's own hooks, not memfit's.
 from __future__ import annotations
 
 import random
+import warnings
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -243,6 +244,7 @@ class ActivationCompressor:
             prefix = f"{blocks[0]}." if blocks[0] else ""
             self._first_block, self._last_block = f"{prefix}0", f"{prefix}{len(blocks[1]) - 1}"
         self._after_blocks = False
+        self._warned_attribution = False
         self._seed = seed
         self._seeds = random.Random(seed)
         self._stats = ActivationStats()
@@ -283,7 +285,7 @@ class ActivationCompressor:
         self._after_blocks = False
         if self.model is not None:
             self._param_storages = {
-                t.untyped_storage().data_ptr()
+                _storage_id(t.untyped_storage())
                 for t in list(self.model.parameters()) + list(self.model.buffers())
                 if is_plain_dense(t)
             }
@@ -304,6 +306,29 @@ class ActivationCompressor:
         self._entries = {}  # packed objects keep what backward still needs
         self._seen_kept = {}
         hooks.__exit__(*exc)
+        if exc[0] is None:
+            self._check_attribution()
+
+    def _check_attribution(self) -> None:
+        """Warn once when per-module rules could not apply because every saved tensor
+        came from the root: what a ``torch.compile``'d model looks like, since compiled
+        graphs inline submodules and their hooks do not run one by one."""
+        if self._warned_attribution or self.model is None:
+            return
+        per_module = bool(self._ruled - {""}) or self._last_block is not None
+        by_module = self._stats.by_module
+        if per_module and list(by_module) == [""] and sum(by_module[""].counts.values()) > 1:
+            self._warned_attribution = True
+            warnings.warn(
+                "memfit.activations: every saved tensor was attributed to the root module, "
+                "so per-module policy rules and the loss-head rule (head_bits) did not apply; "
+                "this happens when the model runs under torch.compile, which inlines "
+                "submodules. Tensors were still compressed, but not per module. "
+                "To keep per-module choices, compile the blocks one by one "
+                "(module.compile() on each) or run those modules eagerly.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     # -- module attribution --------------------------------------------------------
 
@@ -345,7 +370,7 @@ class ActivationCompressor:
         base = t._base
         if base is not None and base.requires_grad and base.is_leaf:
             return True
-        return dense and t.untyped_storage().data_ptr() in self._param_storages
+        return dense and _storage_id(t.untyped_storage()) in self._param_storages
 
     def _pack(self, t: torch.Tensor):
         module = self._module_stack[-1] if self._module_stack else ""
@@ -363,7 +388,7 @@ class ActivationCompressor:
         storage = t.untyped_storage()
         if storage.nbytes() < self.min_bytes:
             return self._keep(t, module, "small")
-        key = (storage.data_ptr(), t.device, t.dtype)
+        key = (_storage_id(storage), t.device, t.dtype)
         entry = self._entries.get(key)
         if entry is not None and entry.storage_ref() is storage and entry.version == t._version:
             self._module_stats(module).counts["shared"] += 1
@@ -375,7 +400,7 @@ class ActivationCompressor:
         stats.counts[kind] += 1
         if dense:
             storage = t.untyped_storage()
-            key = (storage.data_ptr(), t.device)
+            key = (_storage_id(storage), t.device)
             seen = self._seen_kept.get(key)
             if seen is None or seen() is not storage:
                 self._seen_kept[key] = weakref.ref(storage)
@@ -421,6 +446,12 @@ class ActivationCompressor:
             raise _inplace_error(packed.type_name, packed.size, current, packed.version)
         flat = packed.entry.decoded()
         return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def _storage_id(storage) -> int:
+    """Identifies a storage while it is alive: its data pointer, or for the storage of
+    a FakeTensor (no data; its pointer is 0 for all) the storage object's address."""
+    return storage._cdata if storage.device.type == "meta" else storage.data_ptr()
 
 
 def _span(t: torch.Tensor) -> int:
