@@ -4,6 +4,9 @@
   1-bit masks) on any model, through saved-tensor hooks.
 * :mod:`memfit.optim` has AdamW, SGD and Lion with 8- and 4-bit block-wise state.
 * :mod:`memfit.codec` is the block-wise codec underneath.
+* :mod:`memfit.plan`: :func:`estimate` gives the peak memory of a training step from
+  fake tensors (nothing computed or allocated); :func:`profile` measures per-module
+  saved bytes and times.
 """
 
 from . import codec, optim
@@ -19,3 +22,8 @@ __all__ = [
     "codec",
     "optim",
 ]
+
+from . import plan  # noqa: E402
+from .plan import Estimate, StepConfig, estimate  # noqa: E402
+
+__all__ += ["Estimate", "StepConfig", "estimate", "plan"]

@@ -9,6 +9,11 @@ import torch
 from .formats import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
 from .kernels import backend_for
 
+try:
+    from torch._subclasses.fake_tensor import FakeTensor as _FakeTensor
+except ImportError:  # pragma: no cover - very old torch
+    _FakeTensor = ()
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # A private stream of seeds for stochastic rounding, so encoding never consumes the
@@ -64,12 +69,28 @@ def tensor_nbytes(t: torch.Tensor) -> int:
         return 0
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """True for a FakeTensor (``FakeTensorMode``: shapes and dtypes, no data) or a meta
+    tensor. The codec gives them correctly sized, empty encodings (see ``_fake``)."""
+    return isinstance(t, _FakeTensor) or t.device.type == "meta"
+
+
 def is_plain_dense(t: torch.Tensor) -> bool:
     """True for an ordinary strided tensor (not sparse, quantized, nested, meta or a
-    tensor subclass such as DTensor), the only kind memfit re-encodes."""
+    tensor subclass such as DTensor), the only kind memfit re-encodes. A FakeTensor
+    counts as the dense tensor it stands for, so memory estimates under
+    ``FakeTensorMode`` see the same encodings as real runs."""
     return (
-        type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+        type(t) is torch.Tensor or type(t) is torch.nn.Parameter or type(t) is _FakeTensor
     ) and t.layout is torch.strided and not t.is_quantized and not t.is_nested and t.device.type != "meta"
+
+
+def _kernels_for(t: torch.Tensor):
+    if is_fake(t):
+        from . import _fake
+
+        return _fake
+    return backend_for(t.device)
 
 
 def can_encode(x: torch.Tensor, fmt: Format) -> bool:
@@ -102,10 +123,11 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
     flat = x.detach().reshape(-1)
     if not flat.is_contiguous():  # reshape of a 0-stride expand can stay strided
         flat = flat.contiguous()
-    k = backend_for(x.device)
+    fake = is_fake(flat)
+    k = _kernels_for(flat)
     if isinstance(fmt, BitMaskFormat):
         if x.dtype is not torch.bool:
-            if flat.numel() and not bool(((flat == 0) | (flat == 1)).all()):
+            if flat.numel() and not fake and not bool(((flat == 0) | (flat == 1)).all()):
                 raise ValueError("BitMaskFormat needs values in {0, 1}; this tensor has others")
             flat = flat.to(torch.bool)
         return Encoded(fmt, x.shape, x.dtype, codes=k.pack_bits(flat))
@@ -124,7 +146,7 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
     else:
         raise TypeError(f"unknown format {fmt!r}")
     enc = Encoded(fmt, x.shape, x.dtype, codes=codes, scale=scale, lo=lo)
-    if bool(nonfinite_block.any()):
+    if not fake and bool(nonfinite_block.any()):
         idx = torch.nonzero(~torch.isfinite(flat)).view(-1)
         enc.nonfinite_index = idx
         enc.nonfinite_value = flat[idx].clone()
@@ -138,7 +160,7 @@ def decode(enc: Encoded) -> torch.Tensor:
     if isinstance(fmt, RawFormat):
         return enc.raw
     n = enc.numel
-    k = backend_for(enc.codes.device)
+    k = _kernels_for(enc.codes)
     if isinstance(fmt, BitMaskFormat):
         flat = k.unpack_bits(enc.codes, n)
         return flat.view(enc.shape) if enc.dtype is torch.bool else flat.to(enc.dtype).view(enc.shape)

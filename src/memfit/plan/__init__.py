@@ -1,0 +1,46 @@
+"""memfit.plan: what a training step costs, and how to make it fit.
+
+This folder owns the step mechanics and the measurements the planner builds on:
+
+* :mod:`._step`: :class:`StepConfig` (activation policy, checkpointed modules,
+  optimizer and state bits, optimizer-in-backward), :func:`resolve_loss_fn`,
+  :func:`make_optimizer`, :func:`apply`, :func:`run_step`, :func:`preserved_state`.
+* :mod:`.estimate`: :func:`estimate` -> :class:`Estimate`, the peak of a step from
+  fake tensors (nothing computed or allocated).
+* :mod:`.measure`: :func:`measure_peak` -> :class:`MeasuredPeak`, the same on real
+  tensors (the ground truth).
+* :mod:`.profile`: :func:`profile` -> :class:`Profile`, per-module saved bytes and
+  forward/backward times from a few real steps.
+
+The planner (``plan.py``, ``solver.py``, ``budget.py``) builds on these.
+"""
+
+from ._step import (
+    InBackwardOptimizer,
+    SavedCounter,
+    StepConfig,
+    StepContext,
+    apply,
+    make_optimizer,
+    preserved_state,
+    resolve_loss_fn,
+    run_step,
+)
+from .estimate import Estimate, estimate
+from .measure import MeasuredPeak, measure_peak
+
+__all__ = [
+    "Estimate",
+    "InBackwardOptimizer",
+    "MeasuredPeak",
+    "SavedCounter",
+    "StepConfig",
+    "StepContext",
+    "apply",
+    "estimate",
+    "make_optimizer",
+    "measure_peak",
+    "preserved_state",
+    "resolve_loss_fn",
+    "run_step",
+]

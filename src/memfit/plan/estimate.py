@@ -1,0 +1,399 @@
+"""``estimate``: the peak memory of a training step, without computing or allocating.
+
+How: the model's parameters and buffers are swapped, for the duration of the call,
+for FakeTensors (shapes and dtypes, no data: ``torch._subclasses.FakeTensorMode``),
+and so is the batch. Two whole training steps (forward, backward, optimizer step,
+``zero_grad``) then run on them under ``MemTracker``, with the real optimizer code,
+memfit's real activation engine (its codec gives fake tensors correctly sized empty
+encodings) and the real checkpoint wrappers; the peak of the second step is reported
+(the optimizer state exists by then). Nothing real is allocated for parameters,
+gradients, activations or optimizer state, so a model built on the ``meta`` device
+works too (it is estimated as a CPU model).
+
+memfit's compressed optimizers run their fused C++ step on real data only; under fake
+tensors each quantized parameter's step is replaced by what the fused step allocates
+(its state on the first step, a one-byte-per-block scratch flag, fp32 copies of non-fp32
+parameters/gradients) and nothing else, which is exactly the real fused step's memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from ._step import (
+    Loss,
+    StepConfig,
+    as_config,
+    inner_optimizers,
+    make_optimizer,
+    preserved_state,
+    resolve_loss_fn,
+    tracked_steps,
+)
+
+_MB = 2**20
+
+
+@dataclass
+class Estimate:
+    """The memory of one training step (the last of the steps run), in bytes.
+
+    Attributes:
+        param_bytes: parameters (each storage once: tied weights count once).
+        buffer_bytes: buffers (BatchNorm statistics, position ids, ...).
+        input_bytes: the batch's tensors.
+        grad_bytes: the most gradient bytes alive at once (all of them normally; about
+            one parameter's with optimizer-in-backward).
+        optimizer_bytes: optimizer state after the step.
+        activation_bytes: what the step's forward left alive for backward (the live
+            bytes it added: saved tensors after compression, checkpointed blocks'
+            inputs, the loss).
+        activations_by_module: bytes held for backward per innermost module (memfit's
+            stored bytes under a policy, else what autograd saved), as seen by
+            saved-tensor hooks: tensors saved inside checkpointed modules are not seen.
+        peak_bytes: the step's peak of live tensor bytes.
+        peak_phase: ``"forward"``, ``"backward"`` or ``"optimizer"``: when it happened
+            (optimizer-in-backward steps happen in ``"backward"``).
+        peak_breakdown: what was alive at the peak: ``params``, ``buffers``,
+            ``inputs``, ``grads``, ``optimizer`` (state), ``activations`` (made in
+            forward), ``temporaries`` (made in backward or in the optimizer step, state
+            excluded). Sums to ``peak_bytes``.
+        phase_peaks: the highest live bytes within each phase.
+        config: the :class:`~memfit.plan.StepConfig` as a dict.
+    """
+
+    param_bytes: int = 0
+    buffer_bytes: int = 0
+    input_bytes: int = 0
+    grad_bytes: int = 0
+    optimizer_bytes: int = 0
+    activation_bytes: int = 0
+    activations_by_module: dict[str, int] = field(default_factory=dict)
+    peak_bytes: int = 0
+    peak_phase: str = "forward"
+    peak_breakdown: dict[str, int] = field(default_factory=dict)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+
+    kind = "estimated"
+
+    # -- (de)serialization --------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Estimate":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # -- display ----------------------------------------------------------------------
+
+    def rows(self) -> list[tuple[str, str]]:
+        bd = self.peak_breakdown
+        out = [
+            ("peak", f"{self.peak_bytes / _MB:,.1f} MB  (in {self.peak_phase})"),
+            ("  params at peak", f"{bd.get('params', 0) / _MB:,.1f} MB"),
+            ("  buffers + inputs at peak", f"{(bd.get('buffers', 0) + bd.get('inputs', 0)) / _MB:,.1f} MB"),
+            ("  grads at peak", f"{bd.get('grads', 0) / _MB:,.1f} MB"),
+            ("  optimizer state at peak", f"{bd.get('optimizer', 0) / _MB:,.1f} MB"),
+            ("  activations at peak", f"{bd.get('activations', 0) / _MB:,.1f} MB"),
+            ("  temporaries at peak", f"{bd.get('temporaries', 0) / _MB:,.1f} MB"),
+            ("parameters", f"{self.param_bytes / _MB:,.1f} MB"),
+            ("gradients (max alive)", f"{self.grad_bytes / _MB:,.1f} MB"),
+            ("optimizer state", f"{self.optimizer_bytes / _MB:,.1f} MB"),
+            ("kept for backward", f"{self.activation_bytes / _MB:,.1f} MB"),
+        ]
+        for ph in ("forward", "backward", "optimizer"):
+            if ph in self.phase_peaks:
+                out.append((f"peak within {ph}", f"{self.phase_peaks[ph] / _MB:,.1f} MB"))
+        return out
+
+    def table(self, top: int = 8):
+        """A ``rich.table.Table``: the peak and its breakdown, then the modules that
+        hold the most for backward (``top`` of them)."""
+        from rich.table import Table
+
+        label = StepConfig.from_dict(self.config).describe() if self.config else ""
+        t = Table(title=f"memfit {self.kind} step memory {label}".rstrip(), title_justify="left")
+        t.add_column("what")
+        t.add_column("bytes", justify="right")
+        for k, v in self.rows():
+            t.add_row(k, v)
+        mods = sorted(self.activations_by_module.items(), key=lambda kv: -kv[1])[:top]
+        if mods:
+            t.add_section()
+            for name, b in mods:
+                t.add_row(f"  held by {name or '<root>'}", f"{b / _MB:,.2f} MB")
+        return t
+
+    def __str__(self) -> str:
+        head = f"memfit {self.kind} step memory"
+        if self.config:
+            head += f" ({StepConfig.from_dict(self.config).describe()})"
+        width = max(len(k) for k, _ in self.rows())
+        return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in self.rows()])
+
+
+# --------------------------------------------------------------------------- result assembly
+
+
+def breakdown(res: dict) -> dict[str, int]:
+    """MemTracker's categories at the peak, in the names :class:`Estimate` uses."""
+    pk = res["peak_breakdown"]
+    opt_at_peak = int(pk.get("OPT", 0))
+    state = min(opt_at_peak, int(res["optimizer_bytes"]))
+    out = {
+        "params": int(pk.get("PARAM", 0)),
+        "buffers": int(pk.get("BUFFER", 0)),
+        "inputs": int(pk.get("OTH", 0)),
+        "grads": int(pk.get("GRAD", 0)),
+        "optimizer": state,
+        "activations": int(pk.get("ACT", 0)),
+        "temporaries": int(pk.get("TEMP", 0)) + opt_at_peak - state,
+    }
+    return out
+
+
+def fill(result: Estimate, res: dict, config: StepConfig) -> Estimate:
+    """Fill ``result``'s fields from :func:`~memfit.plan._step.tracked_steps`' dict."""
+    start = res["start"]
+    result.param_bytes = int(start.get("PARAM", 0))
+    result.buffer_bytes = int(start.get("BUFFER", 0))
+    result.input_bytes = int(start.get("OTH", 0))
+    result.grad_bytes = int(res["max_by_kind"].get("GRAD", 0))
+    result.optimizer_bytes = int(res["optimizer_bytes"])
+    result.activation_bytes = int(res["activation_bytes"])
+    result.activations_by_module = {k: int(v) for k, v in res["saved_by_module"].items()}
+    result.peak_bytes = int(res["peak"])
+    result.peak_phase = res["peak_phase"]
+    result.peak_breakdown = breakdown(res)
+    result.phase_peaks = {k: int(v) for k, v in res["phase_peaks"].items()}
+    result.config = config.to_dict()
+    return result
+
+
+# --------------------------------------------------------------------------- fake model
+
+
+def _copy_attrs(src: torch.Tensor, dst: torch.Tensor) -> None:
+    # user marks such as memfit.optim.keep_fp32's flag live in the tensor's __dict__
+    for k, v in getattr(src, "__dict__", {}).items():
+        if k not in dst.__dict__:
+            try:
+                setattr(dst, k, v)
+            except Exception:  # pragma: no cover - read-only attribute
+                pass
+
+
+class _Faker:
+    """Fake twins of real or meta tensors, memoized (tied weights stay tied)."""
+
+    def __init__(self, fm):
+        self.fm = fm
+        self.memo: dict[int, torch.Tensor] = {}
+        self.keep: list[torch.Tensor] = []  # keeps ids valid while memoized
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        f = self.memo.get(key)
+        if f is not None:
+            return f
+        is_param = isinstance(t, torch.nn.Parameter)
+        if t.is_meta:
+            with self.fm:
+                f = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+            if is_param:
+                f = torch.nn.Parameter(f, requires_grad=t.requires_grad)
+            elif t.requires_grad:
+                f.requires_grad_(True)
+        else:
+            f = self.fm.from_tensor(t)
+        _copy_attrs(t, f)
+        self.memo[key] = f
+        self.keep.append(t)
+        return f
+
+    def batch(self, batch: Any) -> Any:
+        from torch.utils._pytree import tree_map_only
+
+        return tree_map_only(torch.Tensor, self, batch)
+
+
+@contextlib.contextmanager
+def fake_model(model: torch.nn.Module, fm) -> Iterator[_Faker]:
+    """Swap ``model``'s parameters and buffers for fake twins inside the block; the
+    real tensors are put back on exit (and are never read or copied)."""
+    faker = _Faker(fm)
+    swaps = []
+    try:
+        for m in model.modules():
+            for d in (m._parameters, m._buffers):
+                for n, t in list(d.items()):
+                    if t is not None:
+                        swaps.append((d, n, t))
+                        d[n] = faker(t)
+        yield faker
+    finally:
+        for d, n, t in swaps:
+            d[n] = t
+
+
+def _prewarm_codebooks() -> None:
+    """Build memfit.optim's code books (cached) on real tensors, before fake mode: a
+    cache filled under fake mode would hold fake tensors."""
+    try:
+        from ..codec import dynamic
+
+        for name in getattr(dynamic, "_MAP_BUILDERS", {}):
+            qmap = dynamic.get_map(name)
+            _ = qmap.zero_code
+    except Exception:  # pragma: no cover - codebooks moved: the fake step may still work
+        pass
+
+
+def _shape_only_quantized_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
+    """What ``QuantizedOptimizer._quantized_step`` allocates with the fused C++ step,
+    without computing: the step counter, fp32 copies of a non-fp32 or non-contiguous
+    parameter/gradient, the per-block ``redo`` flags (uint8) and an empty index."""
+    lp = p.to_local() if hasattr(p, "to_local") else p
+    lg = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+    state["step"] += 1
+    inplace = lp.dtype == torch.float32 and lp.is_contiguous()
+    p32 = lp.view(-1) if inplace else lp.detach().reshape(-1).to(torch.float32).contiguous()
+    g32 = lg.reshape(-1)
+    if g32.dtype != torch.float32 or not g32.is_contiguous():
+        g32 = g32.to(torch.float32).contiguous()
+    nb = -(-int(state["numel"]) // int(state["block"]))
+    redo = torch.zeros(nb, dtype=torch.uint8)
+    ids = redo.new_empty((0,), dtype=torch.int64)
+    del ids, redo
+    if not inplace:
+        lp.copy_(p32.view(lp.shape))
+
+
+def _patch_quantized(optimizer: torch.optim.Optimizer) -> bool:
+    """Give memfit's quantized optimizers the shape-only step (on these instances only).
+    Returns whether any quantized optimizer is involved."""
+    from ..optim import QuantizedOptimizer
+
+    found = False
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, QuantizedOptimizer):
+            if not hasattr(type(opt), "_quantized_step"):
+                raise RuntimeError(
+                    "memfit.plan.estimate: memfit.optim's QuantizedOptimizer has no _quantized_step any more; "
+                    "update _shape_only_quantized_step in memfit/plan/estimate.py"
+                )
+            opt._quantized_step = types.MethodType(_shape_only_quantized_step, opt)
+            found = True
+    return found
+
+
+_warned_eager = False
+
+
+def _warn_if_eager_optimizer(config: StepConfig) -> None:
+    global _warned_eager
+    if config.state_bits == 32 or _warned_eager:
+        return
+    try:
+        from ..optim import backend_name
+
+        if backend_name() != "cpp":
+            _warned_eager = True
+            warnings.warn(
+                "memfit.plan.estimate: memfit.optim uses its eager step here (no fused C++ kernel); "
+                "the estimate counts the fused step's memory, the eager step needs more temporaries "
+                "(a few times one parameter block) during the optimizer step",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    except Exception:  # pragma: no cover
+        pass
+
+
+# --------------------------------------------------------------------------- public
+
+
+def estimate(
+    model: torch.nn.Module,
+    batch: Any,
+    optimizer: str = "adamw",
+    state_bits: int = 32,
+    policy: Any = None,
+    loss_fn: Loss | None = None,
+    *,
+    checkpoint: Sequence[str] = (),
+    optimizer_in_backward: bool = False,
+    config: StepConfig | None = None,
+    steps: int = 2,
+) -> Estimate:
+    """Estimate the peak memory of one training step of ``model`` on ``batch``,
+    without real computation or allocation.
+
+    Args:
+        model: any ``nn.Module`` (real weights are never read or copied; a model on
+            the ``meta`` device works and is estimated as a CPU model). It is left as
+            it was: parameters, grads, training modes, hooks (the step itself runs in
+            training mode).
+        batch: what the model eats: a dict of keyword arguments (the loss is then
+            ``model(**batch).loss``) or anything ``loss_fn`` takes. Real or meta tensors.
+        optimizer: ``"adamw"``, ``"sgd"`` or ``"lion"``.
+        state_bits: 32 (torch's optimizer), 8 or 4 (memfit.optim).
+        policy: activation compression: None, 8/4/2/``"fp8"``, or ``{glob: bits}``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``; None for ``model(**batch).loss``.
+        checkpoint: qualified names of modules to recompute in backward.
+        optimizer_in_backward: step each parameter from its gradient hook.
+        config: a :class:`StepConfig` instead of the five step options above (which
+            must then be left at their defaults).
+        steps: training steps to run (the last one is reported; 2 by default, so the
+            optimizer state already exists).
+
+    Returns:
+        :class:`Estimate`. Raises ``ValueError`` for batches the model rejects and
+        losses that are not scalar tensors, and ``RuntimeError`` for models whose
+        forward depends on tensor values (``.item()``, data-dependent shapes), which
+        fake tensors cannot run.
+    """
+    if config is not None and (
+        optimizer != "adamw" or state_bits != 32 or policy is not None or tuple(checkpoint) or optimizer_in_backward
+    ):
+        raise ValueError("pass either config=StepConfig(...) or the individual step options, not both")
+    cfg = as_config(config, optimizer=optimizer, state_bits=state_bits, policy=policy,
+                    checkpoint=checkpoint, optimizer_in_backward=optimizer_in_backward)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    fn = resolve_loss_fn(loss_fn)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _prewarm_codebooks()
+    _warn_if_eager_optimizer(cfg)
+    with preserved_state(model, values=False):
+        model.train()
+        fm = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake_model(model, fm) as faker:
+            fbatch = faker.batch(batch)
+            with fm:
+                opt = make_optimizer(model, cfg)
+                _patch_quantized(opt)
+                try:
+                    res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=torch.device("cpu"))
+                except Exception as exc:
+                    from ._step import _is_fake_limitation
+
+                    if _is_fake_limitation(exc):
+                        raise RuntimeError(
+                            "memfit.plan.estimate: the step depends on tensor values (e.g. .item(), "
+                            "nonzero, boolean masks), which cannot be estimated without data: "
+                            f"{type(exc).__name__}: {exc}. Measure it instead (memfit.plan.measure_peak)."
+                        ) from exc
+                    raise
+            del opt
+    return fill(Estimate(), res, cfg)
