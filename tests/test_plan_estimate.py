@@ -188,8 +188,6 @@ def _same(a, b):
 
 @pytest.mark.parametrize("what", ["estimate", "measure", "profile"])
 def test_model_state_unchanged(what):
-    if what == "profile":
-        pytest.importorskip("memfit.plan.profile")
     model, batch = tiny_resnet()  # BatchNorm: buffers change in real steps
     model.eval()
     model.resnet.embedder.train()
@@ -201,9 +199,10 @@ def test_model_state_unchanged(what):
     elif what == "measure":
         measure_peak(model, batch, cfg)
     else:
-        from memfit.plan import profile  # noqa: F811
+        from memfit.plan import profile
 
-        profile(model, batch, steps=2)
+        prof = profile(model, batch, steps=2)
+        assert prof.modules["resnet.encoder"].saved_inclusive_bytes > 0
     _same(before, _state(model))
 
 
@@ -286,5 +285,28 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_top_level_exports():
-    for name in ("estimate", "Estimate", "StepConfig"):
+    for name in ("estimate", "Estimate", "StepConfig", "profile", "Profile"):
         assert name in memfit.__all__ and hasattr(memfit, name)
+
+
+def test_profile_rows_self_and_inclusive():
+    from memfit.plan import Profile, profile
+
+    model, batch = tiny_gpt2()
+    prof = profile(model, batch, steps=2)
+    mods = prof.modules
+    block = mods["transformer.h.0"]
+    assert block.calls == 1 and block.forward_seconds > 0 and block.backward_seconds > 0
+    # inclusive = self + children; the block's own code saves little, its children much
+    kids = [m for n, m in mods.items() if n.startswith("transformer.h.0.") and n.count(".") == 3]
+    assert block.saved_inclusive_bytes == block.saved_bytes + sum(k.saved_inclusive_bytes for k in kids)
+    assert mods["transformer.h.0.mlp.act"].saved_by_dtype.get("float32", 0) > 0
+    assert block.forward_self_seconds <= block.forward_seconds
+    assert prof.saved_bytes == mods[""].saved_inclusive_bytes
+    est = estimate(model, batch)
+    assert abs(prof.saved_bytes - sum(est.activations_by_module.values())) <= 0.05 * prof.saved_bytes
+    assert prof.step_seconds >= prof.forward_seconds > 0
+    assert Profile.from_dict(prof.to_dict()) == prof
+    from rich.table import Table
+
+    assert isinstance(prof.table(), Table)
