@@ -27,3 +27,7 @@ from . import plan  # noqa: E402
 from .plan import Estimate, StepConfig, estimate  # noqa: E402
 
 __all__ += ["Estimate", "StepConfig", "estimate", "plan"]
+
+from .plan import Profile, profile  # noqa: E402
+
+__all__ += ["Profile", "profile"]

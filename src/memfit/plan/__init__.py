@@ -28,11 +28,14 @@ from ._step import (
 )
 from .estimate import Estimate, estimate
 from .measure import MeasuredPeak, measure_peak
+from .profile import ModuleProfile, Profile, profile
 
 __all__ = [
     "Estimate",
     "InBackwardOptimizer",
     "MeasuredPeak",
+    "ModuleProfile",
+    "Profile",
     "SavedCounter",
     "StepConfig",
     "StepContext",
@@ -41,6 +44,7 @@ __all__ = [
     "make_optimizer",
     "measure_peak",
     "preserved_state",
+    "profile",
     "resolve_loss_fn",
     "run_step",
 ]
