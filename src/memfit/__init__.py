@@ -31,3 +31,9 @@ __all__ += ["Estimate", "StepConfig", "estimate", "plan"]
 from .plan import Profile, profile  # noqa: E402
 
 __all__ += ["Profile", "profile"]
+
+# The planner: memfit.plan(model, batch, budget) -> Plan (memfit.plan stays the
+# package holding estimate, measure_peak, StepConfig, ...; calling it plans).
+from .plan import BudgetTooSmall, Plan, max_batch_size  # noqa: E402
+
+__all__ += ["BudgetTooSmall", "Plan", "max_batch_size"]

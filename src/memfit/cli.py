@@ -3,8 +3,10 @@
 Each subcommand is one ``_add_<name>(subparsers)`` function that declares its
 arguments and sets ``func``, a callable taking the parsed ``argparse.Namespace`` and
 returning an exit code. ``_COMMANDS`` lists them in help order. Only commands that
-work are registered; ``estimate``, ``profile`` and ``plan`` get their own
-``_add_*`` function here when they exist.
+work are registered: ``demo``, ``estimate``, ``profile`` and ``plan``.
+
+``estimate``, ``profile`` and ``plan`` take ``--model`` (a transformers config key
+with overrides, or ``module:factory``; see :func:`build_model_spec`) and ``--batch``.
 """
 
 from __future__ import annotations
@@ -85,9 +87,415 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- models for estimate/profile/plan
+
+# key -> (config class, model class, input kind). Nothing is downloaded: the model is
+# built from the config class with random weights (or on the meta device for estimate).
+_MODEL_KEYS = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", "tokens"),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "tokens"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "tokens"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "tokens"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "tokens"),
+    "phi": ("PhiConfig", "PhiForCausalLM", "tokens"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "tokens"),
+    "opt": ("OPTConfig", "OPTForCausalLM", "tokens"),
+    "bert": ("BertConfig", "BertForMaskedLM", "tokens"),
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", "tokens"),
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", "tokens"),
+    "vit": ("ViTConfig", "ViTForImageClassification", "images"),
+    "resnet": ("ResNetConfig", "ResNetForImageClassification", "images"),
+    "convnext": ("ConvNextConfig", "ConvNextForImageClassification", "images"),
+    "swin": ("SwinConfig", "SwinForImageClassification", "images"),
+}
+
+
+class _SpecError(ValueError):
+    pass
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _parse_overrides(text: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise _SpecError(f"--model: override {part!r} is not key=value")
+        k, v = part.split("=", 1)
+        out[k.strip()] = _parse_value(v.strip())
+    return out
+
+
+def _parse_batch(text: str | None) -> tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        dims = tuple(int(x) for x in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise _SpecError(f"--batch {text!r}: expected sizes joined by 'x', e.g. 4x256") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise _SpecError(f"--batch {text!r}: sizes must be positive")
+    return dims
+
+
+def _hf_model(key: str, overrides: dict, batch: tuple[int, ...], device: str):
+    import torch
+    import transformers
+
+    cfg_name, model_name, kind = _MODEL_KEYS[key]
+    cfg_cls = getattr(transformers, cfg_name, None)
+    model_cls = getattr(transformers, model_name, None)
+    if cfg_cls is None or model_cls is None:
+        raise _SpecError(f"--model {key}: this transformers ({transformers.__version__}) has no {cfg_name}")
+    defaults = {"use_cache": False} if kind == "tokens" and key not in ("bert", "roberta", "distilbert") else {}
+    try:
+        config = cfg_cls(**{**defaults, **overrides})
+    except Exception as exc:  # bad override values
+        raise _SpecError(f"--model {key}: {cfg_name}({overrides}) failed: {exc}") from exc
+    vocab = getattr(config, "vocab_size", None)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tok = getattr(config, attr, None)
+        if vocab and isinstance(tok, int) and tok >= vocab and attr not in overrides:
+            setattr(config, attr, None)  # a shrunken vocabulary: drop special ids outside it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = model_cls(config)
+    if kind == "tokens" and hasattr(model, "loss_type") and key not in ("bert", "roberta", "distilbert"):
+        model.loss_type = "ForCausalLM"
+    if kind == "tokens":
+        b, seq = (batch + (None,))[:2] if batch else (1, None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        seq = seq or min(256, limit or 256)
+        if limit and seq > limit:
+            raise _SpecError(f"--batch: sequence length {seq} exceeds the model's {limit} positions")
+        vocab = config.vocab_size
+        ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0))
+        data = {"input_ids": ids, "labels": ids.clone()}
+    else:
+        b = batch[0] if batch else 1
+        size = batch[1] if len(batch) > 1 else getattr(config, "image_size", 224)
+        if isinstance(size, (list, tuple)):
+            size = size[0]
+        ch = getattr(config, "num_channels", 3)
+        g = torch.Generator().manual_seed(0)
+        data = {
+            "pixel_values": torch.randn(b, ch, size, size, generator=g),
+            "labels": torch.randint(0, max(1, config.num_labels), (b,), generator=g),
+        }
+    return model, data, None
+
+
+def _factory_model(spec: str, batch: tuple[int, ...]):
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    mod_name, _, attr = spec.rpartition(":")
+    try:
+        if mod_name.endswith(".py") or "/" in mod_name:
+            path = Path(mod_name)
+            if not path.exists():
+                raise _SpecError(f"--model {spec!r}: no file {path}")
+            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise _SpecError(f"--model {spec!r}: cannot import {mod_name!r}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise _SpecError(f"--model {spec!r}: {mod_name} has no callable {attr!r}")
+    out = factory()
+    loss_fn = None
+    if isinstance(out, torch.nn.Module):
+        if not batch:
+            raise _SpecError(f"--model {spec!r} returned only a model: give --batch as the input's shape, e.g. 8x3x32x32")
+        model, data = out, torch.randn(*batch, generator=torch.Generator().manual_seed(0))
+    elif isinstance(out, tuple) and len(out) in (2, 3) and isinstance(out[0], torch.nn.Module):
+        model, data = out[0], out[1]
+        loss_fn = out[2] if len(out) == 3 else None
+    else:
+        raise _SpecError(f"--model {spec!r}: the factory must return a model, (model, batch) or (model, batch, loss_fn)")
+    if loss_fn is None and not isinstance(data, dict):
+        def loss_fn(m, x):
+            out = m(x)
+            loss = getattr(out, "loss", None)
+            if loss is not None:
+                return loss
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return out.float().pow(2).mean()
+    return model, data, loss_fn
+
+
+def build_model_spec(spec: str, batch: str | None = None, *, device: str = "cpu"):
+    """``(model, batch, loss_fn)`` for a ``--model`` spec: ``KEY[:overrides]`` with a
+    key of :data:`_MODEL_KEYS` (``gpt2:n_layer=12,n_embd=768``; random weights, nothing
+    downloaded), or ``module:factory`` / ``path/to/file.py:factory`` returning a model,
+    ``(model, batch)`` or ``(model, batch, loss_fn)``. ``batch``: ``BxS`` for token
+    models (batch x sequence), ``B`` or ``BxSIZE`` for image models, the input's shape
+    for a factory that returns only a model (loss: the output's mean square)."""
+    dims = _parse_batch(batch)
+    key, _, rest = spec.partition(":")
+    if key.lower() in _MODEL_KEYS:
+        return _hf_model(key.lower(), _parse_overrides(rest), dims, device)
+    if ":" not in spec:
+        raise _SpecError(
+            f"--model {spec!r}: not a known key ({', '.join(sorted(_MODEL_KEYS))}) nor module:factory"
+        )
+    return _factory_model(spec, dims)
+
+
+def _add_model_args(p, *, budget: bool = False) -> None:
+    p.add_argument("--model", required=True,
+                   help="KEY[:k=v,...] with KEY one of " + ", ".join(sorted(_MODEL_KEYS))
+                   + " (a transformers config, random weights, e.g. gpt2:n_layer=12,n_embd=768), "
+                   "or module:factory / file.py:factory returning (model, batch) or a model")
+    p.add_argument("--batch", default=None, help="BxS for token models (default 1x256), B or BxSIZE for images")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lion"])
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    if budget:
+        p.add_argument("--budget", required=True, help="memory budget: 6GiB, 600MB, 1.5 GiB, bytes, or 40%% of plain's estimated peak")
+        p.add_argument("--state-bits", default=None,
+                       help="optimizer state widths the plan may use, e.g. 8 or 32,8 (default 32,8,4)")
+    else:
+        p.add_argument("--state-bits", type=int, default=32, choices=[32, 8, 4], help="optimizer state bits (default 32)")
+
+
+def _load(args, device: str = "cpu"):
+    return build_model_spec(args.model, args.batch, device=device)
+
+
+def _console():
+    from rich.console import Console
+
+    c = Console()
+    if not c.is_terminal and c.width < 120:
+        c.width = 120
+    return c
+
+
+def _err(cmd: str, exc: BaseException) -> int:
+    print(f"memfit {cmd}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _bar_parts(breakdown: dict) -> dict:
+    return {
+        "parameters": breakdown.get("params", 0) + breakdown.get("buffers", 0) + breakdown.get("inputs", 0),
+        "gradients": breakdown.get("grads", 0),
+        "optimizer state": breakdown.get("optimizer", 0),
+        "activations": breakdown.get("activations", 0),
+        "temporaries": breakdown.get("temporaries", 0),
+    }
+
+
+def save_memory_plot(path, bars: "list[tuple[str, dict]]", *, budget: int | None = None, title: str = "") -> str:
+    """Stacked bars (MB) of parameters, gradients, optimizer state, activations and
+    temporaries at the peak, one bar per ``(label, breakdown)``; a dashed budget line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.2 + 1.8 * len(bars), 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = {"parameters": "tab:blue", "gradients": "tab:orange", "optimizer state": "tab:green",
+              "activations": "tab:red", "temporaries": "tab:gray"}
+    xs = list(range(len(bars)))
+    bottoms = [0.0] * len(bars)
+    for part, color in colors.items():
+        vals = [_bar_parts(bd)[part] / 1e6 for _, bd in bars]
+        ax.bar(xs, vals, 0.6, bottom=bottoms, color=color, label=part)
+        bottoms = [b + v for b, v in zip(bottoms, vals)]
+    for x, top in zip(xs, bottoms):
+        ax.text(x, top, f"{top:,.0f}", ha="center", va="bottom", fontsize=8)
+    if budget is not None:
+        ax.axhline(budget / 1e6, color="black", linestyle="--", linewidth=1, label=f"budget {budget / 1e6:,.0f} MB")
+    ax.set_xticks(xs)
+    ax.set_xticklabels([label for label, _ in bars], fontsize=8)
+    ax.set_ylabel("MB at the peak of a step")
+    ax.set_title(title or "memory at the peak", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return str(path)
+
+
+# --------------------------------------------------------------------------- estimate
+
+
+def _add_estimate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "estimate",
+        help="estimate the peak memory of a training step (fake tensors: nothing is computed)",
+        description=(
+            "Estimate the peak memory of one training step (forward, backward, optimizer step) "
+            "under FakeTensorMode: the model is built on the meta device and nothing real is "
+            "allocated, so models bigger than this machine's memory work too."
+        ),
+    )
+    _add_model_args(p)
+    p.add_argument("--bits", default=None, help="compress activations: 8, 4, 2 or fp8 (default: keep)")
+    p.add_argument("--checkpoint", default=None, help="comma-separated module names to recompute in backward")
+    p.add_argument("--optimizer-in-backward", action="store_true", help="step each parameter inside backward")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked bar of the peak's breakdown")
+    p.set_defaults(func=_run_estimate)
+
+
+def _run_estimate(args) -> int:
+    import json
+
+    from .plan import estimate
+
+    try:
+        model, batch, loss_fn = _load(args, device="meta")
+        bits = None if args.bits is None else (args.bits if args.bits == "fp8" else int(args.bits))
+        ckpt = tuple(filter(None, (args.checkpoint or "").split(",")))
+        est = estimate(model, batch, args.optimizer, args.state_bits, bits, loss_fn, checkpoint=ckpt,
+                       optimizer_in_backward=args.optimizer_in_backward)
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        return _err("estimate", exc)
+    n_params = sum(p.numel() for p in model.parameters())
+    if args.json:
+        print(json.dumps({"model": args.model, "batch": args.batch, "n_params": n_params, **est.to_dict()}, indent=1))
+    else:
+        console = _console()
+        console.print(f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters, batch {args.batch or 'default'}")
+        console.print(est.table())
+    if args.plot:
+        path = save_memory_plot(args.plot, [("estimate", est.peak_breakdown)], title=f"{args.model} {args.batch or ''}")
+        if not args.json:
+            print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- profile
+
+
+def _add_profile(subparsers) -> None:
+    p = subparsers.add_parser(
+        "profile",
+        help="run a few real steps: per-module saved bytes and forward/backward time",
+        description="Run a few real training steps and report, per module, what autograd saves "
+        "for backward (by kind and dtype) and the forward and backward time.",
+    )
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=3, help="steps to run (default 3)")
+    p.add_argument("--top", type=int, default=20, help="modules to show (default 20)")
+    p.set_defaults(func=_run_profile)
+
+
+def _run_profile(args) -> int:
+    import json
+
+    from .plan import profile
+
+    try:
+        model, batch, loss_fn = _load(args)
+        prof = profile(model, batch, loss_fn=loss_fn, steps=args.steps)
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        return _err("profile", exc)
+    if args.json:
+        d = prof.to_dict() if hasattr(prof, "to_dict") else dict(vars(prof))
+        print(json.dumps({"model": args.model, "batch": args.batch, **d}, indent=1, default=str))
+    else:
+        console = _console()
+        table = prof.table(top=args.top) if hasattr(prof, "table") else str(prof)
+        console.print(table)
+    return 0
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def _add_plan(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan",
+        help="choose per-module activation bits/recompute and optimizer settings to fit a memory budget",
+        description=(
+            "Plan a training step that fits --budget: per module keep, compress (8/4/2 bits) or "
+            "recompute activations; optimizer state at 32/8/4 bits; optimizer inside backward. "
+            "Minimizes the predicted step-time overhead plus a fidelity cost. Runs a short real "
+            "profile (seconds) and a few estimates on fake tensors."
+        ),
+    )
+    _add_model_args(p, budget=True)
+    p.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm to this")
+    p.add_argument("--no-optimizer-in-backward", action="store_true", help="never step inside backward")
+    p.add_argument("--save", default=None, metavar="JSON", help="write the plan (Plan.from_json reads it)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="stacked bars of the peak: plain vs planned")
+    p.add_argument("--verbose", action="store_true", help="show the search rounds")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from pathlib import Path
+
+    from .plan import BudgetTooSmall, plan
+
+    try:
+        widths = None
+        if args.state_bits:
+            widths = tuple(int(x) for x in str(args.state_bits).split(",") if x.strip())
+        model, batch, loss_fn = _load(args)
+        result = plan(
+            model, batch, args.budget, args.optimizer, loss_fn, state_bits=widths,
+            optimizer_in_backward=False if args.no_optimizer_in_backward else None,
+            grad_accumulation=args.grad_accumulation, clip_grad_norm=args.clip_grad_norm,
+            verbose=args.verbose and not args.json,
+        )
+    except BudgetTooSmall as exc:
+        if args.json:
+            import json
+
+            print(json.dumps({"error": "BudgetTooSmall", "message": str(exc), "budget_bytes": exc.budget_bytes,
+                              "min_peak_bytes": exc.min_peak_bytes, "dominant": exc.dominant}, indent=1))
+        else:
+            print(f"memfit plan: {exc}", file=sys.stderr)
+        return 3
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        return _err("plan", exc)
+    if args.json:
+        print(result.to_json())
+    else:
+        _console().print(result.table())
+    if args.save:
+        Path(args.save).write_text(result.to_json())
+        if not args.json:
+            print(f"wrote {args.save}")
+    if args.plot:
+        path = save_memory_plot(
+            args.plot,
+            [("plain PyTorch", result.plain_breakdown), ("memfit plan", result.predicted_breakdown)],
+            budget=result.budget_bytes,
+            title=f"{args.model} {args.batch or ''}: estimated peak, plain vs plan",
+        )
+        if not args.json:
+            print(f"wrote {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
-_COMMANDS: Sequence[Callable] = (_add_demo,)
+_COMMANDS: Sequence[Callable] = (_add_demo, _add_estimate, _add_profile, _add_plan)
 
 
 def build_parser() -> argparse.ArgumentParser:

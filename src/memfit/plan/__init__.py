@@ -48,3 +48,25 @@ __all__ = [
     "resolve_loss_fn",
     "run_step",
 ]
+
+# --- the planner (plan.py, solver.py, budget.py) ---------------------------------------
+from .budget import parse_budget
+from .plan import BudgetTooSmall, Plan, UnitChoice, max_batch_size, plan
+
+__all__ += ["BudgetTooSmall", "Plan", "UnitChoice", "max_batch_size", "parse_budget", "plan"]
+
+
+def _make_callable() -> None:
+    """``memfit.plan(model, batch, budget)`` calls :func:`plan` while ``memfit.plan``
+    stays this package (``memfit.plan.estimate``, ``memfit.plan.StepConfig``, ...)."""
+    import sys
+    import types
+
+    class _CallablePackage(types.ModuleType):
+        def __call__(self, *args, **kwargs):
+            return plan(*args, **kwargs)
+
+    sys.modules[__name__].__class__ = _CallablePackage
+
+
+_make_callable()
