@@ -19,10 +19,14 @@ gradient clipping and accumulation behave as with torch's own), and
 * Non-finite gradients give the offending elements torch's outcome; their state is
   kept exactly in a per-parameter side table, so the rest of the block is untouched.
 * ``state_dict()``/``load_state_dict()`` round-trip exactly and only hold tensors,
-  numbers, strings and lists (``torch.load(weights_only=True)`` works); a torch
+  numbers, strings, lists and dicts (``torch.load(weights_only=True)`` works); a torch
   ``AdamW``/``SGD`` state dict can be loaded (it is quantized), and
   ``to_torch_state_dict()`` exports plain fp32 state torch's optimizer accepts.
   A state dict for a different model (group sizes, shapes) is refused.
+* DDP and FSDP2 (``fully_shard``; each rank quantizes its own shard) work as with
+  torch's optimizers. For DTensor parameters ``state_dict()`` holds quantized state as
+  DTensors (and per-shard side tables), so ``torch.distributed.checkpoint`` saves and
+  loads it, at the same sharding; see ``docs/distributed.md``.
 """
 
 from ._base import QuantizedOptimizer, keep_fp32

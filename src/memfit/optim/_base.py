@@ -64,6 +64,126 @@ def global_numel(p: torch.Tensor) -> int:
     return int(p.numel())  # DTensor.numel() is the global one
 
 
+def _shard_grid(p: torch.Tensor) -> tuple[list, int, int, int]:
+    """For a DTensor parameter: (placements for its quantized state arrays, the number
+    of distinct shards, this rank's shard index, an upper bound on any rank's local
+    element count). Each mesh dimension that shards ``p`` shards the state arrays along
+    dim 0 (``Shard(0)``, in mesh-dimension order); each that replicates ``p`` replicates
+    them. Computed from shapes alone, so every rank gets the same answer without
+    communicating."""
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    mesh = p.device_mesh
+    coord = mesh.get_coordinate()
+    sizes = list(p.shape)
+    placements, n_shards, index = [], 1, 0
+    for mdim, pl in enumerate(p.placements):
+        if isinstance(pl, Replicate):
+            placements.append(Replicate())
+            continue
+        if isinstance(pl, Partial) or not hasattr(pl, "dim"):
+            raise ValueError(f"memfit.optim: cannot checkpoint a parameter placed as {pl!r}")
+        k = mesh.size(mdim)
+        sizes[pl.dim] = -(-sizes[pl.dim] // k)  # torch.chunk: no shard is longer than ceil(n / k)
+        placements.append(Shard(0))
+        index = index * k + (coord[mdim] if coord is not None else 0)
+        n_shards *= k
+    nmax = 1
+    for s in sizes:
+        nmax *= s
+    return placements, n_shards, index, nmax
+
+
+def _to_sharded_entry(entry: dict, p: torch.Tensor, names: tuple[str, ...]) -> dict:
+    """A quantized entry of DTensor ``p`` in the form ``state_dict()`` gives for it, which
+    ``torch.distributed.checkpoint`` can save and load: each rank's codes and absmax,
+    zero-padded to the length of the largest shard's, become one DTensor on ``p``'s mesh,
+    ``Shard(0)`` over the shard index (a plain tensor would be saved by one rank only);
+    the side table, whose length differs per rank, goes under a per-shard key
+    ``nf_table_<index>`` as lists of ints (fp32 values as their int32 bit patterns)."""
+    from torch.distributed.tensor import DTensor
+
+    placements, n_shards, index, nmax = _shard_grid(p)
+    bits, block = int(entry["qbits"]), int(entry["block"])
+    nb = Q.n_blocks(nmax, block)
+    ncodes = nb * block * bits // 8
+    out = {k: entry[k] for k in ("step", "qbits", "block", "maps", "shape")}
+    out["shards"] = n_shards
+    mesh = p.device_mesh
+
+    def dt(local: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+        if local.numel() > length:
+            raise RuntimeError(f"memfit.optim: local state ({local.numel()}) longer than the largest shard's ({length})")
+        padded = torch.zeros(length, dtype=dtype, device=local.device)
+        padded[: local.numel()] = local
+        return DTensor.from_local(padded, mesh, placements, run_check=False, shape=(n_shards * length,), stride=(1,))
+
+    for name in names:
+        out[f"{name}_codes"] = dt(entry[f"{name}_codes"], ncodes, torch.uint8)
+        out[f"{name}_absmax"] = dt(entry[f"{name}_absmax"], nb, torch.float32)
+    table = {"nf_idx": entry["nf_idx"].cpu().tolist()}
+    for name in names:
+        table[f"{name}_nf"] = entry[f"{name}_nf"].cpu().to(torch.float32).view(torch.int32).tolist()
+    out[f"nf_table_{index}"] = table
+    return out
+
+
+def _from_sharded_entry(entry: dict, p: torch.Tensor, names: tuple[str, ...], what: str) -> dict:
+    """The inverse of :func:`_to_sharded_entry` on this rank: the local entry. The
+    parameter must be sharded as when the state was saved (same mesh shape and
+    placements): quantized blocks follow the shards, so they cannot be resharded."""
+    if not _is_dtensor(p):
+        raise ValueError(f"{what}: state saved from a sharded (DTensor) parameter; the parameter is not one")
+    try:
+        bits, block, shards = int(entry["qbits"]), int(entry["block"]), int(entry["shards"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: malformed sharded quantized state ({exc!r})") from None
+    if list(entry.get("shape", ())) != list(p.shape):
+        raise ValueError(
+            f"{what}: saved state is for shape {tuple(entry.get('shape', ()))}, the parameter has shape "
+            f"{tuple(p.shape)}; is this the same model?"
+        )
+    _, n_shards, index, nmax = _shard_grid(p)
+    if shards != n_shards:
+        raise ValueError(
+            f"{what}: state saved over {shards} shards, the parameter has {n_shards}; quantized state can only be "
+            "loaded with the sharding it was saved with (export fp32 state with to_torch_state_dict() to reshard)"
+        )
+    if block <= 0 or bits not in (8, 4):
+        raise ValueError(f"{what}: malformed sharded quantized state (bits={bits}, block={block})")
+    table = entry.get(f"nf_table_{index}")
+    if not isinstance(table, dict):
+        raise ValueError(
+            f"{what}: no side table 'nf_table_{index}' for this rank's shard; sharded quantized state must be "
+            "saved by every rank (dcp.save of the sharded state dict, not a full_state_dict)"
+        )
+    nb_max = Q.n_blocks(nmax, block)
+    lp = _local(p)
+    nb = Q.n_blocks(lp.numel(), block)
+
+    def mine(key: str, length: int, keep: int) -> torch.Tensor:
+        t = entry.get(key)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{what}: {key} missing")
+        t = _local(t).reshape(-1)
+        if t.numel() != length:
+            raise ValueError(f"{what}: {key} has {t.numel()} local elements, expected {length}")
+        return t[:keep]
+
+    out = {k: entry[k] for k in ("step", "qbits", "block", "maps", "shape") if k in entry}
+    out["numel"] = lp.numel()
+    for name in names:
+        out[f"{name}_codes"] = mine(f"{name}_codes", nb_max * block * bits // 8, nb * block * bits // 8)
+        out[f"{name}_absmax"] = mine(f"{name}_absmax", nb_max, nb)
+    try:
+        out["nf_idx"] = torch.tensor(table["nf_idx"], dtype=torch.int64).reshape(-1)
+        for name in names:
+            out[f"{name}_nf"] = torch.tensor(table[f"{name}_nf"], dtype=torch.int32).reshape(-1).view(torch.float32)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{what}: malformed side table ({exc!r})") from None
+    return out
+
+
 def _as_step_tensor(step: Any) -> torch.Tensor:
     if isinstance(step, torch.Tensor):
         return step.detach().to(device="cpu", dtype=torch.float32).reshape(()).clone()
@@ -225,6 +345,19 @@ class QuantizedOptimizer(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- checkpoints
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict, quantized entries as documented in
+        :mod:`memfit.optim._qstate`; for a DTensor (FSDP2) parameter its quantized
+        entry holds DTensors (see :func:`_to_sharded_entry`), so
+        ``torch.distributed.checkpoint`` saves every rank's shard."""
+        sd = super().state_dict()
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        for key, entry in sd["state"].items():
+            p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
+            if p is not None and "qbits" in entry and _is_dtensor(p):
+                sd["state"][key] = _to_sharded_entry(entry, p, self._STATE_NAMES)
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a memfit state dict (exactly: a resumed run takes bit-identical steps)
         or a torch optimizer's own (its fp32 states are quantized where this optimizer
@@ -282,6 +415,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def _import_entry(self, entry: dict, p: torch.Tensor, group: dict, what: str) -> dict:
         if not isinstance(entry, dict):
             raise ValueError(f"{what}: state must be a dict, got {type(entry).__name__}")
+        if "qbits" in entry and "shards" in entry:  # saved from a DTensor parameter
+            entry = _from_sharded_entry(entry, p, self._STATE_NAMES, what)
         lp = _local(p)
         if "qbits" in entry:
             Q.validate_entry(entry, self._STATE_NAMES, what)
@@ -326,7 +461,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         for AdamW, ``torch.optim.SGD`` for SGD): quantized states dequantized to fp32
         tensors of the parameter's shape and dtype, memfit-only group keys dropped. Lion
         (no torch counterpart) gets the same fp32 ``exp_avg`` format."""
-        sd = self.state_dict()
+        sd = super().state_dict()  # local quantized entries, also for DTensor parameters
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         state = {}
         for key, entry in sd["state"].items():

@@ -18,6 +18,20 @@ through ``torch.save`` / ``torch.load(weights_only=True)`` as it is::
 Elements listed in ``nf_idx`` are stored exactly in the side table and count as 0 in
 their block (left out of absmax, given the zero code), so a NaN or Inf never spreads
 to the rest of its block.
+
+Each rank of an FSDP2 (DTensor) parameter quantizes its own shard. ``state_dict()``
+gives such an entry in a sharded form that ``torch.distributed.checkpoint`` can save
+(``_base._to_sharded_entry``)::
+
+    step, qbits, block, maps, shape   as above
+    shards          int: number of distinct shards S (ranks along the sharded mesh dims)
+    <name>_codes    uint8 DTensor [S * Lc], Shard(0): rank i's codes, zero-padded to the
+                    length Lc of the largest shard's, at [i * Lc, (i + 1) * Lc)
+    <name>_absmax   fp32 DTensor [S * B], likewise (B blocks of the largest shard)
+    nf_table_<i>    dict of lists, this rank's side table only: nf_idx, and <name>_nf
+                    as the int32 bit patterns of the fp32 values
+
+It loads back only into a parameter sharded the same way.
 """
 
 from __future__ import annotations
