@@ -670,7 +670,8 @@ def preserved_state(
     saved_values = None
     if values:
         with torch.no_grad():
-            saved_values = [(t, t.detach().clone()) for _, _, t in tensors if t is not None and not t.is_meta]
+            unique = {id(t): t for _, _, t in tensors if t is not None and not t.is_meta}  # tied weights once
+            saved_values = [(t, t.detach().clone()) for t in unique.values()]
     rng_state = torch.get_rng_state() if rng else None
     try:
         if clear_grads:
@@ -884,6 +885,8 @@ def tracked_steps(
         "activation_bytes": max(0, after_fwd - before_fwd),
         "saved_by_module": saved,
         "optimizer_bytes": optimizer_state_bytes(optimizer),
+        "largest_param_bytes": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+                                   default=0),
         "seconds": seconds,
     }
 

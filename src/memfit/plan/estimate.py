@@ -31,6 +31,7 @@ from ._step import (
     StepConfig,
     as_config,
     inner_optimizers,
+    main_device,
     make_optimizer,
     preserved_state,
     resolve_loss_fn,
@@ -48,8 +49,9 @@ class Estimate:
         param_bytes: parameters (each storage once: tied weights count once).
         buffer_bytes: buffers (BatchNorm statistics, position ids, ...).
         input_bytes: the batch's tensors.
-        grad_bytes: the most gradient bytes alive at once (all of them normally; about
-            one parameter's with optimizer-in-backward).
+        grad_bytes: the most gradient bytes alive at once: all of them normally; with
+            optimizer-in-backward, where each gradient is freed as soon as its
+            parameter is updated, the largest parameter's gradient.
         optimizer_bytes: optimizer state after the step.
         activation_bytes: what the step's forward left alive for backward (the live
             bytes it added: saved tensors after compression, checkpointed blocks'
@@ -168,6 +170,8 @@ def fill(result: Estimate, res: dict, config: StepConfig) -> Estimate:
     result.buffer_bytes = int(start.get("BUFFER", 0))
     result.input_bytes = int(start.get("OTH", 0))
     result.grad_bytes = int(res["max_by_kind"].get("GRAD", 0))
+    if config.optimizer_in_backward:  # MemTracker files these short-lived grads as temporaries
+        result.grad_bytes = max(result.grad_bytes, int(res.get("largest_param_bytes", 0)))
     result.optimizer_bytes = int(res["optimizer_bytes"])
     result.activation_bytes = int(res["activation_bytes"])
     result.activations_by_module = {k: int(v) for k, v in res["saved_by_module"].items()}
@@ -384,7 +388,7 @@ def estimate(
                 opt = make_optimizer(model, cfg)
                 _patch_quantized(opt)
                 try:
-                    res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=torch.device("cpu"))
+                    res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
                 except Exception as exc:
                     from ._step import _is_fake_limitation
 
