@@ -93,6 +93,8 @@ def test_estimate_matches_measured_peak(name, kw):
     assert abs(est.optimizer_bytes - meas.optimizer_bytes) <= 0.01 * max(meas.optimizer_bytes, 1)
     assert abs(est.activation_bytes - meas.activation_bytes) <= 0.05 * meas.activation_bytes
     assert sum(est.peak_breakdown.values()) == est.peak_bytes
+    for phase, v in meas.phase_peaks.items():  # each phase, the optimizer step's included
+        assert abs(est.phase_peaks[phase] - v) <= TOL * v, (phase, est.phase_peaks, meas.phase_peaks)
     if cfg.optimizer_in_backward:  # gradients never all alive at once
         assert 0 < est.grad_bytes < est.param_bytes
     else:
@@ -244,6 +246,10 @@ def test_run_step_trains_and_in_backward_matches_plain():
         assert torch.allclose(a, b, atol=1e-6)
         assert b.grad is None
     assert len(o2.state_dict()["per_parameter"]) == 4
+    sched = torch.optim.lr_scheduler.StepLR(o2, step_size=1, gamma=0.5)
+    o2.step()  # a no-op: the hooks did the work
+    sched.step()
+    assert all(opt.param_groups[0]["lr"] == 5e-3 for opt in o2.inner_optimizers())
     assert all(not p._post_accumulate_grad_hooks for p in lin2.parameters())  # hooks removed after each step
 
 
@@ -279,6 +285,9 @@ def test_bad_inputs_raise_clear_errors():
         estimate(model, (batch["input_ids"],))
     with pytest.raises(ValueError, match=r"model\(\*\*batch\) failed"):
         measure_peak(model, {"input_idz": batch["input_ids"]}, StepConfig())
+    # a step that looks at tensor values cannot be estimated from shapes
+    with pytest.raises(RuntimeError, match="depends on tensor values"):
+        estimate(model, batch, loss_fn=lambda m, b: m(**b).loss * (b["input_ids"].sum().item() > 0))
     # the model is intact after the failures
     assert all(type(p) is torch.nn.Parameter for p in model.parameters())
     assert not any("forward" in m.__dict__ for m in model.modules())

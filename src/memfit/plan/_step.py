@@ -264,6 +264,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     ``step()`` and ``zero_grad()`` do nothing (the hooks do the work) so that a
     training loop written for an ordinary optimizer runs unchanged. :meth:`attach`
     installs the hooks (``apply`` does it), :meth:`detach` removes them.
+    ``param_groups`` are the per-parameter optimizers' own groups (one per parameter),
+    so LR schedulers work on it as on an ordinary optimizer.
     ``state_dict()`` holds the per-parameter optimizers' state dicts, in parameter
     order. :attr:`state` is the union of their states (so tools that read
     ``optimizer.state``, such as MemTracker, see all of it).
@@ -276,6 +278,9 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         self.optimizers: dict[torch.Tensor, torch.optim.Optimizer] = {p: factory([p]) for p in params}
         self._handles: list = []
         super().__init__(params, {})
+        # share the inner optimizers' groups, so LR schedulers and manual lr changes reach them
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self.defaults = dict(next(iter(self.optimizers.values())).defaults)
 
     @property
     def state(self):  # type: ignore[override]

@@ -14,6 +14,24 @@ memfit's compressed optimizers run their fused C++ step on real data only; under
 tensors each quantized parameter's step is replaced by what the fused step allocates
 (its state on the first step, a one-byte-per-block scratch flag, fp32 copies of non-fp32
 parameters/gradients) and nothing else, which is exactly the real fused step's memory.
+
+What "peak" means: the highest total of live tensor storages (MemTracker's view), the
+same quantity :func:`~memfit.plan.measure_peak` measures on real tensors; not the
+process RSS (no allocator caching or fragmentation, no interpreter or library memory;
+on CUDA, MemTracker rounds each storage up to 512 bytes).
+
+Known differences from a real run:
+
+* HF transformers builds an explicit attention mask when it cannot look at the data
+  (under fake tensors), where a real run may skip it (SDPA's ``is_causal``): with
+  checkpointed blocks, which then keep the mask, the estimate is a little high (a
+  few hundred KB on GPT-2-small, 0.02%).
+* memfit's quantized optimizers run an eager PyTorch step instead of the fused C++
+  one with ``MEMFIT_KERNELS=eager``, without a C++ compiler (a warning says so) and on
+  non-CPU devices; it allocates fp32 temporaries for a whole parameter during the
+  optimizer step, which the estimate does not count.
+* A step whose Python code depends on tensor values (``.item()``, ``nonzero``, boolean
+  mask indexing, data-dependent branches) cannot run on fake tensors: RuntimeError.
 """
 
 from __future__ import annotations
