@@ -10,10 +10,12 @@ encodings) and the real checkpoint wrappers; the peak of the second step is repo
 gradients, activations or optimizer state, so a model built on the ``meta`` device
 works too (it is estimated as a CPU model).
 
-memfit's compressed optimizers run their fused C++ step on real data only; under fake
-tensors each quantized parameter's step is replaced by what the fused step allocates
-(its state on the first step, a one-byte-per-block scratch flag, fp32 copies of non-fp32
-parameters/gradients) and nothing else, which is exactly the real fused step's memory.
+memfit's compressed optimizers cannot step fake tensors (the fused C++ step needs
+data; the eager one indexes with data-dependent masks). Under fake tensors each
+quantized parameter's step allocates, at once, the scratch memory the real step needs
+for it, measured once per process on small real tensors with the same optimizer,
+options, dtype and kernels (fused C++ or eager, whichever runs here) and scaled to the
+parameter's size (it is linear in it). State is created by the real code.
 
 What "peak" means: the highest total of live tensor storages (MemTracker's view), the
 same quantity :func:`~memfit.plan.measure_peak` measures on real tensors; not the
@@ -26,10 +28,6 @@ Known differences from a real run:
   (under fake tensors), where a real run may skip it (SDPA's ``is_causal``): with
   checkpointed blocks, which then keep the mask, the estimate is a little high (a
   few hundred KB on GPT-2-small, 0.02%).
-* memfit's quantized optimizers run an eager PyTorch step instead of the fused C++
-  one with ``MEMFIT_KERNELS=eager``, without a C++ compiler (a warning says so) and on
-  non-CPU devices; it allocates fp32 temporaries for a whole parameter during the
-  optimizer step, which the estimate does not count.
 * A step whose Python code depends on tensor values (``.item()``, ``nonzero``, boolean
   mask indexing, data-dependent branches) cannot run on fake tensors: RuntimeError.
 """
@@ -38,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import types
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -280,29 +277,78 @@ def _prewarm_codebooks() -> None:
         pass
 
 
+# Scratch memory of one quantized step, per (optimizer kind, hyperparameters, dtype,
+# device): bytes = slope * elements + intercept, measured on small real tensors.
+_SCRATCH: dict[tuple, tuple[float, float]] = {}
+
+
+def _scratch_key(opt, group: dict, p: torch.Tensor, state_like: dict) -> tuple:
+    from ..optim._kernels import fused_step
+
+    hp = tuple(sorted((k, repr(v)) for k, v in group.items() if k not in ("params", "param_names", "initial_lr", "lr")))
+    fused = p.device.type == "cpu" and fused_step() is not None
+    return (type(opt), hp, p.dtype, p.device.type, fused, state_like["qbits"], state_like["block"])
+
+
+def _measure_scratch(opt, group: dict, dtype: torch.dtype, device: torch.device, block: int) -> tuple[float, float]:
+    """Peak bytes a quantized step allocates beyond parameter, gradient and state, on
+    real tensors of 2 and 6 blocks, as (bytes per element, constant): the step's own
+    code, whichever path it takes here (fused C++, or the eager one)."""
+    import inspect
+
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    names = set(inspect.signature(type(opt).__init__).parameters) - {"self", "params"}
+    kw = {k: v for k, v in group.items() if k in names}
+    kw["min_quantized_numel"] = 0
+    out = []
+    sizes = (2 * block, 6 * block)
+    for n in sizes:
+        gen = torch.Generator().manual_seed(n)
+        w = torch.nn.Parameter(torch.randn(n, generator=gen).to(device=device, dtype=dtype))
+        o = type(opt)([w], **kw)
+        w.grad = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        o.step()  # creates the state
+        w.grad = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+        mt = MemTracker()
+        mt.track_external(w, w.grad, o)
+        with mt:
+            before = int(mt.get_tracker_snapshot("current").get(torch.device(device), {}).get("Total", 0))
+            o.step()
+        peak = int(mt.get_tracker_snapshot("peak").get(torch.device(device), {}).get("Total", 0))
+        out.append(max(0, peak - before))
+    slope = (out[1] - out[0]) / (sizes[1] - sizes[0])
+    return slope, out[0] - slope * sizes[0]
+
+
+def _scratch_bytes(opt, group: dict, p: torch.Tensor, state: dict) -> int:
+    key = _scratch_key(opt, group, p, state)
+    coef = _SCRATCH.get(key)
+    if coef is None:
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        with _disable_current_modes():  # real tensors, outside fake mode and any tracker
+            coef = _SCRATCH[key] = _measure_scratch(opt, group, p.dtype, p.device, int(state["block"]))
+    n = -(-int(state["numel"]) // int(state["block"])) * int(state["block"])
+    return max(0, int(round(coef[0] * n + coef[1])))
+
+
 def _shape_only_quantized_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
-    """What ``QuantizedOptimizer._quantized_step`` allocates with the fused C++ step,
-    without computing: the step counter, fp32 copies of a non-fp32 or non-contiguous
-    parameter/gradient, the per-block ``redo`` flags (uint8) and an empty index."""
-    lp = p.to_local() if hasattr(p, "to_local") else p
-    lg = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+    """What ``QuantizedOptimizer._quantized_step`` allocates, without computing: the
+    step counter, and at once the peak scratch memory that the real step needs for
+    this parameter (measured on small real tensors with the same optimizer, options,
+    dtype and kernels, and scaled to this parameter's size: it is linear in it)."""
     state["step"] += 1
-    inplace = lp.dtype == torch.float32 and lp.is_contiguous()
-    p32 = lp.view(-1) if inplace else lp.detach().reshape(-1).to(torch.float32).contiguous()
-    g32 = lg.reshape(-1)
-    if g32.dtype != torch.float32 or not g32.is_contiguous():
-        g32 = g32.to(torch.float32).contiguous()
-    nb = -(-int(state["numel"]) // int(state["block"]))
-    redo = torch.zeros(nb, dtype=torch.uint8)
-    ids = redo.new_empty((0,), dtype=torch.int64)
-    del ids, redo
-    if not inplace:
-        lp.copy_(p32.view(lp.shape))
+    nbytes = _scratch_bytes(self, group, p, state)
+    if nbytes:
+        scratch = torch.empty(nbytes, dtype=torch.uint8, device=p.device)
+        del scratch
 
 
 def _patch_quantized(optimizer: torch.optim.Optimizer) -> bool:
-    """Give memfit's quantized optimizers the shape-only step (on these instances only).
-    Returns whether any quantized optimizer is involved."""
+    """Give memfit's quantized optimizers the shape-only step (on these instances only),
+    and measure their scratch memory now, before any tracker runs. Returns whether any
+    quantized optimizer is involved."""
     from ..optim import QuantizedOptimizer
 
     found = False
@@ -314,31 +360,13 @@ def _patch_quantized(optimizer: torch.optim.Optimizer) -> bool:
                     "update _shape_only_quantized_step in memfit/plan/estimate.py"
                 )
             opt._quantized_step = types.MethodType(_shape_only_quantized_step, opt)
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    layout = opt.layout_for(p, group)
+                    if layout is not None:
+                        _scratch_bytes(opt, group, p, {"qbits": layout.bits, "block": layout.block, "numel": 1})
             found = True
     return found
-
-
-_warned_eager = False
-
-
-def _warn_if_eager_optimizer(config: StepConfig) -> None:
-    global _warned_eager
-    if config.state_bits == 32 or _warned_eager:
-        return
-    try:
-        from ..optim import backend_name
-
-        if backend_name() != "cpp":
-            _warned_eager = True
-            warnings.warn(
-                "memfit.plan.estimate: memfit.optim uses its eager step here (no fused C++ kernel); "
-                "the estimate counts the fused step's memory, the eager step needs more temporaries "
-                "(a few times one parameter block) during the optimizer step",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-    except Exception:  # pragma: no cover
-        pass
 
 
 # --------------------------------------------------------------------------- public
@@ -396,7 +424,6 @@ def estimate(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _prewarm_codebooks()
-    _warn_if_eager_optimizer(cfg)
     with preserved_state(model, values=False):
         model.train()
         fm = FakeTensorMode(allow_non_fake_inputs=True)
