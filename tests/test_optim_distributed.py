@@ -1,10 +1,10 @@
 """memfit.optim under DDP and FSDP2 (gloo, CPU, 2 processes) and with torch.distributed.checkpoint.
 
 The tests run in two worker processes (``torch.multiprocessing`` spawn, MASTER_ADDR=127.0.0.1
-and a free port, gloo, one intra-op thread each), started once per module, which do the
-work and the checks themselves; a worker's exception fails the test with its traceback,
-and a test that outlives its timeout has the workers killed and fails, so a hang cannot
-stall CI.
+and a free port, gloo, one intra-op thread each; tests/_dist.py, shared with the other
+distributed tests), started once per module, which do the work and the checks
+themselves; a worker's exception fails the test with its traceback, and a test that
+outlives its timeout has the workers killed and fails, so a hang cannot stall CI.
 
 How the distributed runs are compared with a single process (a tiny MLP, 10 steps):
 
@@ -36,183 +36,24 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import time
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
+from _dist import WORLD, Pool, needs_fsdp2, needs_gloo
+from _dist import fully_shard as _fully_shard
+from _dist import mesh as _mesh
 
 import memfit.optim as mo
 
-WORLD = 2
-TIMEOUT_S = 120  # per test (each normally takes a few seconds); then the workers are killed
-
-pytestmark = pytest.mark.skipif(
-    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is unavailable"
-)
-
-# ------------------------------------------------------------------ process plumbing
-#
-# Starting a process costs seconds (importing torch, torch._dynamo on the first optimizer),
-# so the tests share one pair of worker processes per module: each test sends a function,
-# both ranks run it, and its outcome comes back. A test that fails or hangs gets the pool
-# killed (the next test starts a new one), so one failure cannot leak into the next test.
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(rank: int, port: int, conn) -> None:
-    """A worker: joins the gloo group, then runs ``(fn, args)`` jobs until told to stop."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        return
-    try:
-        conn.send(("ready", None))
-        while True:
-            try:
-                job = conn.recv()
-            except EOFError:  # the parent went away
-                break
-            if job is None:
-                break
-            fn, args = job
-            try:
-                fn(rank, *args)
-                dist.barrier()
-                conn.send(("ok", None))
-            except BaseException:
-                conn.send(("error", traceback.format_exc()))
-    finally:
-        dist.destroy_process_group()
-
-
-class _Pool:
-    def __init__(self) -> None:
-        self.procs: list = []
-        self.conns: list = []
-
-    def _start(self) -> None:
-        import torch.multiprocessing as mp
-
-        ctx = mp.get_context("spawn")
-        for attempt in range(2):
-            port = _free_port()
-            for rank in range(WORLD):
-                parent, child = ctx.Pipe()
-                proc = ctx.Process(target=_serve, args=(rank, port, child), daemon=True)
-                proc.start()
-                child.close()
-                self.procs.append(proc)
-                self.conns.append(parent)
-            replies = self._collect("starting the workers")
-            if all(status == "ready" for status, _ in replies):
-                return
-            self.kill()
-            text = "\n".join(str(payload) for _, payload in replies)
-            if attempt == 1 or "address already in use" not in text.lower():
-                raise AssertionError(f"starting {WORLD} gloo workers failed:\n{text}")
-
-    def _collect(self, what: str) -> list[tuple[str, object]]:
-        """One reply per rank. Once a rank has reported an error the others get a few
-        seconds, not the full timeout (they may be waiting in a collective for it); a
-        rank that does not answer in time, or dies, is reported as failed. Kills the
-        pool unless every rank replied."""
-        from multiprocessing.connection import wait
-
-        replies: dict[int, tuple[str, object]] = {}
-        deadline = time.monotonic() + TIMEOUT_S
-        while len(replies) < WORLD:
-            pending = [c for r, c in enumerate(self.conns) if r not in replies]
-            failed = any(status == "error" for status, _ in replies.values())
-            left = min(deadline - time.monotonic(), 5.0 if failed else math.inf)
-            ready = wait(pending, timeout=max(left, 0.0))
-            if not ready:
-                self.kill()
-                why = "no reply after another rank failed" if failed else f"no reply within {TIMEOUT_S} s (hung?)"
-                why = f"{what}: {why}"
-                for r in range(WORLD):
-                    replies.setdefault(r, ("error", why))
-                break
-            for conn in ready:
-                rank = self.conns.index(conn)
-                try:
-                    replies[rank] = conn.recv()
-                except EOFError:
-                    replies[rank] = ("error", f"worker died (exit code {self.procs[rank].exitcode})")
-        return [replies[r] for r in range(WORLD)]
-
-    def run(self, fn, *args) -> None:
-        if not self.procs:
-            self._start()
-        for conn in self.conns:
-            conn.send((fn, args))
-        replies = self._collect(fn.__name__)
-        errors = [f"--- rank {r} ---\n{payload}" for r, (status, payload) in enumerate(replies) if status != "ok"]
-        if errors:
-            self.kill()  # a failed job can leave the group mid-collective: start afresh
-            raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
-
-    def kill(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join(5)
-        for conn in self.conns:
-            conn.close()
-        self.procs, self.conns = [], []
-
-    def close(self) -> None:
-        for conn in self.conns:
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        for proc in self.procs:
-            proc.join(10)
-        self.kill()
+pytestmark = needs_gloo
 
 
 @pytest.fixture(scope="module")
 def pool():
     mo.backend_name()  # build (or load) the fused kernel once, before the workers race for it
-    p = _Pool()
-    try:
+    with Pool() as p:
         yield p
-    finally:
-        p.close()
-
-
-def _fully_shard():
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6
-        try:
-            from torch.distributed._composable.fsdp import fully_shard
-        except ImportError:
-            return None
-    return fully_shard
-
-
-needs_fsdp2 = pytest.mark.skipif(_fully_shard() is None, reason="FSDP2 (fully_shard) is unavailable")
-
-
-def _mesh(shape: tuple[int, ...] = (WORLD,)):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    names = ("replicate", "shard")[-len(shape) :]
-    return init_device_mesh("cpu", shape, mesh_dim_names=names)
 
 
 # ------------------------------------------------------------------ model, data, training

@@ -39,6 +39,17 @@ as plain PyTorch. Hooks normally disable that check, so the engine keeps, per sa
 tensor, an empty tensor that shares the original's version counter but not its
 memory, and compares versions on unpack.
 
+Under torch.distributed (DDP, FSDP2) each rank compresses its own activations, and
+:attr:`ActivationCompressor.stats` describe that rank's. The rank is mixed into the
+rounding seed (rank 0 keeps ``seed``'s own stream, as a single process), so ranks draw
+independent rounding noise: with one stream on every rank, two ranks' errors on
+same-shaped tensors are correlated (about 0.5 at 8 bits) and the noise of the averaged
+gradient would shrink by far less than the number of ranks. FSDP2's unsharded
+parameters are leaves that require grad, so they are kept by reference (FSDP2 frees
+and re-gathers their storage between forward and backward; the reference stays
+valid), and a ``DistributedDataParallel`` wrapper is looked through, so module names
+(policy globs, stats) are those of the wrapped model.
+
 Limits: double backward (``create_graph=True``) differentiates through the decoded
 values, not the originals; tensors saved inside ``torch.utils.checkpoint`` regions
 are handled by checkpoint's own hooks, not memfit's.
@@ -218,9 +229,13 @@ class ActivationCompressor:
         strict: bool = False,
         seed: int = 0,
         head_bits: Setting = "auto",
+        rank: int | None = None,
     ):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be a non-negative int or None, got {rank!r}")
+        model = _unwrap_ddp(model)
         if not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
         default = resolve_setting(bits, block_size=block_size, rounding=rounding, where="bits")
@@ -246,7 +261,8 @@ class ActivationCompressor:
         self._after_blocks = False
         self._warned_attribution = False
         self._seed = seed
-        self._seeds = random.Random(seed)
+        self._rank = rank
+        self._seeds: random.Random | None = None  # made on the first __enter__, for the rank then
         self._stats = ActivationStats()
         self._module_stack: list[str] = []
         self._entries: dict[tuple, _StorageEntry] = {}
@@ -278,6 +294,8 @@ class ActivationCompressor:
     def __enter__(self) -> "ActivationCompressor":
         if self._hooks is not None:
             raise RuntimeError("this memfit.activations context is already active")
+        if self._seeds is None:
+            self._seeds = random.Random(_stream_seed(self._seed, self._rank))
         self._stats = ActivationStats()
         self._module_stack = []
         self._entries = {}
@@ -448,6 +466,27 @@ class ActivationCompressor:
         return flat.as_strided(packed.size, packed.stride, packed.offset)
 
 
+def _unwrap_ddp(model):
+    """The module a ``DistributedDataParallel`` wraps (its hooks fire inside the
+    wrapper's forward; its names carry no ``module.`` prefix), else ``model``."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return model
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _stream_seed(seed: int, rank: int | None):
+    """What seeds the stochastic-rounding stream: ``seed`` itself on rank 0 (and in a
+    single process), a value derived from ``seed`` and the rank on other ranks.
+    ``rank=None`` means torch.distributed's rank when a process group is initialized."""
+    if rank is None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return seed if rank == 0 else f"memfit.activations:{seed}:rank{rank}"
+
+
 def _storage_id(storage) -> int:
     """Identifies a storage while it is alive: its data pointer, or for the storage of
     a FakeTensor (no data; its pointer is 0 for all) the storage object's address."""
@@ -492,6 +531,7 @@ def activations(
     strict: bool = False,
     seed: int = 0,
     head_bits: Setting = "auto",
+    rank: int | None = None,
 ) -> ActivationCompressor:
     """Compress the activations autograd saves for backward, on any model.
 
@@ -524,6 +564,14 @@ def activations(
             submodule. ``"auto"`` (default) means 8 when ``bits`` is 4 or 2, else no
             special case; pass ``head_bits=bits`` for the same bits everywhere. Modules
             that a ``policy`` rule names (or inherit one) keep their rule.
+        rank: mixed into ``seed`` so that each process of a distributed run draws its
+            own rounding noise (rank 0 uses ``seed`` as is). None (default): the
+            torch.distributed rank when the context is first entered, 0 without a
+            process group. Pass it to reproduce one rank's noise in a single process.
+
+    ``model`` may be a ``DistributedDataParallel`` wrapper: the module it wraps is
+    used (same names for policy rules and stats). Under FSDP2 pass the model after
+    ``fully_shard``; its gathered parameters are kept by reference, never compressed.
     """
     return ActivationCompressor(
         model,
@@ -535,4 +583,5 @@ def activations(
         strict=strict,
         seed=seed,
         head_bits=head_bits,
+        rank=rank,
     )
