@@ -119,7 +119,7 @@ def run(
     steps: int = 40,
     batch_size: int = 16,
     max_length: int = 64,
-    lr: float = 1e-4,
+    lr: float = 2e-4,
     per_class: int = 120,
     eval_per_class: int = 16,
     seed: int = 0,
@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--no-measure", action="store_true", help="skip MemTracker (faster steps)")

@@ -318,11 +318,14 @@ class MemfitCallback(pl.Callback):
         self._deferred = deferred
         self._replaced = True
 
+        if s.plans and self.plan is not None:  # a later fit() of the same run: the plan exists
+            self._materialize()
+
         def swap(x):
             if x is opt:
                 return deferred
             if isinstance(x, Mapping):
-                return type(x)({k: swap(v) for k, v in x.items()}) if not hasattr(x, "scheduler") else x
+                return {k: swap(v) for k, v in x.items()}
             if isinstance(x, list):
                 return [swap(v) for v in x]
             if isinstance(x, tuple):

@@ -171,6 +171,7 @@ class MemfitCallback(TrainerCallback):
         self._in_step = False
         self._loss_calls = 0
         self._compute_loss = None
+        self._warned_gc = False
 
     # ------------------------------------------------------------------ results
 
@@ -329,14 +330,22 @@ class MemfitCallback(TrainerCallback):
                 raise IncompatibleSetup(
                     f"memfit: args.optim={optim!r} (bitsandbytes) and memfit's own optimizer: pick one"
                 )
+        gc_on = bool(getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False))
+        m = model if model is not None else getattr(trainer, "model", None)
+        if m is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # is_gradient_checkpointing is deprecated in transformers 5
+                gc_on = gc_on or bool(getattr(m, "is_activation_checkpointing", False)) \
+                    or bool(getattr(m, "is_gradient_checkpointing", False))
+        if gc_on and s.compresses and not s.plans and not self._warned_gc:
+            self._warned_gc = True
+            warnings.warn(
+                "memfit: gradient checkpointing is on, so what the checkpointed layers save is recomputed, not "
+                "kept, and memfit compresses only the tensors saved outside them (embeddings, head, loss)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         if s.plans:
-            gc_on = bool(getattr(args, "gradient_checkpointing", False) or getattr(args, "activation_checkpointing", False))
-            m = model if model is not None else getattr(trainer, "model", None)
-            if m is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    gc_on = gc_on or bool(getattr(m, "is_activation_checkpointing", False)) \
-                        or bool(getattr(m, "is_gradient_checkpointing", False))
             if gc_on:
                 raise IncompatibleSetup(
                     "memfit: gradient checkpointing is already on (args.gradient_checkpointing / "
