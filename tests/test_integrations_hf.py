@@ -268,3 +268,34 @@ def test_minilm_example_core_runs_on_the_real_weights():
     assert r["measured_peak_bytes"] <= r["budget_bytes"]
     assert r["loss_before"] == pytest.approx(1.79, abs=0.3)  # a fresh 6-way head
     assert torch.isfinite(torch.tensor(r["loss_after"]))
+
+
+def test_resume_from_checkpoint_loads_the_planned_optimizer_state(tmp_path, monkeypatch):
+    # state_bits=8 pins the optimizer the plan picks, so both runs build the same one
+    kw = dict(budget="60%", state_bits=8, verbose=False, plan_kwargs=FAST_PLAN)
+    args = targs(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    first = MemfitCallback(**kw)
+    MemfitTrainer(model=tiny_bert(), args=args, train_dataset=Toy(), callbacks=[first]).train()
+    saved = first.optimizer.state_dict()
+    assert (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
+
+    second = MemfitCallback(**kw)
+    trainer = MemfitTrainer(model=tiny_bert(), args=targs(tmp_path, max_steps=3), train_dataset=Toy(),
+                            callbacks=[second])
+    loaded = {}
+    original = memfit.optim.AdamW.load_state_dict
+
+    def spy(self, sd):
+        loaded["sd"] = sd
+        return original(self, sd)
+
+    monkeypatch.setattr(memfit.optim.AdamW, "load_state_dict", spy)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert isinstance(second.optimizer, memfit.optim.AdamW)
+    assert trainer.state.global_step == 3
+    sd = loaded["sd"]  # the checkpoint's quantized state went into the planned optimizer
+    assert sd["state"].keys() == saved["state"].keys()
+    k = next(iter(saved["state"]))
+    for name, v in saved["state"][k].items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, sd["state"][k][name])

@@ -74,7 +74,6 @@ What it refuses (``IncompatibleSetup``, before any step)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping
