@@ -301,6 +301,44 @@ def test_fused_equals_eager(monkeypatch, bits, cls, kw):
                 assert sa[k] == sb[k]
 
 
+def _run_scaled(monkeypatch, eager, cls, bits, kw, block, scale):
+    monkeypatch.setenv("MEMFIT_KERNELS", "eager" if eager else "auto")
+    torch.manual_seed(0)
+    n = 20 * block + block // 2 + 1  # full blocks (the fast path) and a partial one
+    p = torch.nn.Parameter(torch.randn(n) * 0.02)
+    opt = cls([p], state_bits=bits, block_size=block, min_quantized_numel=0, **kw)
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        grad = torch.randn(n, generator=g) * scale
+        grad[::3] = 0.0
+        # blocks whose new absmax is denormal, so that 1/absmax overflows: exp_avg (and
+        # SGD's and Lion's momentum) ~ 1e-40, or exp_avg_sq ~ 1e-40
+        grad[: 2 * block] *= 1e-39 / scale
+        grad[2 * block : 4 * block] *= 3e-19 / scale
+        grad[5 * block + 7] = 1e4 * scale  # and a block with a wide range inside
+        p.grad = grad
+        opt.step()
+    return p.detach().clone(), opt.state[p]
+
+
+@needs_fused
+@pytest.mark.parametrize("bits,block", [(8, 256), (8, 96), (8, 40), (4, 128), (4, 64), (4, 40)])
+@pytest.mark.parametrize("scale", [1e-3, 1.0])
+@pytest.mark.parametrize(
+    "cls,kw", [(mo.AdamW, dict(lr=1e-2)), (mo.SGD, dict(lr=0.1, momentum=0.9)), (mo.Lion, dict(lr=1e-3))],
+    ids=["adamw", "sgd", "lion"],
+)
+def test_fused_equals_eager_block_sizes_and_tiny_states(monkeypatch, cls, kw, bits, block, scale):
+    """The fused step's block paths (AdamW's fast path needs block % 32 == 0) round exactly
+    like the eager path, also for tiny and denormal states."""
+    pa, sa = _run_scaled(monkeypatch, False, cls, bits, kw, block, scale)
+    pb, sb = _run_scaled(monkeypatch, True, cls, bits, kw, block, scale)
+    assert torch.equal(pa, pb)
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

@@ -1,17 +1,27 @@
 // Fused CPU optimizer steps for memfit.optim with block-wise quantized states.
 //
-// One pass per block of `block` elements, split over threads with at::parallel_for:
-//   1. dequantize the block's states (code book value * absmax) into stack buffers,
-//   2. update param and states in fp32 (AdamW, SGD with momentum, or Lion),
+// Blocks of `block` elements, split over threads with at::parallel_for; each block:
+//   1. dequantize the block's states (code book value * absmax),
+//   2. update param and states in fp32 (AdamW, SGD with momentum, or Lion) into stack
+//      buffers,
 //   3. if any new state element is non-finite: write NOTHING for this block and flag
 //      it in `redo` (Python redoes it on the eager path, which keeps non-finite state
 //      elements exactly in a side table); blocks already flagged on entry are skipped,
-//   4. else store the params, compute the new absmax and requantize to nearest with a
-//      lookup table (sign/exponent/top-mantissa bits -> code of the cell's lower end
-//      and the one midpoint inside it; see memfit/codec/dynamic.py).
+//   4. else store the params, compute the new absmax and requantize to the nearest code
+//      (ties to the lower code, exactly as memfit/codec/dynamic.py's quantize_normalized).
 //
-// The arithmetic mirrors memfit/optim/_eager.py operation by operation in fp32 with no
-// fused multiply-add (built with -ffp-contract=off), so both paths give identical bits.
+// Full AdamW blocks (block % 32 == 0, AVX2) take the fast path (AdamWFast below): 8-bit
+// code book values fetched with scalar loads, 4-bit ones decoded with vpshufb, absmax by
+// integer max of fp32 bits, and requantization without table lookups (a binary search in
+// registers for 16-code maps, a certified piecewise-affine formula for the 8-bit dynamic
+// maps, see Q8F); 4-bit blocks are pipelined (update of one block with the requantization
+// of the previous). Other blocks, SGD and Lion use the generic per-block code, which rounds
+// with a lookup table (sign/exponent/top-mantissa bits -> code of the cell's lower end and
+// the one midpoint inside it; see memfit/codec/dynamic.py).
+//
+// The arithmetic mirrors memfit/optim/_qstate.py (the eager path) operation by operation
+// in fp32 with no fused multiply-add (built with -ffp-contract=off; the only fma is the
+// quantizer's, whose result is checked), so both paths give identical bits.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,6 +30,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -86,6 +99,26 @@ inline int32_t quant_count(float x, const QTab& t, int nm) {
   int32_t c = 0;
   for (int k = 0; k < nm; ++k) c += x > t.mids[k] ? 1 : 0;
   return c;
+}
+
+// Nearest code exactly as memfit/codec/dynamic.py's quantize_normalized: NaN -> 0, clamp
+// to [-1, 1], then the number of midpoints strictly below x (ties go to the lower code).
+inline int32_t quant_exact(float x, const float* mids, int nm) {
+  if (x != x) x = 0.0f;
+  x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+  int lo = 0, hi = nm;
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (mids[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+
+inline float u2f(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
 }
 
 #if defined(__AVX2__)
@@ -347,9 +380,29 @@ inline bool adamw_block_avx(const float* g, float* P, uint8_t* c0, uint8_t* c1, 
   for (int k = 0; k < 8; ++k) bad += af[k];
   if (bad != bad) return false;
   const float am0 = hmax8(mx0), am1 = hmax8(mx1);
-  const __m256 inv0 = _mm256_set1_ps(am0 > 0.0f ? 1.0f / am0 : 0.0f);
-  const __m256 inv1 = _mm256_set1_ps(am1 > 0.0f ? 1.0f / am1 : 0.0f);
-  if (BITS == 8) {
+  const float if0 = am0 > 0.0f ? 1.0f / am0 : 0.0f, if1 = am1 > 0.0f ? 1.0f / am1 : 0.0f;
+  const __m256 inv0 = _mm256_set1_ps(if0);
+  const __m256 inv1 = _mm256_set1_ps(if1);
+  if (!(if0 < INFINITY && if1 < INFINITY)) {  // absmax so small that 1/absmax overflows
+    const float* ss[2] = {s0, s1};
+    const float invs[2] = {if0, if1};
+    const QTab* ts[2] = {&t0, &t1};
+    uint8_t* cs[2] = {c0, c1};
+    for (int k = 0; k < 2; ++k) {
+      const int nm = (1 << BITS) - 1;
+      for (int64_t i = 0; i < block; i += 2) {
+        const int32_t lo = quant_exact(ss[k][i] * invs[k], ts[k]->mids, nm);
+        const int32_t hi = quant_exact(ss[k][i + 1] * invs[k], ts[k]->mids, nm);
+        if (BITS == 8) {
+          cs[k][i] = (uint8_t)lo;
+          cs[k][i + 1] = (uint8_t)hi;
+        } else {
+          cs[k][i / 2] = (uint8_t)(lo | (hi << 4));
+        }
+      }
+    }
+    std::memcpy(P, np, sizeof(float) * block);
+  } else if (BITS == 8) {
     const Q8C k0(t0), k1(t1);
     for (int64_t i = 0; i < block; i += 8) {
       store8(c0 + i, q8v(_mm256_mul_ps(_mm256_load_ps(s0 + i), inv0), k0));
@@ -415,13 +468,17 @@ template <int BITS>
 inline void quant_block(const float* x, int64_t cnt, int64_t block, float am, const QTab& t, uint8_t* codes,
                         int64_t start, int32_t* tmp) {
   const float inv = am > 0.0f ? 1.0f / am : 0.0f;
+  if (!(inv < INFINITY)) {  // absmax so small that 1/absmax overflows: x * inv is NaN or +-inf
+    for (int64_t i = 0; i < cnt; ++i) tmp[i] = quant_exact(x[i] * inv, t.mids, (1 << BITS) - 1);
+  } else {
 #if defined(__AVX2__)
-  if (BITS == 4) quant16_avx(x, cnt, inv, t, tmp);
-  else quant_avx(x, cnt, inv, t, tmp);
+    if (BITS == 4) quant16_avx(x, cnt, inv, t, tmp);
+    else quant_avx(x, cnt, inv, t, tmp);
 #else
-  if (BITS == 4) for (int64_t i = 0; i < cnt; ++i) tmp[i] = quant_count(x[i] * inv, t, 15);
-  else for (int64_t i = 0; i < cnt; ++i) tmp[i] = quant_one(x[i] * inv, t);
+    if (BITS == 4) for (int64_t i = 0; i < cnt; ++i) tmp[i] = quant_count(x[i] * inv, t, 15);
+    else for (int64_t i = 0; i < cnt; ++i) tmp[i] = quant_one(x[i] * inv, t);
 #endif
+  }
   for (int64_t i = cnt; i < block; ++i) tmp[i] = t.zero;
 #if defined(__AVX2__)
   if (BITS == 8) pack8_avx(tmp, block, codes + start);
@@ -471,20 +528,552 @@ QTab make_tab(const torch::Tensor& values, const torch::Tensor& table, const tor
   return t;
 }
 
+// ===================================================================== fast AdamW blocks
+// Full blocks of AdamW (block % 32 == 0) take three passes over the block, each with few
+// live constants so that they stay in registers:
+//   A. 8-bit only: code book lookups, scalar loads inserted into vectors (on Zen-class
+//      CPUs 8 scalar loads beat one vpgatherdd by ~2x);
+//   B. the fp32 update into stack buffers (4-bit: decoded 32 at a time with vpshufb on the
+//      4 bytes of the 16 fp32 code values); absmax from integer max of the fp32 bits, which
+//      also catches NaN/Inf (their bits are the largest);
+//   C. requantization without table lookups (below), packing and the parameter store.
+// 4-bit blocks run B of one block and C of the previous in the same loop (the sqrt and
+// division, B's bottleneck, overlap C's vector work); for 8-bit that did not pay.
+// The results are bit-identical to the eager path (memfit/optim/_qstate.py).
+
+// ---- certified 8-bit quantizer
+// A 256-code map whose codes on the non-negative side fall into at most 8 runs of equally
+// spaced values (the dynamic maps: the zero code and one run per decade), possibly mirrored
+// to the negative side around a zero code (values[2z - c] == -values[c]), plus at most one
+// extra top code (the dynamic maps' 1.0). For |x| in run r (found exactly, see
+// q8f_estimate), F = A[r] |x| + B[r] is an affine function whose value
+// at each midpoint inside the run is (code below) + 1/2 up to a small error e, clamped to
+// hi[r] = (last code of the run) + 1/4 above. round(F) is trusted only when F is further
+// than e plus the fp32 rounding from a half-integer, i.e. when no midpoint can lie between
+// x and the code F rounds to; other lanes (exact ties included) are flagged and redone
+// with quant_exact. So the codes always equal quant_exact's. build_q8f checks every
+// assumption; a map that does not fit (ok == false) takes the lookup-table path.
+struct Q8F {
+  bool ok = false;
+  bool sym = false;      // mirrored around code mirror / 2
+  float mirror = 0.0f;   // 2 * zero code
+  float thr = 0.0f;      // |F - round(F)| < thr: certified
+  float top = INFINITY;  // x > top: the extra top code
+  float bnd[8], A[8], B[8], hi[8];
+  int32_t est_c = 0, est_k = 0;  // run estimate, see q8f_estimate
+};
+
+// Estimate of the run of |x| (fp32 bits u) from its exponent and top 7 mantissa bits (a
+// piecewise linear log2): ((max(u >> 16) - c, 0) * k) >> 16, which build_q8f makes equal
+// to r or r - 1 for every u in run r (the estimate is monotone in u, so checking both ends
+// of every run suffices); one compare with run r - 1's upper boundary then gives r.
+inline int q8f_estimate(uint32_t u, int32_t c, int32_t k) {
+  const int32_t h = (int32_t)(u >> 16) - c;
+  return ((h > 0 ? h : 0) * k) >> 16;
+}
+
+inline Q8F build_q8f(const float* v, const float* mids, int n) {
+  Q8F q;
+  if (n != 256) return q;
+  for (int c = 0; c + 1 < n; ++c)
+    if (!(v[c] < v[c + 1]) || !(std::fabs(v[c]) <= 1.0f)) return q;
+  int lo = 0;  // first code of the non-negative side
+  if (v[0] < 0.0f) {
+    int z = -1;
+    for (int c = 0; c < n; ++c)
+      if (v[c] == 0.0f) z = c;
+    if (z < 0 || 2 * z != n - 2) return q;
+    for (int k = 1; k <= z; ++k)
+      if (v[z - k] != -v[z + k]) return q;
+    for (int k = 0; k < z; ++k)
+      if (mids[z - 1 - k] != -mids[z + k]) return q;
+    q.sym = true;
+    q.mirror = (float)(2 * z);
+    lo = z;
+  }
+  for (int with_top = 0; with_top < 2; ++with_top) {
+    if (q.sym && !with_top) continue;  // the mirror leaves code n-1 without a partner
+    const int last = with_top ? n - 2 : n - 1;
+    // fewest runs of equally spaced codes covering [lo, last]
+    std::vector<int> ext(n), best(n + 1, 1 << 20), from(n + 1, -1);
+    for (int i = lo; i <= last; ++i) {
+      int j = i;
+      if (i < last) {
+        const double s = (double)v[i + 1] - v[i];
+        j = i + 1;
+        while (j < last && std::fabs(((double)v[j + 1] - v[j]) - s) <= 1e-3 * s) ++j;
+      }
+      ext[i] = j;
+    }
+    best[lo] = 0;
+    for (int i = lo; i <= last; ++i)
+      for (int j = i; j <= ext[i]; ++j)
+        if (best[i] + 1 < best[j + 1]) {
+          best[j + 1] = best[i] + 1;
+          from[j + 1] = i;
+        }
+    const int R = best[last + 1];
+    if (R > 8) continue;
+    std::vector<std::pair<int, int>> runs;
+    for (int e = last + 1; e > lo; e = from[e]) runs.insert(runs.begin(), {from[e], e - 1});
+    double err = 0.0;
+    for (int r = 0; r < 8; ++r) {
+      const int rr = r < R ? r : R - 1;
+      const int c = runs[rr].first, d = runs[rr].second;
+      float A = 0.0f, B = (float)c;
+      if (d > c) {
+        A = (float)((double)(d - c) / ((double)v[d] - v[c]));
+        B = (float)((double)c - (double)A * v[c]);
+        for (int j = c; j < d; ++j) err = std::max(err, std::fabs((double)A * mids[j] + B - (j + 0.5)));
+        // F at the lowest |x| of the run (the midpoint below it, or 0) must not fall below c - 1/2
+        const double xl = c > lo ? (double)mids[c - 1] : 0.0;
+        err = std::max(err, (c - 0.5) - ((double)A * xl + B));
+      }
+      q.A[r] = A;
+      q.B[r] = B;
+      q.hi[r] = (float)d + 0.25f;
+      q.bnd[r] = r < R - 1 ? mids[d] : INFINITY;
+    }
+    // e plus one fp32 rounding of F (the fixed-point fma below), with margin
+    const double delta = err + std::ldexp(1.0, -16) + 1e-6;
+    if (!(delta < 0.01)) continue;
+    q.thr = (float)(0.5 - delta);
+    q.top = with_top ? mids[n - 2] : INFINITY;
+    // run estimate: the middle of the widest range of c that works, for the first k with one
+    const uint32_t umax = f2u(1.0000005f);  // x * (1 / absmax) may round a little past 1
+    for (int32_t k = 148; k <= 162 && !q.ok; ++k) {
+      int32_t best_c = 0, best_len = 0, cur = 0;
+      for (int32_t c = 0x3000; c <= 0x3f80; ++c) {
+        bool good = q8f_estimate(umax, c, k) <= R - 1;
+        for (int r = 0; good && r < R; ++r) {
+          if (r > 0 && q8f_estimate(f2u(q.bnd[r - 1]) + 1, c, k) < r - 1) good = false;  // lowest |x| of run r
+          if (r < R - 1 && q8f_estimate(f2u(q.bnd[r]), c, k) > r) good = false;          // highest
+        }
+        cur = good ? cur + 1 : 0;
+        if (cur > best_len) {
+          best_len = cur;
+          best_c = c - cur / 2;
+        }
+      }
+      if (best_len >= 8) {
+        q.est_c = best_c;
+        q.est_k = k;
+        q.ok = true;
+      }
+    }
+    if (q.ok) return q;
+  }
+  q.ok = false;
+  return q;
+}
+
+// build_q8f once per code book (the maps are few and fixed)
+inline const Q8F& q8f_cached(const float* v, const float* mids) {
+  static std::mutex mu;
+  static std::vector<std::pair<std::vector<float>, std::unique_ptr<Q8F>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& e : cache)
+    if (std::memcmp(e.first.data(), v, 256 * 4) == 0 && std::memcmp(e.first.data() + 256, mids, 255 * 4) == 0)
+      return *e.second;
+  std::vector<float> key(v, v + 256);
+  key.insert(key.end(), mids, mids + 255);
+  cache.emplace_back(std::move(key), std::unique_ptr<Q8F>(new Q8F(build_q8f(v, mids, 256))));
+  return *cache.back().second;
+}
+
+#if defined(__AVX2__)
+// F in fixed point: G = (F + 1/2) 2^15 + 2^23 lies in [2^23, 2^24), where fp32 values are
+// the integers, so one fma rounds (F + 1/2) 2^15 to an integer t = bits(G) - bits(2^23):
+// the code is t >> 15 and t's low 15 bits tell how far F is from a half-integer.
+struct Q8GV {
+  __m256i bnd, ec, ek;
+  __m256 A, B, H;
+  __m256 M;  // sym: (mirror + 1) 2^15 + 2^24, so that M - G is G of mirror - F
+  __m256i D, D2, m15, top, absm, c96;
+  Q8GV() = default;
+  explicit Q8GV(const Q8F& q) {
+    alignas(32) float a[8], bb[8], h[8];
+    alignas(32) int32_t bn[8];
+    for (int r = 0; r < 8; ++r) {
+      a[r] = q.A[r] * 32768.0f;
+      bb[r] = (float)(((double)q.B[r] + 0.5) * 32768.0 + 8388608.0);
+      h[r] = (float)(((double)q.hi[r] + 0.5) * 32768.0 + 8388608.0);
+      bn[r] = q.bnd[r] < INFINITY ? (int32_t)f2u(q.bnd[r]) : 0x7f800000;
+    }
+    A = _mm256_load_ps(a);
+    B = _mm256_load_ps(bb);
+    H = _mm256_load_ps(h);
+    bnd = _mm256_load_si256((const __m256i*)bn);
+    ec = _mm256_set1_epi32(q.est_c);
+    ek = _mm256_set1_epi32(q.est_k);
+    M = _mm256_set1_ps((float)(((double)q.mirror + 1.0) * 32768.0 + 16777216.0));
+    const int d = (int)std::ceil((0.5 - (double)q.thr) * 32768.0) + 2;
+    D = _mm256_set1_epi32(d);
+    D2 = _mm256_set1_epi32(2 * d);
+    m15 = _mm256_set1_epi32(0x7fff);
+    top = _mm256_set1_epi32(q.top < INFINITY ? (int32_t)f2u(q.top) : 0x7f800000);
+    absm = _mm256_set1_epi32(0x7fffffff);
+    c96 = _mm256_set1_epi32(0x4b000000 >> 15);
+  }
+};
+
+// codes of x (finite, |x| <= 1 up to rounding); lanes that are not certified get flagged
+// (their code is then wrong by at most one)
+template <bool SYM>
+inline __m256i q8g(__m256 x, const Q8GV& q, __m256i& flag) {
+  const __m256i xi = _mm256_castps_si256(x);
+  __m256 a = x;
+  __m256i ai = xi;
+  if (SYM) {
+    a = _mm256_and_ps(x, _mm256_castsi256_ps(q.absm));
+    // x < 0: run boundaries tie the other way round, so find the run of nextafter(|x|)
+    ai = _mm256_sub_epi32(_mm256_castps_si256(a), _mm256_srai_epi32(xi, 31));
+  }
+  // q8f_estimate in 16-bit lanes (the high halves stay 0), then the boundary compare
+  const __m256i re = _mm256_mulhi_epu16(_mm256_subs_epu16(_mm256_srli_epi32(ai, 16), q.ec), q.ek);
+  const __m256i r = _mm256_sub_epi32(re, _mm256_cmpgt_epi32(ai, _mm256_permutevar8x32_epi32(q.bnd, re)));
+  __m256 g = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(q.A, r), _mm256_permutevar8x32_ps(q.B, r));
+  g = _mm256_min_ps(g, _mm256_permutevar8x32_ps(q.H, r));
+  if (SYM) g = _mm256_blendv_ps(g, _mm256_sub_ps(q.M, g), x);
+  const __m256i gi = _mm256_castps_si256(g);
+  flag = _mm256_or_si256(flag, _mm256_cmpgt_epi32(q.D2, _mm256_and_si256(_mm256_add_epi32(gi, q.D), q.m15)));
+  return _mm256_sub_epi32(_mm256_srli_epi32(gi, 15), _mm256_add_epi32(q.c96, _mm256_cmpgt_epi32(xi, q.top)));
+}
+
+// ---- 16-code maps: branchless binary search over the 15 midpoints held in registers
+struct Q4V {
+  __m256 t1, t2, t3, t4, one, mone;
+  explicit Q4V(const float* m) {
+    alignas(32) float a[8], b[8], c[8];
+    for (int k = 0; k < 8; ++k) {
+      a[k] = m[8 * (k & 1) + 3];
+      b[k] = m[4 * (k & 3) + 1];
+      c[k] = m[2 * k];
+    }
+    t1 = _mm256_set1_ps(m[7]);
+    t2 = _mm256_load_ps(a);
+    t3 = _mm256_load_ps(b);
+    t4 = _mm256_load_ps(c);
+    one = _mm256_set1_ps(1.0f);
+    mone = _mm256_set1_ps(-1.0f);
+  }
+};
+
+inline __m256i q4v(__m256 x, const Q4V& k) {
+  x = _mm256_min_ps(_mm256_max_ps(x, k.mone), k.one);
+  __m256i m = _mm256_castps_si256(_mm256_cmp_ps(x, k.t1, _CMP_GT_OQ));
+  __m256i p = _mm256_sub_epi32(_mm256_setzero_si256(), m);  // node so far: 0 or 1
+  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(k.t2, p), _CMP_GT_OQ));
+  p = _mm256_sub_epi32(_mm256_add_epi32(p, p), m);
+  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(k.t3, p), _CMP_GT_OQ));
+  p = _mm256_sub_epi32(_mm256_add_epi32(p, p), m);
+  m = _mm256_castps_si256(_mm256_cmp_ps(x, _mm256_permutevar8x32_ps(k.t4, p), _CMP_GT_OQ));
+  return _mm256_sub_epi32(_mm256_add_epi32(p, p), m);
+}
+
+// ---- 16-code dequantization, 32 elements (16 bytes) at a time: each of the 4 bytes of
+// the 16 fp32 code values is a 16-entry byte table for vpshufb
+struct D4V {
+  __m256i tab[4];
+  __m128i order;
+  __m256i m0f;
+  explicit D4V(const float* vals) {
+    alignas(32) uint8_t t[4][32];
+    for (int c = 0; c < 16; ++c) {
+      const uint32_t u = f2u(vals[c]);
+      for (int p = 0; p < 4; ++p) t[p][c] = t[p][c + 16] = (uint8_t)(u >> (8 * p));
+    }
+    for (int p = 0; p < 4; ++p) tab[p] = _mm256_load_si256((const __m256i*)t[p]);
+    // code bytes 0,1,4,5,8,9,12,13 to the low lane, the others to the high one
+    order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    m0f = _mm256_set1_epi16(0x0f0f);
+  }
+};
+
+inline void d4x32(const uint8_t* c, const D4V& d, __m256 out[4]) {
+  const __m128i b = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i*)c), d.order);
+  const __m256i w = _mm256_cvtepu8_epi16(b);  // byte j -> word: element 2j (low nibble), 2j+1
+  const __m256i e = _mm256_and_si256(_mm256_or_si256(w, _mm256_slli_epi16(w, 4)), d.m0f);
+  // e (one code a byte), low lane: elements 0-3, 8-11, 16-19, 24-27; high lane: the others
+  const __m256i t0 = _mm256_shuffle_epi8(d.tab[0], e), t1 = _mm256_shuffle_epi8(d.tab[1], e);
+  const __m256i t2 = _mm256_shuffle_epi8(d.tab[2], e), t3 = _mm256_shuffle_epi8(d.tab[3], e);
+  const __m256i l01 = _mm256_unpacklo_epi8(t0, t1), h01 = _mm256_unpackhi_epi8(t0, t1);
+  const __m256i l23 = _mm256_unpacklo_epi8(t2, t3), h23 = _mm256_unpackhi_epi8(t2, t3);
+  out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+// 8 code book values for 8 byte codes: scalar loads and inserts
+inline __m256 d8v_scalar(const uint8_t* c, const float* vals) {
+  uint64_t w;
+  std::memcpy(&w, c, 8);
+  __m128 lo = _mm_load_ss(vals + (w & 255));
+  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 8) & 255)), 0x10);
+  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 16) & 255)), 0x20);
+  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 24) & 255)), 0x30);
+  __m128 hi = _mm_load_ss(vals + ((w >> 32) & 255));
+  hi = _mm_insert_ps(hi, _mm_load_ss(vals + ((w >> 40) & 255)), 0x10);
+  hi = _mm_insert_ps(hi, _mm_load_ss(vals + ((w >> 48) & 255)), 0x20);
+  hi = _mm_insert_ps(hi, _mm_load_ss(vals + (w >> 56)), 0x30);
+  return _mm256_set_m128(hi, lo);
+}
+
+// 4 x 8 codes (int32, < 256) -> 32 bytes in order
+inline void pack8x32(uint8_t* dst, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(q0, q1), _mm256_packus_epi32(q2, q3));
+  _mm256_storeu_si256((__m256i*)dst, _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+// 4 x 8 codes (int32, < 16) -> 16 bytes, element 2i in the low nibble
+inline void pack4x32(uint8_t* dst, __m256i q0, __m256i q1, __m256i q2, __m256i q3) {
+  const __m256i b = _mm256_packus_epi16(_mm256_packus_epi32(q0, q1), _mm256_packus_epi32(q2, q3));
+  // b, low lane: elements 0-3, 8-11, 16-19, 24-27; high lane: 4-7, 12-15, 20-23, 28-31
+  const __m256i w = _mm256_maddubs_epi16(b, _mm256_set1_epi16(0x1001));  // b[2i] + 16 b[2i+1]
+  const __m256i p = _mm256_packus_epi16(w, w);
+  _mm_storeu_si128((__m128i*)dst, _mm_unpacklo_epi16(_mm256_castsi256_si128(p), _mm256_extracti128_si256(p, 1)));
+}
+
+// exact requantization of cnt elements starting at element `start` (rare fallback)
+inline void requant_exact(const float* s, int64_t cnt, float inv, const float* mids, int bits, uint8_t* codes,
+                          int64_t start) {
+  const int nm = (1 << bits) - 1;
+  if (bits == 8) {
+    for (int64_t i = 0; i < cnt; ++i) codes[start + i] = (uint8_t)quant_exact(s[i] * inv, mids, nm);
+  } else {
+    for (int64_t i = 0; i < cnt; i += 2) {
+      const int32_t lo = quant_exact(s[i] * inv, mids, nm), hi = quant_exact(s[i + 1] * inv, mids, nm);
+      codes[(start + i) / 2] = (uint8_t)(lo | (hi << 4));
+    }
+  }
+}
+
+constexpr int64_t FUNIT = 32;
+
+// One block's new state in flight between the update and the requantization.
+struct Slot {
+  float* s0;  // new exp_avg
+  float* s1;  // new exp_avg_sq
+  float* sp;  // new param
+  float am[2];
+};
+
+template <int BITS>
+struct AdamWFast {
+  const float* vals0;
+  const float* vals1;
+  const float* mids0;
+  const float* mids1;
+  bool sym0 = false, sym1 = false;
+  Q8GV qa, qb;
+  const Q4V q40, q41;
+  const D4V d40, d41;
+  __m256 vdecay, vb1, vomb1, vb2, vomb2, vibc2, veps, vss, vgs;
+
+  AdamWFast(const QTab& t0, const QTab& t1, const Q8F* f0, const Q8F* f1, const float* h)
+      : vals0(t0.values), vals1(t1.values), mids0(t0.mids), mids1(t1.mids), q40(t0.mids), q41(t1.mids),
+        d40(t0.values), d41(t1.values) {
+    if (BITS == 8) {
+      qa = Q8GV(*f0);
+      qb = Q8GV(*f1);
+      sym0 = f0->sym;
+      sym1 = f1->sym;
+    }
+    vdecay = _mm256_set1_ps(h[0]);
+    vb1 = _mm256_set1_ps(h[1]);
+    vomb1 = _mm256_set1_ps(h[2]);
+    vb2 = _mm256_set1_ps(h[3]);
+    vomb2 = _mm256_set1_ps(h[4]);
+    vibc2 = _mm256_set1_ps(h[5]);
+    veps = _mm256_set1_ps(h[6]);
+    vss = _mm256_set1_ps(h[7]);
+    vgs = _mm256_set1_ps(h[8]);
+  }
+
+  // ---- the update (same operations as the eager path, no fma) of 32 elements at i;
+  // m0, v0: the old states' code book values (not yet times absmax)
+  __attribute__((always_inline)) inline void update_unit(int64_t i, const __m256* m0, const __m256* v0,
+                                                         __m256 a0, __m256 a1, const float* g, const float* P,
+                                                         const Slot& o, __m256i& mx0, __m256i& mx1) const {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (int k = 0; k < 4; ++k) {
+      const int64_t j = i + 8 * k;
+      const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + j), vgs);
+      __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(P + j), vdecay);
+      const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_mul_ps(m0[k], a0)), _mm256_mul_ps(vomb1, gi));
+      const __m256 v =
+          _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_mul_ps(v0[k], a1)), _mm256_mul_ps(vomb2, _mm256_mul_ps(gi, gi)));
+      const __m256 den = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), vibc2), veps);
+      pi = _mm256_sub_ps(pi, _mm256_mul_ps(vss, _mm256_div_ps(m, den)));
+      _mm256_store_ps(o.s0 + j, m);
+      _mm256_store_ps(o.s1 + j, v);
+      _mm256_store_ps(o.sp + j, pi);
+      // |m| and v (>= 0 or NaN) as unsigned ints: the max is the absmax, NaN/Inf >= 0x7f800000
+      mx0 = _mm256_max_epu32(mx0, _mm256_castps_si256(_mm256_and_ps(m, absm)));
+      mx1 = _mm256_max_epu32(mx1, _mm256_castps_si256(v));
+    }
+  }
+
+  static bool finish_absmax(__m256i mx0, __m256i mx1, Slot& o) {
+    alignas(32) uint32_t u0[8], u1[8];
+    _mm256_store_si256((__m256i*)u0, mx0);
+    _mm256_store_si256((__m256i*)u1, mx1);
+    uint32_t r0 = 0, r1 = 0;
+    for (int k = 0; k < 8; ++k) {
+      r0 = u0[k] > r0 ? u0[k] : r0;
+      r1 = u1[k] > r1 ? u1[k] : r1;
+    }
+    o.am[0] = u2f(r0);
+    o.am[1] = u2f(r1);
+    return r0 < 0x7f800000u && r1 < 0x7f800000u;
+  }
+
+  // ---- 4-bit requantization of 32 elements at i
+  __attribute__((always_inline)) inline void commit4_unit(int64_t i, const Slot& o, __m256 iv0, __m256 iv1,
+                                                          uint8_t* c0, uint8_t* c1, float* P) const {
+    __m256i r0[4], r1[4];
+    for (int k = 0; k < 4; ++k) {
+      r0[k] = q4v(_mm256_mul_ps(_mm256_load_ps(o.s0 + i + 8 * k), iv0), q40);
+      r1[k] = q4v(_mm256_mul_ps(_mm256_load_ps(o.s1 + i + 8 * k), iv1), q41);
+    }
+    pack4x32(c0 + i / 2, r0[0], r0[1], r0[2], r0[3]);
+    pack4x32(c1 + i / 2, r1[0], r1[1], r1[2], r1[3]);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
+  }
+
+  template <bool SYM>
+  static void quant8(const float* s, int64_t block, float inv, const Q8GV& q, const float* mids, uint8_t* c) {
+    const __m256 iv = _mm256_set1_ps(inv);
+    for (int64_t i = 0; i < block; i += FUNIT) {
+      __m256i fl = _mm256_setzero_si256(), r[4];
+      for (int k = 0; k < 4; ++k) r[k] = q8g<SYM>(_mm256_mul_ps(_mm256_load_ps(s + i + 8 * k), iv), q, fl);
+      pack8x32(c + i, r[0], r[1], r[2], r[3]);
+      if (__builtin_expect(!_mm256_testz_si256(fl, fl), 0)) requant_exact(s + i, FUNIT, inv, mids, 8, c, i);
+    }
+  }
+
+  static float inv_of(float am) { return am > 0.0f ? 1.0f / am : 0.0f; }
+
+  // Update of one block into o (8-bit: with the code book lookups first, into l0 and l1).
+  // Returns false when a new state element is non-finite (o then holds garbage).
+  bool update(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
+              int64_t block, Slot& o, float* l0, float* l1) const {
+    if (BITS == 8)
+      for (int64_t i = 0; i < block; i += 8) {
+        _mm256_store_ps(l0 + i, d8v_scalar(c0 + i, vals0));
+        _mm256_store_ps(l1 + i, d8v_scalar(c1 + i, vals1));
+      }
+    const __m256 a0 = _mm256_set1_ps(am0), a1 = _mm256_set1_ps(am1);
+    __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
+    for (int64_t i = 0; i < block; i += FUNIT) {
+      __m256 m0[4], v0[4];
+      if (BITS == 8) {
+        for (int k = 0; k < 4; ++k) {
+          m0[k] = _mm256_load_ps(l0 + i + 8 * k);
+          v0[k] = _mm256_load_ps(l1 + i + 8 * k);
+        }
+      } else {
+        d4x32(c0 + i / 2, d40, m0);
+        d4x32(c1 + i / 2, d41, v0);
+      }
+      update_unit(i, m0, v0, a0, a1, g, P, o, mx0, mx1);
+    }
+    return finish_absmax(mx0, mx1, o);
+  }
+
+  // Requantization of a block updated into o, and its new params and absmax.
+  void commit(float* P, uint8_t* c0, uint8_t* c1, float* am0p, float* am1p, int64_t block, const Slot& o) const {
+    const float inv0 = inv_of(o.am[0]), inv1 = inv_of(o.am[1]);
+    if (!(inv0 < INFINITY && inv1 < INFINITY)) {  // absmax so small that 1/absmax overflows
+      requant_exact(o.s0, block, inv0, mids0, BITS, c0, 0);
+      requant_exact(o.s1, block, inv1, mids1, BITS, c1, 0);
+      std::memcpy(P, o.sp, sizeof(float) * block);
+    } else if (BITS == 8) {
+      if (sym0) quant8<true>(o.s0, block, inv0, qa, mids0, c0);
+      else quant8<false>(o.s0, block, inv0, qa, mids0, c0);
+      if (sym1) quant8<true>(o.s1, block, inv1, qb, mids1, c1);
+      else quant8<false>(o.s1, block, inv1, qb, mids1, c1);
+      for (int64_t i = 0; i < block; i += 8) _mm256_storeu_ps(P + i, _mm256_load_ps(o.sp + i));
+    } else {
+      const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
+      for (int64_t i = 0; i < block; i += FUNIT) commit4_unit(i, o, iv0, iv1, c0, c1, P);
+    }
+    *am0p = o.am[0];
+    *am1p = o.am[1];
+  }
+
+  // 4-bit: update of one block (into o) in the same loop as the commit of another
+  // (from q): the sqrt and the division run in their own unit, the requantization on the
+  // vector pipes, so the two overlap.
+  bool update_commit(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
+                     int64_t block, Slot& o, float* l0, float* l1, float* qP, uint8_t* qc0, uint8_t* qc1,
+                     float* qam0p, float* qam1p, const Slot& q) const {
+    const float inv0 = inv_of(q.am[0]), inv1 = inv_of(q.am[1]);
+    if (BITS == 8 || !(inv0 < INFINITY && inv1 < INFINITY)) {
+      commit(qP, qc0, qc1, qam0p, qam1p, block, q);
+      return update(g, P, c0, c1, am0, am1, block, o, l0, l1);
+    }
+    const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
+    const __m256 a0 = _mm256_set1_ps(am0), a1 = _mm256_set1_ps(am1);
+    __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
+    for (int64_t i = 0; i < block; i += FUNIT) {
+      __m256 m0[4], v0[4];
+      d4x32(c0 + i / 2, d40, m0);
+      d4x32(c1 + i / 2, d41, v0);
+      update_unit(i, m0, v0, a0, a1, g, P, o, mx0, mx1);
+      commit4_unit(i, q, iv0, iv1, qc0, qc1, qP);
+    }
+    *qam0p = q.am[0];
+    *qam1p = q.am[1];
+    return finish_absmax(mx0, mx1, o);
+  }
+};
+#endif
+
 enum Algo { ADAMW = 0, SGD = 1, LION = 2 };
 
 template <int BITS>
 void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::vector<uint8_t*> codes,
-         std::vector<float*> absmax, std::vector<QTab> tabs, uint8_t* redo, const std::vector<double>& hp) {
+         std::vector<float*> absmax, std::vector<QTab> tabs, uint8_t* redo, const std::vector<double>& hp,
+         const Q8F* f0, const Q8F* f1) {
   const int64_t nb = (n + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, 16384 / block);
   float hf[16] = {0};
   for (size_t k = 0; k < hp.size() && k < 16; ++k) hf[k] = (float)hp[k];
+#if defined(__AVX2__)
+  const bool fast_ok = algo == ADAMW && block % FUNIT == 0 &&
+                       (BITS == 4 || (f0 != nullptr && f0->ok && f1 != nullptr && f1->ok));
+#endif
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
-    alignas(64) float s0[MAXB];
-    alignas(64) float s1[MAXB];
-    alignas(64) float np[MAXB];
+    // block buffers, spaced so that equal indices do not share their low 12 address bits
+    // (no false store-to-load dependencies between them)
+    constexpr int64_t STRIDE = MAXB + 32;
+    alignas(64) float buf[6 * STRIDE];
     alignas(64) int32_t tmp[MAXB];
+    float* const s0 = buf;
+    float* const s1 = buf + STRIDE;
+    float* const np = buf + 2 * STRIDE;
+#if defined(__AVX2__)
+    std::unique_ptr<AdamWFast<BITS>> fast;
+    if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], f0, f1, hf));
+    // 4-bit: the fast blocks of a chunk are pipelined, the update of block b together with
+    // the requantization of the previous one (`pend`, in the other slot); 8-bit blocks are
+    // updated and requantized one after the other (slot 0; l0, l1 hold the lookups)
+    Slot slots[2] = {{buf, buf + STRIDE, buf + 2 * STRIDE, {0, 0}},
+                     {buf + 3 * STRIDE, buf + 4 * STRIDE, buf + 5 * STRIDE, {0, 0}}};
+    float* const l0 = buf + 3 * STRIDE;
+    float* const l1 = buf + 4 * STRIDE;
+    int64_t pend = -1;  // block whose new state waits in slots[pend_slot]
+    int pend_slot = 0;
+    auto flush = [&]() {
+      if (pend < 0) return;
+      const int64_t st = pend * block;
+      fast->commit(P + st, codes[0] + st * BITS / 8, codes[1] + st * BITS / 8, absmax[0] + pend, absmax[1] + pend,
+                   block, slots[pend_slot]);
+      pend = -1;
+    };
+#endif
     // Every algorithm ends a block the same way: if a new state went non-finite, leave
     // the block untouched and mark it for the exact slow path; else write the params
     // and requantize the states.
@@ -510,6 +1099,34 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
       const float* g = G + start;
       const float* p = P + start;
 #if defined(__AVX2__)
+      if (fast && cnt == block) {
+        uint8_t* c0 = codes[0] + start * BITS / 8;
+        uint8_t* c1 = codes[1] + start * BITS / 8;
+        if (BITS == 8) {
+          if (!fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[0], l0, l1)) redo[b] = 1;
+          else fast->commit(P + start, c0, c1, absmax[0] + b, absmax[1] + b, block, slots[0]);
+          continue;
+        }
+        const int sl = pend < 0 ? 0 : 1 - pend_slot;
+        bool ok;
+        if (pend < 0) {
+          ok = fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl], l0, l1);
+        } else {
+          const int64_t qs = pend * block;
+          ok = fast->update_commit(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl], l0, l1, P + qs,
+                                   codes[0] + qs * BITS / 8, codes[1] + qs * BITS / 8, absmax[0] + pend,
+                                   absmax[1] + pend, slots[pend_slot]);
+          pend = -1;
+        }
+        if (ok) {
+          pend = b;
+          pend_slot = sl;
+        } else {
+          redo[b] = 1;
+        }
+        continue;
+      }
+      flush();  // the generic code below uses the slot buffers
       if (algo == ADAMW && cnt == block && block % 8 == 0) {
         if (!adamw_block_avx<BITS>(g, P + start, codes[0] + start * BITS / 8, codes[1] + start * BITS / 8,
                                    absmax[0] + b, absmax[1] + b, tabs[0], tabs[1], hf, block, s0, s1, np))
@@ -619,6 +1236,9 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
         commit_block(b, start, cnt, 1);
       }
     }
+#if defined(__AVX2__)
+    flush();
+#endif
   });
 }
 
@@ -653,10 +1273,18 @@ void step(int64_t algo, torch::Tensor p, torch::Tensor g, std::vector<torch::Ten
     tabs.push_back(make_tab(values[k], table[k], mids[k], tparams, k));
   }
   if (n == 0) return;
+  const Q8F* f0 = nullptr;
+  const Q8F* f1 = nullptr;
+  if (bits == 8 && algo == ADAMW) {
+    f0 = &q8f_cached(tabs[0].values, tabs[0].mids);
+    f1 = &q8f_cached(tabs[1].values, tabs[1].mids);
+  }
   if (bits == 8)
-    run<8>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp);
+    run<8>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
+           f1);
   else
-    run<4>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp);
+    run<4>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
+           f1);
 }
 
 }  // namespace
