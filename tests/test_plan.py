@@ -4,6 +4,7 @@ JSON round trips, BudgetTooSmall, optimizer-in-backward refusals, max_batch_size
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -309,3 +310,22 @@ def test_max_batch_size_with_a_plan_config(gpt, plans):
     cfg = p.config
     assert estimate(model, make(n), config=cfg).peak_bytes <= p.budget_bytes * 0.98
     assert isinstance(cfg, StepConfig)
+
+
+# --------------------------------------------------------------------------- the demo's planned run
+
+
+def test_demo_planned_run():
+    from memfit import demo
+
+    cfg = demo.DemoConfig.quick(steps=4, bits=(), checkpointing=False, planned=True)
+    result = demo.run_demo(cfg)
+    names = [r.kind for r in result.runs]
+    assert names == ["plain", "planned"]
+    planned = result.runs[1]
+    assert planned.budget_bytes and planned.plan_summary
+    # a quarter of this tiny model's peak is out of reach: the demo says so and plans at the floor
+    assert any("below the smallest peak" in n for n in result.notes) or planned.budget_bytes <= result.runs[0].peak_bytes // 4 + 1
+    assert planned.peak_bytes <= planned.budget_bytes
+    assert len(planned.losses) == 4 and all(math.isfinite(x) for x in planned.losses)
+    assert result.meets_bar(planned) in (True, False)

@@ -42,6 +42,9 @@ def _add_demo(subparsers) -> None:
         help="quantize the loss head at --bits too (default: final norm, output layer and loss at 8 bits)",
     )
     p.add_argument("--no-checkpointing", action="store_true", help="skip the activation-checkpointing run")
+    p.add_argument("--no-plan", action="store_true",
+                   help="skip the planned run (memfit.plan at a quarter of the fp32 run's peak)")
+    p.add_argument("--plan", action="store_true", help="include the planned run with --quick too")
     p.add_argument("--out", default="memfit-demo.png", help="where to write the PNG (default memfit-demo.png)")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--json", metavar="PATH", default=None, help="also write every measurement as JSON")
@@ -69,6 +72,10 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"memfit demo: --bits: {exc}", file=sys.stderr)
         return 2
     overrides = dict(seed=args.seed, bits=bits, checkpointing=not args.no_checkpointing)
+    if args.no_plan:
+        overrides["planned"] = False
+    elif args.plan:
+        overrides["planned"] = True
     if args.bits_everywhere:
         overrides["bits_everywhere"] = True
     if args.steps is not None:

@@ -14,7 +14,12 @@ rounding seed) drift several percent apart in loss, which would drown the compar
   ``bits_everywhere=True`` (``--bits-everywhere``) passes ``head_bits=N`` instead, to
   show what the head costs in fidelity when it is quantized too;
 * ``checkpointing``: ``torch.utils.checkpoint`` around every transformer block
-  (non-reentrant), recomputing activations during backward.
+  (non-reentrant), recomputing activations during backward;
+* ``planned``: :func:`memfit.plan` at a budget of one quarter of the fp32 run's peak
+  (``plan_fraction``): the planner picks, per module, keep / 8 / 4 / 2 bits /
+  recompute and the optimizer's state bits (gradient clipping rules out stepping
+  inside backward), and the run trains with ``with plan:`` and ``plan.optimizer()``.
+  Its fidelity bar is 1% of the fp32 final loss.
 
 Memory is measured the same way for every run, on the first training step, with
 ``torch.distributed._tools.mem_tracker.MemTracker`` (a dispatch mode that follows every
@@ -51,6 +56,7 @@ MB = 2**20
 
 # The issue's fidelity bar: |final loss / fp32 final loss - 1| at most this, per bit width.
 FIDELITY_BAR = {8: 0.005, 4: 0.01, 2: 0.03}
+PLANNED_FIDELITY_BAR = 0.01  # the planned run (memfit.plan at a quarter of fp32's peak)
 
 
 # --------------------------------------------------------------------------- config
@@ -64,6 +70,8 @@ class DemoConfig:
     seed: int = 0
     bits: tuple[int, ...] = (8, 4, 2)
     checkpointing: bool = True
+    planned: bool = True  # a memfit.plan run at plan_fraction of the fp32 run's peak
+    plan_fraction: float = 0.25
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
@@ -84,7 +92,7 @@ class DemoConfig:
         """A tiny configuration for tests and smoke runs (seconds, not minutes)."""
         base = dict(
             steps=12, n_layer=2, n_embd=64, n_head=2, seq_len=64, batch_size=4,
-            warmup=2, final_window=4, max_data_bytes=1_000_000,
+            warmup=2, final_window=4, max_data_bytes=1_000_000, planned=False,
         )
         base.update(overrides)
         return cls(**base)
@@ -99,6 +107,8 @@ class DemoConfig:
             raise ValueError("n_embd must be divisible by n_head")
         if self.final_window < 1:
             raise ValueError("final_window must be at least 1")
+        if not 0 < self.plan_fraction <= 1:
+            raise ValueError(f"plan_fraction must be in (0, 1], got {self.plan_fraction!r}")
 
 
 # --------------------------------------------------------------------------- results
@@ -118,6 +128,8 @@ class RunResult:
     counted_original_bytes: int | None = None  # memfit's own count (memfit runs)
     counted_stored_bytes: int | None = None
     final_window: int = 20
+    budget_bytes: int | None = None  # planned run: the budget it was planned for
+    plan_summary: str | None = None  # planned run: what the plan chose
 
     @property
     def final_loss(self) -> float:
@@ -148,6 +160,7 @@ class DemoResult:
     n_params: int
     backend: str
     wall_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def baseline(self) -> RunResult:
@@ -160,6 +173,8 @@ class DemoResult:
 
     def meets_bar(self, run: RunResult) -> bool | None:
         """Whether a memfit run's final loss is within the issue's bar; None otherwise."""
+        if run.kind == "planned":
+            return abs(self.rel_diff(run)) <= PLANNED_FIDELITY_BAR
         if run.kind != "memfit":
             return None
         return abs(self.rel_diff(run)) <= FIDELITY_BAR[run.bits]
@@ -174,6 +189,7 @@ class DemoResult:
                     peak_bytes=r.peak_bytes, counted_original_bytes=r.counted_original_bytes,
                     counted_stored_bytes=r.counted_stored_bytes,
                     compression_ratio=r.compression_ratio, final_loss=r.final_loss,
+                    budget_bytes=r.budget_bytes, plan_summary=r.plan_summary,
                     last_loss=r.last_loss, seconds_per_step=r.seconds_per_step,
                     rel_diff_vs_fp32=self.rel_diff(r), meets_fidelity_bar=self.meets_bar(r),
                 )
@@ -182,7 +198,7 @@ class DemoResult:
         cfg["bits"] = list(self.config.bits)
         return dict(
             config=cfg, runs=runs, data_bytes=self.data_bytes, n_params=self.n_params,
-            backend=self.backend, wall_seconds=self.wall_seconds,
+            backend=self.backend, wall_seconds=self.wall_seconds, notes=list(self.notes),
             fidelity_bar=FIDELITY_BAR,
         )
 
@@ -234,6 +250,8 @@ def plan_runs(config: DemoConfig) -> list[tuple[str, str, int | None]]:
     runs += [(f"memfit {b}-bit", "memfit", b) for b in config.bits]
     if config.checkpointing:
         runs.append(("checkpointing", "checkpoint", None))
+    if config.planned:
+        runs.append(("memfit.plan", "planned", None))
     return runs
 
 
@@ -262,15 +280,27 @@ def train_run(
     kind: str,
     bits: int | None,
     on_step: Callable[[int, float], None] | None = None,
+    *,
+    plan=None,
 ) -> RunResult:
-    """Train a copy of ``base_model`` for ``len(batches)`` steps; measure step 1."""
+    """Train a copy of ``base_model`` for ``len(batches)`` steps; measure step 1.
+
+    ``kind="planned"`` trains with ``plan`` (a :class:`memfit.plan.Plan` made for
+    ``base_model``; see :func:`make_demo_plan`): its activation choices and optimizer."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     model = copy.deepcopy(base_model)
     model.train()
     if kind == "checkpoint":
         enable_checkpointing(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    the_plan = None
+    if kind == "planned":
+        if plan is None:
+            raise ValueError("a planned run needs a plan (make_demo_plan)")
+        the_plan = type(plan).from_dict(plan.to_dict(), model)  # the same plan, bound to this copy
+        optimizer = the_plan.optimizer(lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     compressor = (
         activations(
@@ -285,10 +315,14 @@ def train_run(
         else None
     )
     result = RunResult(name=name, kind=kind, bits=bits, final_window=config.final_window)
+    if the_plan is not None:
+        result.budget_bytes = int(the_plan.budget_bytes)
+        result.plan_summary = _plan_summary(the_plan)
+    context = compressor if compressor is not None else the_plan
 
     def step(x: torch.Tensor, tracker: MemTracker | None) -> float:
         before = _cpu_total(tracker.get_tracker_snapshot()) if tracker else 0
-        with compressor if compressor is not None else contextlib.nullcontext():
+        with context if context is not None else contextlib.nullcontext():
             loss = model(input_ids=x, labels=x).loss
         if tracker is not None:
             result.saved_bytes = _cpu_total(tracker.get_tracker_snapshot()) - before
@@ -322,6 +356,43 @@ def train_run(
     return result
 
 
+def _plan_summary(p) -> str:
+    """``"blocks 0-1 4-bit, 2-3 keep; adamw 8-bit"``-style: what a plan chose."""
+    from collections import Counter
+
+    counts = Counter(u.choice for u in p.units if u.plain_bytes > 0)
+    acts = ", ".join(f"{n}x {c}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    opt = f"{p.optimizer_name} {p.state_bits}-bit state"
+    return f"{acts}; {opt}"
+
+
+def make_demo_plan(base_model: torch.nn.Module, batches: ByteBatches, config: DemoConfig,
+                   plain_peak_bytes: int) -> tuple[object, str | None]:
+    """:func:`memfit.plan` for the planned run at ``config.plan_fraction`` of plain
+    PyTorch's peak (the fp32 run's), planned on the first batch, with the run's
+    gradient clipping. When that budget is below the smallest peak the planner can
+    reach (:class:`~memfit.plan.BudgetTooSmall`), plans at that smallest peak + 5%
+    instead and says so (the returned note)."""
+    from .plan import BudgetTooSmall
+    from .plan import plan as make_plan
+
+    x0 = next(iter(batches))
+    batch = {"input_ids": x0, "labels": x0}
+    kw = dict(clip_grad_norm=config.grad_clip, activation_kwargs={"min_bytes": config.min_bytes, "seed": config.seed},
+              cache={})
+    budget = int(plain_peak_bytes * config.plan_fraction)
+    try:
+        return make_plan(base_model, batch, budget, **kw), None
+    except BudgetTooSmall as exc:
+        fallback = int(exc.min_peak_bytes * 1.05)
+        note = (
+            f"planned run: {config.plan_fraction:g} of fp32's peak ({budget / MB:.1f} MB) is below the smallest "
+            f"peak memfit.plan reaches on this model ({exc.min_peak_bytes / MB:.1f} MB, dominated by "
+            f"{exc.dominant}); planned at {fallback / MB:.1f} MB instead"
+        )
+        return make_plan(base_model, batch, fallback, **kw), note
+
+
 def run_demo(
     config: DemoConfig,
     *,
@@ -339,11 +410,26 @@ def run_demo(
         data, seq_len=config.seq_len, batch_size=config.batch_size, steps=config.steps, seed=config.seed
     )
     base = build_model(config)
-    runs = []
+    from .plan import BudgetTooSmall
+
+    runs: list[RunResult] = []
+    notes: list[str] = []
     for name, kind, bits in plan_runs(config):
         if on_run_start is not None:
             on_run_start(name)
-        runs.append(train_run(base, batches, config, name, kind, bits, on_step))
+        the_plan = None
+        if kind == "planned":  # a fraction of plain PyTorch's peak (the fp32 run, first)
+            plain = next((r for r in runs if r.kind == "plain"), None)
+            if plain is None:
+                raise ValueError("the planned run needs the fp32 run's peak")
+            try:
+                the_plan, note = make_demo_plan(base, batches, config, plain.peak_bytes)
+            except BudgetTooSmall as exc:  # not even the fallback: report why it did not run
+                notes.append(f"{name}: not run: {exc}")
+                continue
+            if note:
+                notes.append(note)
+        runs.append(train_run(base, batches, config, name, kind, bits, on_step, plan=the_plan))
         if on_run_end is not None:
             on_run_end(runs[-1])
     return DemoResult(
@@ -353,6 +439,7 @@ def run_demo(
         n_params=sum(p.numel() for p in base.parameters()),
         backend=backend,
         wall_seconds=time.perf_counter() - t0,
+        notes=notes,
     )
 
 
@@ -363,7 +450,7 @@ def _verdict(result: DemoResult, run: RunResult) -> str:
     ok = result.meets_bar(run)
     if ok is None:
         return ""
-    bar = FIDELITY_BAR[run.bits] * 100
+    bar = (PLANNED_FIDELITY_BAR if run.kind == "planned" else FIDELITY_BAR[run.bits]) * 100
     return f"[green]✓ ≤{bar:g}%[/]" if ok else f"[red]✗ >{bar:g}%[/]"
 
 
@@ -385,7 +472,12 @@ def render_table(result: DemoResult):
             f"ratio: memfit's own count, bytes autograd saved ÷ bytes memfit held "
             f"(min_bytes={cfg.min_bytes}). s/step: median. final loss: mean of the last "
             f"{min(cfg.final_window, cfg.steps)} steps. bar: the fidelity bar (8-bit 0.5%, 4-bit 1%, "
-            f"2-bit 3%). codec kernels: {result.backend}."
+            f"2-bit 3%; planned run 1%). codec kernels: {result.backend}."
+            + "".join(
+                f"\n{r.name}: budget {r.budget_bytes / MB:.1f} MB; memfit.plan chose {r.plan_summary}."
+                for r in result.runs if r.kind == "planned" and r.budget_bytes
+            )
+            + "".join(f"\n{n}" for n in result.notes)
         ),
     )
     table.add_column("run")
@@ -406,7 +498,7 @@ def render_table(result: DemoResult):
             f"{run.saved_bytes / MB:.2f}",
             "1.00×" if is_base else f"{base.saved_bytes / run.saved_bytes:.2f}× less" if run.saved_bytes else "–",
             f"{ratio:.2f}×" if ratio is not None else "–",
-            f"{run.peak_bytes / MB:.1f}",
+            f"{run.peak_bytes / MB:.1f}" + (f" (budget {run.budget_bytes / MB:.1f})" if run.budget_bytes else ""),
             f"{run.seconds_per_step:.3f}",
             f"{run.final_loss:.4f}",
             f"{run.last_loss:.4f}",
@@ -432,7 +524,7 @@ def save_plot(result: DemoResult, path: str | Path, *, smooth: int = 10) -> Path
     ax_loss = fig.add_subplot(grid[0, 0])
     ax_diff = fig.add_subplot(grid[1, 0], sharex=ax_loss)
     ax_mem = fig.add_subplot(grid[:, 1])
-    colors = {"plain": "black", "checkpoint": "tab:gray"}
+    colors = {"plain": "black", "checkpoint": "tab:gray", "planned": "tab:green"}
     bit_colors = {8: "tab:blue", 4: "tab:orange", 2: "tab:red"}
 
     def running_mean(values: list[float]) -> list[float]:
@@ -576,5 +668,6 @@ __all__: Sequence[str] = [
     "render_table",
     "run_demo",
     "save_plot",
+    "make_demo_plan",
     "train_run",
 ]

@@ -54,6 +54,10 @@ from .estimate import Estimate, estimate
 __all__ = ["BudgetTooSmall", "Plan", "UnitChoice", "max_batch_size", "plan"]
 
 PLAN_FORMAT = 1
+# Fidelity costs of compressed optimizer state (the activation widths' are in
+# solver.CostModel): the state steers every update of every parameter, so 8-bit state
+# costs about as much as a few blocks' activations at 8 bits.
+STATE_FIDELITY = {32: 0.0, 8: 0.015, 4: 0.04}
 _MIN_BYTES = 32 * 1024  # memfit.activations' default: smaller storages are kept
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -695,10 +699,15 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
 _PROBE_CACHE: dict = {}
 
 
-def codec_seconds_per_byte(n_bytes: int = 4 * 2**20, reps: int = 3) -> dict[int, float]:
+def codec_seconds_per_byte(n_bytes: int = 32 * 2**20, reps: int = 3) -> dict[int, float]:
     """Seconds per uncompressed byte to encode (stochastic rounding) and decode, at
-    8, 4 and 2 bits, on this machine (measured once per process, on ``n_bytes``)."""
-    key = ("codec", torch.get_num_threads())
+    8, 4 and 2 bits, on this machine (measured once per process, on ``n_bytes``).
+
+    This is the codec alone. Inside a training step compression costs much less
+    than this suggests (freeing activations early saves allocation and page-fault
+    time), so :func:`plan` measures the step itself and uses these figures only for
+    the ratios between widths, or when it does not profile."""
+    key = ("codec", torch.get_num_threads(), n_bytes)
     if key in _PROBE_CACHE:
         return _PROBE_CACHE[key]
     from ..codec import IntFormat, decode, encode
@@ -719,7 +728,7 @@ def codec_seconds_per_byte(n_bytes: int = 4 * 2**20, reps: int = 3) -> dict[int,
     return out
 
 
-def optimizer_seconds_per_param(optimizer: str, n: int = 2**21, reps: int = 3) -> dict[int, float]:
+def optimizer_seconds_per_param(optimizer: str, n: int = 2**20, reps: int = 3) -> dict[int, float]:
     """Seconds per parameter element of one optimizer step at 32, 8 and 4 state bits
     (:func:`~memfit.plan.make_optimizer`'s optimizers), measured once per process."""
     key = ("optim", optimizer, torch.get_num_threads())
@@ -838,6 +847,8 @@ def plan(
     max_rounds: int = 6,
     profile_steps: int = 2,
     step_seconds: float | None = None,
+    activation_kwargs: Mapping[str, Any] | None = None,
+    cache: dict | None = None,
     verbose: bool = False,
 ) -> Plan:
     """Plan a training step of ``model`` on ``batch`` that fits ``budget``.
@@ -864,6 +875,10 @@ def plan(
         profile_steps: real steps timed by :func:`memfit.plan.profile` (forward times).
         step_seconds: skip the profile and use this plain step time (forward times are
             then spread over units by their saved bytes).
+        activation_kwargs: passed to :func:`memfit.activations` (``seed``,
+            ``min_bytes``, ``block_size``, ``rounding``).
+        cache: a dict to keep the plain estimate, the traced step and the profile in,
+            to plan the same model and batch for several budgets without measuring again.
 
     Returns:
         :class:`Plan`. Raises :class:`BudgetTooSmall` (a ``ValueError``) with the
@@ -904,10 +919,17 @@ def plan(
         in_bwd_opts = (bool(optimizer_in_backward),)
     log = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
-    activation_kwargs: dict = {}
+    activation_kwargs = dict(activation_kwargs or {})
+    for k in ("bits", "policy", "head_bits"):
+        if k in activation_kwargs:
+            raise ValueError(f"activation_kwargs cannot set {k!r}: the plan chooses it")
+    cache = {} if cache is None else cache
+    ckey = (optimizer, id(loss_fn), _fingerprint(model))
 
     # 1. The plain step, on fake tensors.
-    plain = estimate(model, batch, optimizer, 32, None, loss_fn)
+    if ("plain",) + ckey not in cache:
+        cache[("plain",) + ckey] = estimate(model, batch, optimizer, 32, None, loss_fn)
+    plain = cache[("plain",) + ckey]
     budget_bytes = parse_budget(budget, plain_peak_bytes=plain.peak_bytes)
     target = budget_bytes * (1 - margin)
     log(f"plain estimate: peak {format_bytes(plain.peak_bytes)} in {plain.peak_phase}")
@@ -915,13 +937,18 @@ def plan(
     # 2. Units and what they save, on fake tensors.
     specs = discover_units(model)
     names = [s.name for s in specs]
-    trace = trace_units(model, batch, loss_fn, names)
+    min_bytes = int(activation_kwargs.get("min_bytes", _MIN_BYTES))
+    if ("trace", min_bytes) + ckey not in cache:
+        cache[("trace", min_bytes) + ckey] = trace_units(model, batch, loss_fn, names, min_bytes=min_bytes)
+    trace = cache[("trace", min_bytes) + ckey]
     grads_by_unit, span = _param_ownership(model, names, trace.order)
 
     # 3. Times: a short real profile, and the codec/optimizer probes.
-    fwd_seconds, base_seconds, opt32 = _unit_times(model, batch, loss_fn, names, trace, profile_steps,
-                                                   step_seconds, optimizer)
-    codec = codec_seconds_per_byte()
+    tkey = ("times", step_seconds, profile_steps) + ckey
+    if tkey not in cache:
+        cache[tkey] = _unit_times(model, batch, loss_fn, names, trace, profile_steps, step_seconds, optimizer)
+    fwd_seconds, base_seconds, opt32, compressed_fb = cache[tkey]
+    codec = _codec_costs(codec_seconds_per_byte(), base_seconds, compressed_fb, trace)
     opt_speed = optimizer_seconds_per_param(optimizer)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     n_tensors = len({id(p) for p in model.parameters() if p.requires_grad})
@@ -976,7 +1003,7 @@ def plan(
             temp = min(c_opt32, 3 * largest) if (ib and w == 32) else 0
             options.append(S.OptimizerOption(
                 state_bits=w, in_backward=ib, state_bytes=sb, temp_bytes=int(temp),
-                seconds=max(0.0, extra), fidelity={32: 0.0, 8: 0.01, 4: 0.03}[w] * fidelity_weight,
+                seconds=max(0.0, extra), fidelity=STATE_FIDELITY[w] * fidelity_weight,
             ))
 
     # 5. Calibration: per-unit offsets, so that the model reproduces the traced plain
@@ -1018,7 +1045,8 @@ def plan(
         O += calib_opt[o.key]
         return (O, "optimizer") if O > fb else (fb, phase)
 
-    estimates: dict[str, Estimate] = {}
+    estimates: dict[str, Estimate] = cache.setdefault(("estimates",) + ckey, {})
+    checked: set[str] = set()
     best_verified: tuple[S.Solution, Estimate] | None = None
     lean_verified: tuple[S.Solution, Estimate] | None = None
     rounds = []
@@ -1027,10 +1055,12 @@ def plan(
         chosen = sol if sol is not None else lean
         cfg = _config_for(chosen, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
         key = _config_key(cfg)
-        if key in estimates:
+        if key in checked:
             break  # the corrected model picks a configuration already checked
-        est = estimate(model, batch, config=cfg, loss_fn=loss_fn)
-        estimates[key] = est
+        checked.add(key)
+        est = estimates.get(key)
+        if est is None:
+            est = estimates[key] = estimate(model, batch, config=cfg, loss_fn=loss_fn)
         fits = est.peak_bytes <= target
         rounds.append({"round": rnd, "modelled_peak": int(chosen.peak), "estimated_peak": est.peak_bytes,
                        "phase": est.peak_phase, "fits": fits, "config": cfg.describe(),
@@ -1100,8 +1130,9 @@ def _learn(units, choices, est: Estimate, overrides) -> None:
 
 def _unit_times(model, batch, loss_fn, names, trace: _Trace, steps: int, step_seconds: float | None, optimizer: str):
     """``(forward seconds per unit (inclusive), forward+backward seconds, optimizer-step
-    seconds or None)`` from :func:`memfit.plan.profile` (real steps with the fp32
-    optimizer); with ``step_seconds`` given, no profile: forward ~ a third of it,
+    seconds or None, forward+backward seconds with every activation at 4 bits or None)``
+    from :func:`memfit.plan.profile` (real steps, fp32 optimizer; then the same with
+    ``policy=4``). With ``step_seconds`` given, no profile: forward ~ a third of it,
     spread over units by their saved bytes."""
     if step_seconds is None:
         from .profile import profile as _profile
@@ -1110,11 +1141,31 @@ def _unit_times(model, batch, loss_fn, names, trace: _Trace, steps: int, step_se
         fwd = {n: float(prof.modules[n].forward_seconds) for n in names if n in prof.modules}
         fb = float(prof.forward_seconds + prof.backward_seconds)
         if fb > 0:
-            return fwd, fb, float(prof.optimizer_seconds) or None
+            compressed = None
+            if sum(c["float"] for c in trace.saved.values()) > 0:
+                p4 = _profile(model, batch, loss_fn=loss_fn, steps=steps,
+                              config=StepConfig(optimizer=optimizer, policy=4))
+                compressed = float(p4.forward_seconds + p4.backward_seconds)
+            return fwd, fb, float(prof.optimizer_seconds) or None, compressed
         step_seconds = float(prof.step_seconds) or 1.0
     total_saved = sum(c["total"] for c in trace.saved.values()) or 1
     fwd = {n: step_seconds / 3 * trace.saved.get(n, Counter())["total"] / total_saved for n in names}
-    return fwd, step_seconds, None
+    return fwd, step_seconds, None, None
+
+
+def _codec_costs(probe: Mapping[int, float], plain_fb: float, compressed_fb: float | None,
+                 trace: _Trace) -> dict[int, float]:
+    """Seconds per compressible byte that compressing costs a step, per width: the
+    measured difference between a step with every activation at 4 bits and a plain
+    one, per compressible byte (at least 2% of the codec-alone figure, so it is never
+    free), scaled between widths as the codec probe says; the probe alone without a
+    measurement."""
+    floats = sum(c["float"] for c in trace.saved.values())
+    if compressed_fb is None or floats <= 0:
+        return dict(probe)
+    measured = max(0.0, compressed_fb - plain_fb) / floats
+    ref = probe.get(4) or 1e-12
+    return {b: max(measured * probe[b] / ref, 0.02 * probe[b]) for b in probe}
 
 
 def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, accumulation, clip, role_of,

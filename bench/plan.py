@@ -1,0 +1,565 @@
+#!/usr/bin/env python
+"""memfit.plan against its bars, with real measured peaks.
+
+Parts (``--parts``, default all):
+
+* ``sweep``: GPT-2-small shape (12 x 768, vocab 50257, batch 4 x 256, AdamW). Plain
+  PyTorch's measured peak and the smallest peak the planner can reach
+  (``BudgetTooSmall.min_peak_bytes``, estimated) bound a sweep of budgets; at each,
+  ``memfit.plan`` then :func:`memfit.plan.measure_peak` (real tensors, MemTracker,
+  2 steps: the second is reported, optimizer state alive) of the plan's config.
+  Bars: measured <= budget; measured >= 85% of the budget; |predicted - measured| <=
+  10% of measured.
+* ``time``: at every sweep budget that full activation checkpointing (every block,
+  fp32 AdamW) also meets (its measured peak <= budget), the plan's whole training step
+  (forward, backward, optimizer) against checkpointing's, interleaved round-robin
+  after a warm-up, median of per-round ratios. Bar: plan / checkpointing <= 1.
+* ``floor``: LLaMA shape (hidden 768, 12 layers, intermediate 2048, vocab 32000;
+  LlamaConfig's default untied embeddings: 134M parameters), AdamW, batch 2 x 256:
+  budgets of 60% and 40% of plain's measured peak. Bar: measured <= budget. The same
+  shape with tied embeddings (110M) is reported too.
+* ``fit``: the demo's GPT-2 (memfit.demo, stdlib bytes): the fp32 run and the planned
+  run (``memfit.demo.make_demo_plan``: a quarter of the fp32 run's peak, or the
+  smallest reachable peak + 5% when a quarter is below it), same init, data, steps.
+  Bar: final loss within 1% of fp32. GPT-2-small's own quarter budget is reported
+  from the sweep (planned or BudgetTooSmall with its figures).
+* ``batch``: ``memfit.max_batch_size`` on GPT-2 (6 x 768, seq 256, AdamW) for a budget;
+  the answer is measured (bar: <= budget) and the next size up estimated (bar: above
+  budget x (1 - margin)).
+
+Usage::
+
+    python bench/plan.py                       # everything, updates docs/benchmarks.md ("plan")
+    python bench/plan.py --quick               # tiny shapes, a smoke test (no docs update)
+    python bench/plan.py --parts sweep,time --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+MARKER = "plan"
+DOCS = C.REPO / "docs" / "benchmarks.md"
+PARTS = ("sweep", "time", "floor", "fit", "batch")
+QUIET = Path("/tmp/memfit_quiet")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def wait_quiet() -> None:
+    """The machine is shared: wait while /tmp/memfit_quiet exists (someone is timing)."""
+    waited = False
+    while QUIET.exists():
+        if not waited:
+            log("/tmp/memfit_quiet exists: waiting")
+            waited = True
+        time.sleep(60)
+    if waited:
+        log("quiet flag gone: going on")
+
+
+def mb(n) -> str:
+    return "—" if n is None else f"{n / 1e6:,.0f}"
+
+
+def pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def gpt2(n_layer: int, n_embd: int, batch: int, seq: int, vocab: int = 50257):
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=max(1, n_embd // 64), n_positions=seq, vocab_size=vocab,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        bos_token_id=None if vocab < 50257 else 50256, eos_token_id=None if vocab < 50257 else 50256,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(cfg)
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids, "labels": ids}
+
+
+def llama(tied: bool, quick: bool):
+    import transformers
+
+    if quick:
+        cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=1024,
+                                       num_attention_heads=4, tie_word_embeddings=tied, use_cache=False)
+        b, s = 2, 32
+    else:
+        cfg = transformers.LlamaConfig(hidden_size=768, num_hidden_layers=12, intermediate_size=2048,
+                                       vocab_size=32000, num_attention_heads=12, tie_word_embeddings=tied,
+                                       use_cache=False)
+        b, s = 2, 256
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg)
+    model.loss_type = "ForCausalLM"
+    ids = torch.randint(0, cfg.vocab_size, (b, s), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": ids, "labels": ids}, f"{b}x{s}"
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def plan_desc(p) -> str:
+    from collections import Counter
+
+    counts = Counter(u.choice for u in p.units if u.plain_bytes > 0)
+    acts = ", ".join(f"{n} {c}" for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    opt = f"{p.optimizer_name}-{p.state_bits}" + (" in-bwd" if p.optimizer_in_backward else "")
+    return f"{opt}; {acts}"
+
+
+# --------------------------------------------------------------------------- sweep + time
+
+
+def part_sweep(args, state: dict) -> None:
+    import memfit
+    from memfit.plan import BudgetTooSmall, StepConfig, measure_peak
+
+    wait_quiet()
+    if args.quick:
+        model, batch = gpt2(3, 64, 4, 64, vocab=1024)
+        shape = "GPT-2 3 x 64, vocab 1024, batch 4 x 64"
+    else:
+        model, batch = gpt2(12, 768, 4, 256)
+        shape = "GPT-2-small shape (12 x 768, vocab 50257), batch 4 x 256"
+    blocks = tuple(f"transformer.h.{i}" for i in range(model.config.n_layer))
+    log(f"sweep: {shape}, {n_params(model) / 1e6:.1f}M params")
+    plain = measure_peak(model, batch, StepConfig())
+    log(f"plain measured peak {mb(plain.peak_bytes)} MB ({plain.peak_phase})")
+    ckpt = measure_peak(model, batch, StepConfig(checkpoint=blocks))
+    log(f"full checkpointing measured peak {mb(ckpt.peak_bytes)} MB ({ckpt.peak_phase})")
+    cache: dict = {}
+    t0 = time.perf_counter()
+    floor, floor_dom = None, None
+    try:
+        memfit.plan(model, batch, 1, cache=cache)
+    except BudgetTooSmall as exc:
+        floor, floor_dom = exc.min_peak_bytes, exc.dominant
+    log(f"smallest reachable peak (estimated) {mb(floor)} MB, dominated by {floor_dom} "
+        f"({time.perf_counter() - t0:.0f} s)")
+    # The smallest budget the planner can meet: its smallest peak plus its 2% margin.
+    lo, hi = floor / 0.98 * 1.01, plain.peak_bytes
+    n = args.budgets
+    budgets = [int(lo + (hi - lo) * i / (n - 1)) for i in range(n)]
+    rows = []
+    for b in budgets:
+        wait_quiet()
+        t0 = time.perf_counter()
+        try:
+            p = memfit.plan(model, batch, b, cache=cache)
+        except BudgetTooSmall as exc:
+            rows.append({"budget": b, "error": str(exc), "min_peak": exc.min_peak_bytes})
+            log(f"budget {mb(b)} MB: BudgetTooSmall ({exc})")
+            continue
+        secs = time.perf_counter() - t0
+        m = measure_peak(model, batch, p.config)
+        row = {
+            "budget": b, "plan": plan_desc(p), "predicted": p.predicted_peak_bytes, "measured": m.peak_bytes,
+            "measured_phase": m.peak_phase, "overhead": p.predicted_overhead, "plan_seconds": secs,
+            "rounds": len(p.search.get("rounds", [])), "config": p.config.to_dict(), "plan_json": p.to_json(),
+            "checkpoint_fits": ckpt.peak_bytes <= b,
+        }
+        row["fits"] = m.peak_bytes <= b
+        row["used"] = m.peak_bytes / b
+        row["pred_err"] = (p.predicted_peak_bytes - m.peak_bytes) / m.peak_bytes
+        rows.append(row)
+        log(f"budget {mb(b)} MB: {row['plan']}: predicted {mb(p.predicted_peak_bytes)}, measured "
+            f"{mb(m.peak_bytes)} ({pct(row['used'])} of budget, error {pct(row['pred_err'])}), planned in {secs:.0f} s")
+    quarter = plain.peak_bytes // 4
+    state["sweep"] = {
+        "shape": shape, "n_params": n_params(model), "plain_peak": plain.peak_bytes,
+        "plain_phase": plain.peak_phase, "plain_breakdown": plain.peak_breakdown,
+        "ckpt_peak": ckpt.peak_bytes, "floor": floor, "floor_dominant": floor_dom, "rows": rows,
+        "quarter": quarter, "quarter_fits": floor is not None and floor <= quarter,
+        "machine": C.machine_info(),
+    }
+    state["_sweep_objects"] = (model, batch, blocks)
+
+
+def part_time(args, state: dict) -> None:
+    from memfit.plan import StepConfig, apply, make_optimizer, resolve_loss_fn, run_step
+
+    sw = state.get("sweep")
+    objs = state.get("_sweep_objects")
+    if sw is None or objs is None:
+        log("time: needs the sweep in the same run; skipped")
+        return
+    model, batch, blocks = objs
+    fn = resolve_loss_fn(None)
+    configs: dict[str, dict] = {}
+    for row in sw["rows"]:
+        if "error" in row or not row["checkpoint_fits"]:
+            continue
+        key = json.dumps(row["config"], sort_keys=True)
+        configs.setdefault(key, row["config"])
+    if not configs:
+        log("time: no sweep budget that full checkpointing meets")
+        state["time"] = {"rows": [], "rounds": args.rounds}
+        return
+    wait_quiet()
+    stack = contextlib.ExitStack()
+    steps = {}
+
+    def make_step(cfg: StepConfig):
+        m = copy.deepcopy(model)
+        m.train()
+        opt = make_optimizer(m, cfg)
+        ctx = stack.enter_context(apply(m, cfg, opt))
+
+        def step():
+            run_step(m, batch, cfg, fn, opt, context=ctx)
+
+        return step
+
+    with stack:
+        steps["checkpointing"] = make_step(StepConfig(checkpoint=blocks))
+        names = {}
+        for i, (key, cfgd) in enumerate(configs.items()):
+            name = f"plan {i + 1}"
+            names[key] = name
+            steps[name] = make_step(StepConfig.from_dict(cfgd))
+        log(f"time: {len(steps) - 1} distinct plan(s) vs checkpointing, {args.rounds} rounds")
+        timings = C.interleaved_timing(steps, rounds=args.rounds, baseline="checkpointing", warmup=1, log=log)
+    out = []
+    for row in sw["rows"]:
+        if "error" in row or not row["checkpoint_fits"]:
+            continue
+        t = timings[names[json.dumps(row["config"], sort_keys=True)]]
+        out.append({"budget": row["budget"], "plan": row["plan"], "plan_s": t.median_s,
+                    "ckpt_s": timings["checkpointing"].median_s, "ratio": t.median_ratio, "spread": t.spread,
+                    "predicted_overhead": row["overhead"]})
+    state["time"] = {"rows": out, "rounds": args.rounds, "machine": C.machine_info()}
+    del steps
+    gc.collect()
+
+
+# --------------------------------------------------------------------------- floor
+
+
+def part_floor(args, state: dict) -> None:
+    import memfit
+    from memfit.plan import BudgetTooSmall, StepConfig, measure_peak
+
+    results = []
+    for tied in (False, True):
+        wait_quiet()
+        model, batch, bshape = llama(tied, args.quick)
+        label = f"LLaMA {'tied' if tied else 'untied'} ({n_params(model) / 1e6:.1f}M), batch {bshape}"
+        plain = measure_peak(model, batch, StepConfig())
+        log(f"floor: {label}: plain measured peak {mb(plain.peak_bytes)} MB ({plain.peak_phase}), "
+            f"breakdown {({k: mb(v) for k, v in plain.peak_breakdown.items() if v})}")
+        cache: dict = {}
+        for frac in (0.6, 0.4):
+            wait_quiet()
+            b = int(plain.peak_bytes * frac)
+            t0 = time.perf_counter()
+            try:
+                p = memfit.plan(model, batch, b, cache=cache)
+            except BudgetTooSmall as exc:
+                results.append({"model": label, "frac": frac, "budget": b, "plain_peak": plain.peak_bytes,
+                                "error": str(exc), "min_peak": exc.min_peak_bytes, "dominant": exc.dominant})
+                log(f"  {frac:.0%}: BudgetTooSmall: {exc}")
+                continue
+            secs = time.perf_counter() - t0
+            m = measure_peak(model, batch, p.config)
+            results.append({"model": label, "frac": frac, "budget": b, "plain_peak": plain.peak_bytes,
+                            "plan": plan_desc(p), "predicted": p.predicted_peak_bytes, "measured": m.peak_bytes,
+                            "fits": m.peak_bytes <= b, "plan_seconds": secs,
+                            "breakdown": m.peak_breakdown})
+            log(f"  {frac:.0%} = {mb(b)} MB: {plan_desc(p)}: predicted {mb(p.predicted_peak_bytes)}, measured "
+                f"{mb(m.peak_bytes)} ({'fits' if m.peak_bytes <= b else 'OVER'}), planned in {secs:.0f} s")
+        del model
+        gc.collect()
+    state["floor"] = {"rows": results, "machine": C.machine_info()}
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def part_fit(args, state: dict) -> None:
+    from memfit import demo
+    from memfit.data import ByteBatches, load_text_bytes
+
+    wait_quiet()
+    cfg = demo.DemoConfig.quick(steps=12) if args.quick else demo.DemoConfig()
+    data = load_text_bytes(max_bytes=cfg.max_data_bytes)
+    batches = ByteBatches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed)
+    base = demo.build_model(cfg)
+    log(f"fit: demo GPT-2 ({n_params(base) / 1e6:.2f}M params), {cfg.steps} steps")
+    fp32 = demo.train_run(base, batches, cfg, "fp32", "plain", None)
+    log(f"  fp32: final loss {fp32.final_loss:.4f}, peak {fp32.peak_bytes / 1e6:.1f} MB (step 1)")
+    t0 = time.perf_counter()
+    p, note = demo.make_demo_plan(base, batches, cfg, fp32.peak_bytes)
+    secs = time.perf_counter() - t0
+    if note:
+        log(f"  {note}")
+    run = demo.train_run(base, batches, cfg, "memfit.plan", "planned", None, plan=p)
+    rel = (run.final_loss - fp32.final_loss) / fp32.final_loss
+    log(f"  planned ({plan_desc(p)}): final loss {run.final_loss:.4f} ({rel:+.2%}), peak {run.peak_bytes / 1e6:.1f} MB "
+        f"(step 1), budget {p.budget_bytes / 1e6:.1f} MB, planned in {secs:.0f} s")
+    from memfit.plan import StepConfig, measure_peak
+
+    x0 = next(iter(batches))
+    steady_plain = measure_peak(base, {"input_ids": x0, "labels": x0}, StepConfig(max_grad_norm=cfg.grad_clip))
+    steady = measure_peak(base, {"input_ids": x0, "labels": x0}, p.config)
+    state["fit"] = {
+        "n_params": n_params(base), "steps": cfg.steps, "fp32_loss": fp32.final_loss,
+        "plan_loss": run.final_loss, "rel": rel, "plan": plan_desc(p), "budget": p.budget_bytes,
+        "fp32_peak_step1": fp32.peak_bytes, "plan_peak_step1": run.peak_bytes,
+        "fp32_peak_steady": steady_plain.peak_bytes, "plan_peak_steady": steady.peak_bytes,
+        "note": note, "plan_seconds": secs, "quarter": fp32.peak_bytes // 4,
+        "machine": C.machine_info(),
+    }
+
+
+# --------------------------------------------------------------------------- max batch size
+
+
+def part_batch(args, state: dict) -> None:
+    import memfit
+    from memfit.plan import StepConfig, estimate, measure_peak
+
+    wait_quiet()
+    if args.quick:
+        model, _ = gpt2(2, 64, 1, 64, vocab=1024)
+        seq, vocab, budget = 64, 1024, "8MB"
+    else:
+        model, _ = gpt2(6, 768, 1, 256)
+        seq, vocab, budget = 256, 50257, "2.5GB"
+
+    def make(n):
+        ids = torch.randint(0, vocab, (n, seq), generator=torch.Generator().manual_seed(n))
+        return {"input_ids": ids, "labels": ids}
+
+    margin = 0.05
+    t0 = time.perf_counter()
+    n = memfit.max_batch_size(model, make, budget, margin=margin)
+    secs = time.perf_counter() - t0
+    from memfit.plan import parse_budget
+
+    b = parse_budget(budget)
+    est_n = estimate(model, make(n)).peak_bytes
+    est_next = estimate(model, make(n + 1)).peak_bytes
+    meas = measure_peak(model, make(n), StepConfig()).peak_bytes
+    log(f"batch: max_batch_size = {n} for {budget} ({secs:.0f} s): estimated {mb(est_n)}, measured {mb(meas)}; "
+        f"n+1 estimated {mb(est_next)} (limit {mb(b * (1 - margin))})")
+    state["batch"] = {
+        "model": f"GPT-2 {model.config.n_layer} x {model.config.n_embd}, seq {seq}, AdamW", "budget": b,
+        "budget_spec": budget, "margin": margin, "n": n, "est_n": est_n, "measured_n": meas,
+        "est_next": est_next, "seconds": secs, "machine": C.machine_info(),
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
+    lines: list[str] = []
+    bars: list[tuple[str, bool, str]] = []
+    info = None
+    for part in PARTS:
+        if part in state and state[part].get("machine"):
+            info = state[part]["machine"]
+            break
+    lines.append("## memfit.plan: budgets met, measured")
+    lines.append("")
+    lines.append("`python bench/plan.py`: the planner's bars. Every peak is the peak of a whole training step "
+                 "(forward, backward, optimizer step; the second of two steps, so the optimizer state is alive) of "
+                 "live tensor bytes, measured on real tensors with torch's `MemTracker` "
+                 "(`memfit.plan.measure_peak`); *predicted* is the plan's `predicted_peak_bytes` (memfit.plan.estimate "
+                 "on fake tensors of the chosen configuration). MB = 10^6 bytes.")
+    lines.append("")
+    if info:
+        lines += C.machine_lines(info)
+        lines.append("")
+    sw = state.get("sweep")
+    if sw:
+        lines.append(f"### Sweep: {sw['shape']}, AdamW ({sw['n_params'] / 1e6:.1f}M params)")
+        lines.append("")
+        lines.append(f"Plain PyTorch measured peak: **{mb(sw['plain_peak'])} MB** (in {sw['plain_phase']}); full "
+                     f"activation checkpointing (fp32 AdamW): {mb(sw['ckpt_peak'])} MB; smallest peak the planner "
+                     f"reaches (estimated): {mb(sw['floor'])} MB, dominated by {sw['floor_dominant']}.")
+        lines.append("")
+        rows = []
+        for r in sw["rows"]:
+            if "error" in r:
+                rows.append([mb(r["budget"]), "BudgetTooSmall", "—", "—", "—", "—", "—", "FAIL"])
+                bars.append((f"sweep {mb(r['budget'])} MB", False, "BudgetTooSmall"))
+                continue
+            ok = r["fits"] and r["used"] >= 0.85 and abs(r["pred_err"]) <= 0.10
+            rows.append([mb(r["budget"]), r["plan"], mb(r["predicted"]), mb(r["measured"]), pct(r["used"]),
+                         f"{100 * r['pred_err']:+.1f}%", f"{100 * r['overhead']:+.1f}%", verdict(ok)])
+            bars.append((f"sweep {mb(r['budget'])} MB", ok,
+                         f"measured {mb(r['measured'])} MB = {pct(r['used'])} of budget, prediction error "
+                         f"{100 * r['pred_err']:+.1f}%"))
+        lines.append(C.markdown_table(
+            ["budget MB", "plan (optimizer; units)", "predicted MB", "measured MB", "of budget",
+             "pred. error", "pred. time", "bar"], rows))
+        lines.append("")
+        lines.append("Bar: measured <= budget, measured >= 85% of the budget, |predicted - measured| <= 10%. "
+                     "*pred. time*: the plan's predicted step-time overhead. Units: the transformer blocks, the "
+                     "embeddings, final norm, output layer and the root (loss); \"keep\" counts units that save "
+                     "anything for backward.")
+        lines.append("")
+    tm = state.get("time")
+    if tm:
+        lines.append(f"### Step time vs full activation checkpointing (budgets checkpointing also meets; "
+                     f"{tm['rounds']} interleaved rounds after a warm-up)")
+        lines.append("")
+        rows = []
+        for r in tm["rows"]:
+            ok = r["ratio"] <= 1.0
+            lo, hi = r["spread"]
+            rows.append([mb(r["budget"]), r["plan"], f"{r['plan_s']:.2f}", f"{r['ckpt_s']:.2f}",
+                         f"{r['ratio']:.2f}x ({lo:.2f}-{hi:.2f})", verdict(ok)])
+            bars.append((f"time {mb(r['budget'])} MB", ok, f"plan/checkpointing {r['ratio']:.2f}x"))
+        if rows:
+            lines.append(C.markdown_table(["budget MB", "plan", "plan s/step", "ckpt s/step",
+                                           "plan / ckpt (min-max)", "bar"], rows))
+        else:
+            lines.append("No sweep budget is met by full checkpointing.")
+        lines.append("")
+        lines.append("Whole training steps (forward, backward, optimizer step), each contender on its own copy of "
+                     "the model; checkpointing = `torch.utils.checkpoint` around every block with torch's AdamW.")
+        lines.append("")
+    fl = state.get("floor")
+    if fl:
+        lines.append("### Budget floor: LLaMA shape (hidden 768, 12 layers, intermediate 2048, vocab 32000), AdamW")
+        lines.append("")
+        rows = []
+        for r in fl["rows"]:
+            if "error" in r:
+                rows.append([r["model"], f"{r['frac']:.0%} = {mb(r['budget'])}", mb(r["plain_peak"]),
+                             f"BudgetTooSmall: min {mb(r['min_peak'])} MB, {r['dominant']}", "—", "—", "FAIL"])
+                bars.append((f"floor {r['model']} {r['frac']:.0%}", False, "BudgetTooSmall"))
+                continue
+            rows.append([r["model"], f"{r['frac']:.0%} = {mb(r['budget'])}", mb(r["plain_peak"]), r["plan"],
+                         mb(r["predicted"]), mb(r["measured"]), verdict(r["fits"])])
+            bars.append((f"floor {r['model']} {r['frac']:.0%}", r["fits"],
+                         f"measured {mb(r['measured'])} MB <= {mb(r['budget'])} MB"))
+        lines.append(C.markdown_table(["model, batch", "budget (of plain) MB", "plain MB", "plan",
+                                       "predicted MB", "measured MB", "bar"], rows))
+        lines.append("")
+        lines.append("Plain's peak is at the end of backward / the optimizer step (parameters, all gradients, "
+                     "AdamW state); activations alone cannot bring it down, so the planner compresses the "
+                     "optimizer state and steps the optimizer inside backward.")
+        lines.append("")
+    ft = state.get("fit")
+    if ft:
+        ok = abs(ft["rel"]) <= 0.01
+        bars.append(("fit: planned run's final loss within 1% of fp32", ok, f"{100 * ft['rel']:+.2f}%"))
+        lines.append(f"### Fit: the demo's GPT-2 ({ft['n_params'] / 1e6:.2f}M params), {ft['steps']} steps")
+        lines.append("")
+        rows = [
+            ["fp32", f"{ft['fp32_peak_step1'] / 1e6:.1f}", f"{ft['fp32_peak_steady'] / 1e6:.1f}", "—",
+             f"{ft['fp32_loss']:.4f}", "", ""],
+            ["memfit.plan", f"{ft['plan_peak_step1'] / 1e6:.1f}", f"{ft['plan_peak_steady'] / 1e6:.1f}",
+             f"{ft['budget'] / 1e6:.1f}", f"{ft['plan_loss']:.4f}", f"{100 * ft['rel']:+.2f}%", verdict(ok)],
+        ]
+        lines.append(C.markdown_table(["run", "peak MB (step 1)", "peak MB (steady)", "budget MB", "final loss",
+                                       "vs fp32", "bar (1%)"], rows))
+        lines.append("")
+        lines.append(f"Plan: {ft['plan']}. " + (ft["note"] + "." if ft["note"] else
+                                                   "Budget: a quarter of the fp32 run's peak."))
+        lines.append("")
+    if sw:
+        q = sw["quarter"]
+        lines.append(f"GPT-2-small shape at a quarter of plain's measured peak ({mb(q)} MB): "
+                     + ("reachable" if sw["quarter_fits"] else
+                        f"not reachable: the smallest peak memfit reaches is {mb(sw['floor'])} MB, dominated by "
+                        f"{sw['floor_dominant']}") + ".")
+        lines.append("")
+    bt = state.get("batch")
+    if bt:
+        ok1 = bt["measured_n"] <= bt["budget"]
+        ok2 = bt["est_next"] > bt["budget"] * (1 - bt["margin"])
+        bars.append(("max_batch_size: answer measured within budget", ok1,
+                     f"{mb(bt['measured_n'])} MB <= {mb(bt['budget'])} MB"))
+        bars.append(("max_batch_size: next size estimated over", ok2,
+                     f"{mb(bt['est_next'])} MB > {mb(bt['budget'] * (1 - bt['margin']))} MB"))
+        lines.append(f"### max_batch_size: {bt['model']}, budget {bt['budget_spec']}, margin {bt['margin']:.0%}")
+        lines.append("")
+        lines.append(C.markdown_table(
+            ["answer", "estimated MB", "measured MB", "n+1 estimated MB", "limit MB", "search s", "bars"],
+            [[bt["n"], mb(bt["est_n"]), mb(bt["measured_n"]), mb(bt["est_next"]),
+              mb(bt["budget"] * (1 - bt["margin"])), f"{bt['seconds']:.0f}",
+              f"{verdict(ok1)} / {verdict(ok2)}"]]))
+        lines.append("")
+    return "\n".join(lines), bars
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    ap.add_argument("--budgets", type=int, default=None, help="sweep budgets (default 7; 4 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test; implies --no-write")
+    ap.add_argument("--no-write", action="store_true", help=f"do not update {DOCS.relative_to(C.REPO)}")
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    args = ap.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = set(parts) - set(PARTS)
+    if bad:
+        ap.error(f"unknown part(s): {', '.join(sorted(bad))}")
+    args.budgets = args.budgets or (4 if args.quick else 7)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
+    state: dict = {}
+    t0 = time.perf_counter()
+    for part in PARTS:
+        if part in parts:
+            globals()[f"part_{part}"](args, state)
+    state.pop("_sweep_objects", None)
+    body, bars = report(state, args)
+    print()
+    print(body)
+    print("\nBars:")
+    for name, ok, what in bars:
+        print(f"  {verdict(ok)}  {name}: {what}")
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(state, indent=1, default=str))
+    if args.quick or args.no_write:
+        print("(docs not updated: " + ("--quick" if args.quick else "--no-write") + ")")
+    else:
+        C.update_markdown_section(DOCS, MARKER, body)
+        print(f"updated {DOCS.relative_to(C.REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
