@@ -41,8 +41,6 @@ import contextlib
 import copy
 import gc
 import json
-import math
-import os
 import sys
 import time
 import warnings
@@ -482,17 +480,20 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         bars.append(("fit: planned run's final loss within 1% of fp32", ok, f"{100 * ft['rel']:+.2f}%"))
         lines.append(f"### Fit: the demo's GPT-2 ({ft['n_params'] / 1e6:.2f}M params), {ft['steps']} steps")
         lines.append("")
+        mib = 2**20
         rows = [
-            ["fp32", f"{ft['fp32_peak_step1'] / 1e6:.1f}", f"{ft['fp32_peak_steady'] / 1e6:.1f}", "—",
+            ["fp32", f"{ft['fp32_peak_step1'] / mib:.1f}", f"{ft['fp32_peak_steady'] / mib:.1f}", "—",
              f"{ft['fp32_loss']:.4f}", "", ""],
-            ["memfit.plan", f"{ft['plan_peak_step1'] / 1e6:.1f}", f"{ft['plan_peak_steady'] / 1e6:.1f}",
-             f"{ft['budget'] / 1e6:.1f}", f"{ft['plan_loss']:.4f}", f"{100 * ft['rel']:+.2f}%", verdict(ok)],
+            ["memfit.plan", f"{ft['plan_peak_step1'] / mib:.1f}", f"{ft['plan_peak_steady'] / mib:.1f}",
+             f"{ft['budget'] / mib:.1f}", f"{ft['plan_loss']:.4f}", f"{100 * ft['rel']:+.2f}%", verdict(ok)],
         ]
-        lines.append(C.markdown_table(["run", "peak MB (step 1)", "peak MB (steady)", "budget MB", "final loss",
+        lines.append(C.markdown_table(["run", "peak MiB (step 1)", "peak MiB (steady)", "budget MiB", "final loss",
                                        "vs fp32", "bar (1%)"], rows))
         lines.append("")
-        lines.append(f"Plan: {ft['plan']}. " + (ft["note"] + "." if ft["note"] else
-                                                   "Budget: a quarter of the fp32 run's peak."))
+        lines.append("As `memfit demo` runs it (MiB, as the demo prints; *step 1*: the demo's own measurement, "
+                     "*steady*: `measure_peak`, second step). "
+                     f"Plan: {ft['plan']}. " + (ft["note"] + "." if ft["note"] else
+                                                "Budget: a quarter of the fp32 run's step-1 peak."))
         lines.append("")
     if sw:
         q = sw["quarter"]
@@ -524,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--budgets", type=int, default=None, help="sweep budgets (default 7; 4 with --quick)")
-    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 2 with --quick)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 2 with --quick)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOCS.relative_to(C.REPO)}")
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         ap.error(f"unknown part(s): {', '.join(sorted(bad))}")
     args.budgets = args.budgets or (4 if args.quick else 7)
-    args.rounds = args.rounds or (2 if args.quick else 3)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*bos_token_id.*|.*eos_token_id.*")
     state: dict = {}

@@ -385,10 +385,12 @@ def make_demo_plan(base_model: torch.nn.Module, batches: ByteBatches, config: De
         return make_plan(base_model, batch, budget, **kw), None
     except BudgetTooSmall as exc:
         fallback = int(exc.min_peak_bytes * 1.05)
+        what, size = max(exc.breakdown.items(), key=lambda kv: kv[1]) if exc.breakdown else ("?", 0)
+        what = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state"}.get(what, what)
         note = (
             f"planned run: {config.plan_fraction:g} of fp32's peak ({budget / MB:.1f} MB) is below the smallest "
             f"peak memfit.plan reaches on this model ({exc.min_peak_bytes / MB:.1f} MB, dominated by "
-            f"{exc.dominant}); planned at {fallback / MB:.1f} MB instead"
+            f"{what} {size / MB:.1f} MB); planned at {fallback / MB:.1f} MB instead"
         )
         return make_plan(base_model, batch, fallback, **kw), note
 

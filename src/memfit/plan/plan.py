@@ -32,9 +32,7 @@ head cost 8x as much, so they stay precise unless the budget needs them).
 
 from __future__ import annotations
 
-import copy
 import json
-import math
 import statistics
 import time
 import warnings
@@ -47,7 +45,7 @@ import torch
 
 from ..activations.policy import main_blocks
 from . import solver as S
-from ._step import Loss, StepConfig, apply, make_optimizer, make_compressor, preserved_state, resolve_loss_fn
+from ._step import Loss, StepConfig, apply, make_optimizer, preserved_state, resolve_loss_fn
 from .budget import format_bytes, parse_budget
 from .estimate import Estimate, estimate
 
