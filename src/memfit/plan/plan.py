@@ -53,9 +53,12 @@ __all__ = ["BudgetTooSmall", "Plan", "UnitChoice", "max_batch_size", "plan"]
 
 PLAN_FORMAT = 1
 # Fidelity costs of compressed optimizer state (the activation widths' are in
-# solver.CostModel): the state steers every update of every parameter, so 8-bit state
-# costs about as much as a few blocks' activations at 8 bits.
-STATE_FIDELITY = {32: 0.0, 8: 0.015, 4: 0.04}
+# solver.CostModel). Activation codes are rounded stochastically (unbiased) and their
+# error lives for one step; the state is rounded to nearest and carried from step to
+# step into every update of every parameter. So the plan leaves the optimizer alone
+# unless compressing activations would cost more than ~7 blocks at 8 bits (8-bit
+# state) or the budget needs it.
+STATE_FIDELITY = {32: 0.0, 8: 0.05, 4: 0.10}
 _MIN_BYTES = 32 * 1024  # memfit.activations' default: smaller storages are kept
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
