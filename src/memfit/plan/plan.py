@@ -1175,7 +1175,7 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
     for u in sorted(units, key=lambda u: u.order):
         c = sol.choices[u.name]
         t, f = cost.unit_cost(u, c)
-        held = overrides.get((u.name, c), u.stored(c))
+        held = u.act_bytes if c == S.KEEP else overrides.get((u.name, c), u.stored(c))
         rows.append(UnitChoice(name=u.name, role=role_of.get(u.name, u.role), choice=_choice_label(c),
                                plain_bytes=int(u.act_bytes),
                                planned_bytes=int(held), overhead=t, fidelity=f))
