@@ -106,6 +106,51 @@ def test_maps_shape_and_no_zero():
     assert ((pos >= 0.1) & (pos < 1)).sum() == 64
 
 
+FLOAT8_MAPS = [m for m in MAPS if m.startswith("float8_")]
+
+
+def test_float_maps():
+    for name in FLOAT8_MAPS:
+        v = D.get_map(name).values
+        assert v.numel() == 256 and float(v.max()) == 1.0 and bool((v[1:] >= v[:-1]).all())
+        pos = v[v > 0]
+        mant = int(name.split("_")[1][-1])
+        # 2**mant equally spaced codes in every binade below 1
+        top = pos[(pos >= 0.5) & (pos < 1)]
+        assert top.numel() == 2**mant and torch.allclose(top[1:] - top[:-1], torch.full((2**mant - 1,), 0.5 / 2**mant))
+        if "unsigned" in name:
+            assert float(v.min()) > 0  # no zero code: a second moment never decodes to 0
+        else:
+            assert torch.equal(v[:127], -v[128:255].flip(0)) and float(v[127]) == 0.0
+    assert float(D.get_map("float8_e5m3_unsigned").values.min()) < 2**-31  # 32 binades
+    assert float(D.get_map("float8_e4m3_signed").values[128]) < 2**-15  # 16 binades
+
+
+@needs_fused
+@pytest.mark.parametrize("name", FLOAT8_MAPS)
+def test_float_map_kernel_rounds_like_searchsorted(name):
+    """The fused kernel's integer rounding of float maps equals searchsorted on the
+    midpoints (ties to the lower code) on a sweep of every 4099th fp32 in [0, 1], every
+    midpoint and its neighbours, both signs, and values past +-1."""
+    from memfit.optim._kernels import load_extension
+
+    ext = load_extension()
+    qmap = D.get_map(name)
+    u = torch.arange(0, 0x3F800001, 4099, dtype=torch.int64).to(torch.int32)
+    sweep = u.view(torch.float32)
+    m = qmap.midpoints
+    near = torch.cat([m, torch.nextafter(m, torch.tensor(2.0)), torch.nextafter(m, torch.tensor(-2.0)),
+                      torch.nextafter(torch.nextafter(m, torch.tensor(2.0)), torch.tensor(2.0))])
+    x = torch.cat([sweep, near, torch.tensor([0.0, 1.0, 1.0000001, 1.5, 3e38, 1e-45, 2**-40])])
+    x = torch.cat([x, -x]).contiguous()
+    got = ext.float_map_codes(x, qmap.values)
+    assert torch.equal(got.to(torch.int64), D.quantize_normalized(x, qmap))
+    codes = torch.arange(256, dtype=torch.int32)
+    assert torch.equal(ext.float_map_values(codes, qmap.values), qmap.values)
+    # a map that is not a float map is refused (codes -1), not rounded wrongly
+    assert bool((ext.float_map_codes(x[:16].contiguous(), D.get_map("dynamic8_signed").values) == -1).all())
+
+
 @PROP
 @given(
     name=st.sampled_from(MAPS),
@@ -398,8 +443,8 @@ def test_load_torch_adamw_state_quantizes_it():
     assert st_["qbits"] == 8 and float(st_["step"]) == 5.0
     m, v = Q.dequantize(st_, o._STATE_NAMES)
     ref = t.state[list(m1.parameters())[0]]
-    assert torch.allclose(m.view_as(p), ref["exp_avg"], atol=0.02 * float(ref["exp_avg"].abs().max()))
-    assert torch.allclose(v.view_as(p), ref["exp_avg_sq"], atol=0.02 * float(ref["exp_avg_sq"].abs().max()))
+    assert torch.allclose(m.view_as(p), ref["exp_avg"], atol=0.032 * float(ref["exp_avg"].abs().max()))  # E4M3: half a step at the top
+    assert torch.allclose(v.view_as(p), ref["exp_avg_sq"], atol=0.032 * float(ref["exp_avg_sq"].abs().max()))
     l1 = train(m1, t, data[5:])
     l2 = train(m2, o, data[5:])
     assert l2 == pytest.approx(l1, rel=0.02)

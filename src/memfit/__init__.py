@@ -6,7 +6,9 @@
 * :mod:`memfit.codec` is the block-wise codec underneath.
 * :mod:`memfit.plan`: :func:`estimate` gives the peak memory of a training step from
   fake tensors (nothing computed or allocated); :func:`profile` measures per-module
-  saved bytes and times.
+  saved bytes and times; ``memfit.plan(model, batch, budget)`` picks compression,
+  recomputation and optimizer-state bits to fit a byte budget.
+* :func:`causal_lm_loss` computes a causal LM's loss in chunks, without full logits.
 """
 
 from . import codec, optim
@@ -37,3 +39,7 @@ __all__ += ["Profile", "profile"]
 from .plan import BudgetTooSmall, Plan, max_batch_size  # noqa: E402
 
 __all__ += ["BudgetTooSmall", "Plan", "max_batch_size"]
+
+from .loss import causal_lm_loss  # noqa: E402
+
+__all__ += ["causal_lm_loss"]

@@ -8,6 +8,11 @@ here knows about optimizers:
   "8-bit Optimizers via Block-wise Quantization"): resolution doubles in each decade,
   so values spanning many orders of magnitude keep their relative precision. Signed
   (256 codes at 8 bits, 16 at 4 bits) or unsigned.
+* :func:`float_map` is an 8-bit floating-point map (sign, exponent, mantissa; the top
+  code exactly 1.0): the same relative resolution in every binade, and rounding to it
+  is integer rounding of the fp32 bits, so a kernel needs no search and no table.
+  memfit's 8-bit optimizer states use it (E4M3-like signed, E5M3-like unsigned
+  without zero).
 * :func:`linear_map` with ``zero=False`` is the linear map without a zero code of
   Li et al. 2023 ("Memory Efficient Optimizers with 4-bit States"): ``k / 2**bits``
   for ``k = 1 .. 2**bits``. A second moment stored with it can never decode to 0,
@@ -42,6 +47,7 @@ __all__ = [
     "QuantMap",
     "dequantize_blockwise",
     "dynamic_map",
+    "float_map",
     "get_map",
     "linear_map",
     "pack_nibbles",
@@ -81,6 +87,39 @@ def dynamic_map(bits: int = 8, signed: bool = True) -> torch.Tensor:
     if len(data) != 2**bits:  # pragma: no cover - construction invariant
         raise AssertionError(len(data))
     return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def float_map(mant_bits: int, signed: bool) -> torch.Tensor:
+    """An 8-bit floating-point map (sign, exponent, ``mant_bits`` mantissa bits) whose
+    largest code is exactly 1.0, as sorted fp32 values.
+
+    Magnitude code ``k`` (7 bits signed, 8 unsigned) stands for the fp32 whose bits are
+    ``(k + off) << (23 - mant_bits)``, with ``off`` chosen so that the top code is 1.0:
+    every binade below 1 holds ``2**mant_bits`` equally spaced codes, so rounding to the
+    nearest code is rounding the fp32 mantissa, a few integer operations in a kernel
+    (no search, no table). The same family as the FP8 formats used for optimizer states
+    by FP8-LM and COAT (E4M3 for the first moment).
+
+    * signed (``mant_bits=3``: E4M3-like): magnitude 0 is 0.0, magnitudes 1..127 are
+      normal (down to 1.25 * 2**-16); 127 negative values, 0, 127 positive ones, and 1.0
+      twice (the top code 255 is never produced by rounding) to make 256.
+    * unsigned (``mant_bits=3``: E5M3-like): 256 normal codes down to 1.125 * 2**-32 and no
+      zero code, so that a second moment never decodes to 0 (the zero-point problem:
+      ``m / sqrt(v)`` blowing up; Li et al. 2023); anything below the smallest code
+      rounds up to it.
+    """
+    if not 1 <= mant_bits <= 6:
+        raise ValueError(f"mant_bits must be in 1..6, got {mant_bits!r}")
+    mag_bits = 7 if signed else 8
+    top = (1 << mag_bits) - 1
+    off = (127 << mant_bits) - top
+    k = np.arange(top + 1, dtype=np.int64)
+    mag = _f32_bits_to_float((k + off) << (23 - mant_bits)).astype(np.float64)
+    if not signed:
+        return torch.tensor(mag.tolist(), dtype=torch.float32)
+    mag[0] = 0.0
+    vals = np.concatenate([-mag[:0:-1], mag, [1.0]])
+    return torch.tensor(vals.tolist(), dtype=torch.float32)
 
 
 def linear_map(bits: int = 4, signed: bool = False, zero: bool = False) -> torch.Tensor:
@@ -197,6 +236,10 @@ _MAP_BUILDERS = {
     "dynamic8_unsigned": lambda: dynamic_map(8, False),
     "dynamic4_signed": lambda: dynamic_map(4, True),
     "dynamic4_unsigned": lambda: dynamic_map(4, False),
+    "float8_e4m3_signed": lambda: float_map(3, True),
+    "float8_e5m3_unsigned": lambda: float_map(3, False),
+    "float8_e3m4_signed": lambda: float_map(4, True),
+    "float8_e4m4_unsigned": lambda: float_map(4, False),
     "dynamic8_unsigned_nozero": lambda: nozero(dynamic_map(8, False)),
     "dynamic4_unsigned_nozero": lambda: nozero(dynamic_map(4, False)),
     "linear4_unsigned_nozero": lambda: linear_map(4, False, zero=False),

@@ -30,9 +30,15 @@ class AdamW(QuantizedOptimizer):
     stored block-wise quantized.
 
     Args (beyond torch's, which keep torch's defaults):
-        state_bits: 8 (default), 4 or 32, per param group. 8-bit: blocks of 256, the
-            first moment on the signed dynamic map, the second on the unsigned dynamic
-            map (bitsandbytes' layout, ~2.03 bytes/param). 4-bit: blocks of 128, the
+        state_bits: 8 (default), 4 or 32, per param group. 8-bit: blocks of 256 with an
+            fp32 absmax each (~2.03 bytes/param), both moments on 8-bit floating-point
+            maps whose top code is exactly 1.0 (:func:`memfit.codec.dynamic.float_map`):
+            the first on a signed E4M3-like map (as FP8-LM and COAT store it), the
+            second on an unsigned E5M3-like map without a zero code (32 binades; a
+            second moment never decodes to 0). Rounding to them is integer arithmetic
+            on the fp32 bits, which is what makes the fused CPU step fast. States saved
+            with the earlier dynamic-tree maps (their names are in the state dict) still
+            load and step on those maps. 4-bit: blocks of 128, the
             first moment on the 4-bit signed dynamic map, the second on the linear map
             without a zero code (1/16 .. 1; Li et al. 2023), ~1.06 bytes/param. 32:
             plain fp32 state, stepped by torch's own AdamW code.
@@ -80,7 +86,7 @@ class AdamW(QuantizedOptimizer):
         super().__init__(params, defaults)
 
     def _maps(self, bits: int) -> tuple[str, ...]:
-        return ("dynamic8_signed", "dynamic8_unsigned") if bits == 8 else ("dynamic4_signed", "linear4_unsigned_nozero")
+        return ("float8_e4m3_signed", "float8_e5m3_unsigned") if bits == 8 else ("dynamic4_signed", "linear4_unsigned_nozero")
 
     def _hparams(self, group: dict, step: float) -> list[float]:
         lr = float(group["lr"])

@@ -12,7 +12,8 @@ from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
 class Lion(QuantizedOptimizer):
     """Lion: ``c = b1*m + (1-b1)*g``; ``p = p*(1 - lr*wd) - lr*sign(c)``;
     ``m = b2*m + (1-b2)*g``. Defaults lr=1e-4, betas=(0.9, 0.99), weight_decay=0.
-    The moment uses the signed dynamic map, 8-bit (block 256) or 4-bit (block 128).
+    The moment uses the signed FP8-style map at 8 bits (block 256) or the signed
+    dynamic map at 4 bits (block 128).
     Options ``state_bits``, ``block_size``, ``min_quantized_numel`` as for
     :class:`memfit.optim.AdamW`. ``sign`` follows ``torch.sign`` (NaN -> 0)."""
 
@@ -47,7 +48,7 @@ class Lion(QuantizedOptimizer):
         super().__init__(params, defaults)
 
     def _maps(self, bits):
-        return ("dynamic8_signed",) if bits == 8 else ("dynamic4_signed",)
+        return ("float8_e4m3_signed",) if bits == 8 else ("dynamic4_signed",)
 
     def _hparams(self, group, step):
         lr = float(group["lr"])

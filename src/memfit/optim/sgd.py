@@ -12,8 +12,9 @@ from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
 class SGD(QuantizedOptimizer):
     """SGD with momentum (torch's semantics: dampening, nesterov, L2 weight decay added
     to the gradient, the first step's buffer is the gradient itself) with the momentum
-    buffer quantized on the signed dynamic map: 8-bit (block 256, ~1.02 bytes/param)
-    or 4-bit (block 128, ~0.53). ``momentum=0`` keeps no state at all. Options
+    buffer quantized block-wise: 8-bit on the signed FP8-style map (E4M3-like, see
+    :func:`memfit.codec.dynamic.float_map`; block 256, ~1.02 bytes/param) or 4-bit on
+    the signed dynamic map (block 128, ~0.53). ``momentum=0`` keeps no state at all. Options
     ``state_bits``, ``block_size`` and ``min_quantized_numel`` as for
     :class:`memfit.optim.AdamW`. Sparse gradients are only supported where the state
     is fp32 (as torch's SGD)."""
@@ -62,7 +63,7 @@ class SGD(QuantizedOptimizer):
         return group["momentum"] != 0
 
     def _maps(self, bits):
-        return ("dynamic8_signed",) if bits == 8 else ("dynamic4_signed",)
+        return ("float8_e4m3_signed",) if bits == 8 else ("dynamic4_signed",)
 
     def _hparams(self, group, step):
         gs = -1.0 if group["maximize"] else 1.0

@@ -849,6 +849,125 @@ inline void requant_exact(const float* s, int64_t cnt, float inv, const float* m
   }
 }
 
+// ---- 8-bit floating-point maps (memfit/codec/dynamic.py: float_map)
+// Magnitude code k stands for the fp32 with bits (k + off) << s, so rounding to the
+// nearest code is integer rounding of the fp32 bits: add half a step (minus 1 for x >= 0,
+// so that ties go to the lower code as in quantize_normalized), shift, subtract off. No
+// search, no table; the codes are always exactly quantize_normalized's (tested).
+struct FMap {
+  bool ok = false;
+  bool sym = false;   // signed: codes 127 -/+ k, k = 0 is 0.0, code 255 duplicates 1.0
+  int32_t s = 0;      // 23 - mantissa bits
+  int32_t off = 0;
+  uint32_t mid01 = 0; // signed: bits of the midpoint between 0 and magnitude 1
+};
+
+inline FMap build_fmap(const float* v, int n) {
+  FMap f;
+  if (n != 256) return f;
+  for (int mb = 1; mb <= 6; ++mb) {
+    const int s = 23 - mb;
+    bool good = true;
+    if (v[0] < 0.0f) {  // signed
+      const int32_t off = (127 << mb) - 127;
+      good = v[127] == 0.0f && v[255] == 1.0f;
+      for (int k = 1; good && k <= 127; ++k) {
+        const float m = u2f((uint32_t)(k + off) << s);
+        good = v[127 + k] == m && v[127 - k] == -m;
+      }
+      if (good) {
+        f.ok = true;
+        f.sym = true;
+        f.s = s;
+        f.off = off;
+        f.mid01 = f2u(v[128] * 0.5f);
+        return f;
+      }
+    } else {
+      const int32_t off = (127 << mb) - 255;
+      for (int k = 0; good && k <= 255; ++k) good = v[k] == u2f((uint32_t)(k + off) << s);
+      if (good) {
+        f.ok = true;
+        f.s = s;
+        f.off = off;
+        return f;
+      }
+    }
+  }
+  return f;
+}
+
+inline const FMap& fmap_cached(const float* v) {
+  static std::mutex mu;
+  static std::vector<std::pair<std::vector<float>, FMap>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& e : cache)
+    if (std::memcmp(e.first.data(), v, 256 * 4) == 0) return e.second;
+  cache.emplace_back(std::vector<float>(v, v + 256), build_fmap(v, 256));
+  return cache.back().second;
+}
+
+#if defined(__AVX2__)
+struct F8V {
+  bool sym = false;
+  __m128i s;
+  __m256i off, hm1, mid, c127, c255, zero, sgn, absm;
+  __m256 one, mone;
+  F8V() = default;
+  explicit F8V(const FMap& f) : sym(f.sym) {
+    s = _mm_cvtsi32_si128(f.s);
+    off = _mm256_set1_epi32(f.off);
+    hm1 = _mm256_set1_epi32((1 << (f.s - 1)) - 1);
+    mid = _mm256_set1_epi32((int32_t)f.mid01);
+    c127 = _mm256_set1_epi32(127);
+    c255 = _mm256_set1_epi32(255);
+    zero = _mm256_setzero_si256();
+    sgn = _mm256_set1_epi32((int32_t)0x80000000u);
+    absm = _mm256_set1_epi32(0x7fffffff);
+    one = _mm256_set1_ps(1.0f);
+    mone = _mm256_set1_ps(-1.0f);
+  }
+};
+
+// 8 codes (int32) -> 8 code book values (SYM must equal f.sym)
+template <bool SYM>
+__attribute__((always_inline)) inline __m256 f8_decode(__m256i q, const F8V& f) {
+  if (!SYM) return _mm256_castsi256_ps(_mm256_sll_epi32(_mm256_add_epi32(q, f.off), f.s));
+  const __m256i d = _mm256_sub_epi32(q, f.c127);
+  const __m256i k = _mm256_min_epi32(_mm256_abs_epi32(d), f.c127);
+  __m256i b = _mm256_sll_epi32(_mm256_add_epi32(k, f.off), f.s);
+  b = _mm256_andnot_si256(_mm256_cmpeq_epi32(k, f.zero), b);
+  return _mm256_castsi256_ps(_mm256_or_si256(b, _mm256_and_si256(d, f.sgn)));
+}
+
+// nearest codes (int32) of 8 normalised finite values. CLAMP: clamp to [-1, 1] first;
+// without it |x| must be below 1 + 2^-6 (x * (1 / absmax) is at most a few ulps past 1).
+template <bool CLAMP, bool SYM>
+__attribute__((always_inline)) inline __m256i f8_encode(__m256 x, const F8V& f) {
+  if (!SYM) {
+    if (CLAMP) x = _mm256_min_ps(x, f.one);
+    const __m256i u = _mm256_max_epi32(_mm256_castps_si256(x), f.zero);  // x < 0 -> 0
+    const __m256i k = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_add_epi32(u, f.hm1), f.s), f.off);
+    return _mm256_max_epi32(k, f.zero);
+  }
+  if (CLAMP) x = _mm256_min_ps(_mm256_max_ps(x, f.mone), f.one);
+  const __m256i xi = _mm256_castps_si256(x);
+  const __m256i u = _mm256_and_si256(xi, f.absm);
+  const __m256i nm = _mm256_srai_epi32(xi, 31);  // -1 for x < 0 (ties away from 0 there)
+  __m256i k = _mm256_sub_epi32(_mm256_srl_epi32(_mm256_sub_epi32(_mm256_add_epi32(u, f.hm1), nm), f.s), f.off);
+  // |x| past the midpoint between 0 and magnitude 1 (at it for x < 0) is at least 1
+  k = _mm256_max_epi32(k, _mm256_sub_epi32(f.zero, _mm256_cmpgt_epi32(u, _mm256_add_epi32(f.mid, nm))));
+  return _mm256_add_epi32(f.c127, _mm256_sub_epi32(_mm256_xor_si256(k, nm), nm));
+}
+
+// 32 codes (bytes) -> 4 x 8 values
+template <bool SYM>
+__attribute__((always_inline)) inline void f8x32(const uint8_t* c, const F8V& f, __m256 out[4]) {
+  for (int k = 0; k < 4; ++k)
+    out[k] = f8_decode<SYM>(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(c + 8 * k))), f);
+}
+#endif
+
 constexpr int64_t FUNIT = 32;
 
 // One block's new state in flight between the update and the requantization.
@@ -866,15 +985,22 @@ struct AdamWFast {
   const float* mids0;
   const float* mids1;
   bool sym0 = false, sym1 = false;
+  bool f8 = false;  // 8-bit states on float maps: decode and encode in registers
   Q8GV qa, qb;
+  F8V fa, fb;
   const Q4V q40, q41;
   const D4V d40, d41;
   __m256 vdecay, vb1, vomb1, vb2, vomb2, vibc2, veps, vss, vgs;
 
-  AdamWFast(const QTab& t0, const QTab& t1, const Q8F* f0, const Q8F* f1, const float* h)
+  AdamWFast(const QTab& t0, const QTab& t1, const Q8F* f0, const Q8F* f1, const FMap* g0, const FMap* g1,
+            const float* h)
       : vals0(t0.values), vals1(t1.values), mids0(t0.mids), mids1(t1.mids), q40(t0.mids), q41(t1.mids),
         d40(t0.values), d41(t1.values) {
-    if (BITS == 8) {
+    if (BITS == 8 && g0 != nullptr && g0->ok && g0->sym && g1 != nullptr && g1->ok && !g1->sym) {
+      f8 = true;
+      fa = F8V(*g0);
+      fb = F8V(*g1);
+    } else if (BITS == 8) {
       qa = Q8GV(*f0);
       qb = Q8GV(*f1);
       sym0 = f0->sym;
@@ -896,14 +1022,19 @@ struct AdamWFast {
   __attribute__((always_inline)) inline void update_unit(int64_t i, const __m256* m0, const __m256* v0,
                                                          __m256 a0, __m256 a1, const float* g, const float* P,
                                                          const Slot& o, __m256i& mx0, __m256i& mx1) const {
+    for (int k = 0; k < 4; ++k) update_group(i + 8 * k, m0[k], v0[k], a0, a1, g, P, o, mx0, mx1);
+  }
+
+  __attribute__((always_inline)) inline void update_group(int64_t j, __m256 m0k, __m256 v0k, __m256 a0, __m256 a1,
+                                                          const float* g, const float* P, const Slot& o,
+                                                          __m256i& mx0, __m256i& mx1) const {
     const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    for (int k = 0; k < 4; ++k) {
-      const int64_t j = i + 8 * k;
+    {
       const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + j), vgs);
       __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(P + j), vdecay);
-      const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_mul_ps(m0[k], a0)), _mm256_mul_ps(vomb1, gi));
+      const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_mul_ps(m0k, a0)), _mm256_mul_ps(vomb1, gi));
       const __m256 v =
-          _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_mul_ps(v0[k], a1)), _mm256_mul_ps(vomb2, _mm256_mul_ps(gi, gi)));
+          _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_mul_ps(v0k, a1)), _mm256_mul_ps(vomb2, _mm256_mul_ps(gi, gi)));
       const __m256 den = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), vibc2), veps);
       pi = _mm256_sub_ps(pi, _mm256_mul_ps(vss, _mm256_div_ps(m, den)));
       _mm256_store_ps(o.s0 + j, m);
@@ -913,6 +1044,29 @@ struct AdamWFast {
       mx0 = _mm256_max_epu32(mx0, _mm256_castps_si256(_mm256_and_ps(m, absm)));
       mx1 = _mm256_max_epu32(mx1, _mm256_castps_si256(v));
     }
+  }
+
+  // update_group split in two for software pipelining: the new states, their absmax
+  // and the division m / den (returned) first; the parameter from it later
+  __attribute__((always_inline)) inline __m256 update_head(int64_t j, __m256 m0k, __m256 v0k, __m256 a0, __m256 a1,
+                                                           const float* g, const Slot& o, __m256i& mx0,
+                                                           __m256i& mx1) const {
+    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + j), vgs);
+    const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_mul_ps(m0k, a0)), _mm256_mul_ps(vomb1, gi));
+    const __m256 v =
+        _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_mul_ps(v0k, a1)), _mm256_mul_ps(vomb2, _mm256_mul_ps(gi, gi)));
+    const __m256 den = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), vibc2), veps);
+    _mm256_store_ps(o.s0 + j, m);
+    _mm256_store_ps(o.s1 + j, v);
+    mx0 = _mm256_max_epu32(mx0, _mm256_castps_si256(_mm256_and_ps(m, absm)));
+    mx1 = _mm256_max_epu32(mx1, _mm256_castps_si256(v));
+    return _mm256_div_ps(m, den);
+  }
+
+  __attribute__((always_inline)) inline void update_tail(int64_t j, __m256 q, const float* P, const Slot& o) const {
+    const __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(P + j), vdecay);
+    _mm256_store_ps(o.sp + j, _mm256_sub_ps(pi, _mm256_mul_ps(vss, q)));
   }
 
   static bool finish_absmax(__m256i mx0, __m256i mx1, Slot& o) {
@@ -942,6 +1096,55 @@ struct AdamWFast {
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
   }
 
+  // ---- 8-bit (float maps) requantization of 32 elements at i
+  __attribute__((always_inline)) inline void commit8f_unit(int64_t i, const Slot& o, __m256 iv0, __m256 iv1,
+                                                           uint8_t* c0, uint8_t* c1, float* P) const {
+    __m256i r0[4], r1[4];
+    for (int k = 0; k < 4; ++k) {
+      r0[k] = f8_encode<false, true>(_mm256_mul_ps(_mm256_load_ps(o.s0 + i + 8 * k), iv0), fa);
+      r1[k] = f8_encode<false, false>(_mm256_mul_ps(_mm256_load_ps(o.s1 + i + 8 * k), iv1), fb);
+    }
+    pack8x32(c0 + i, r0[0], r0[1], r0[2], r0[3]);
+    pack8x32(c1 + i, r1[0], r1[1], r1[2], r1[3]);
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
+  }
+
+  __attribute__((always_inline)) inline void encode_group(int64_t j, const Slot& o, __m256 iv0, __m256 iv1,
+                                                          __m256i& r0, __m256i& r1) const {
+    const __m256 x0 = _mm256_mul_ps(_mm256_load_ps(o.s0 + j), iv0), x1 = _mm256_mul_ps(_mm256_load_ps(o.s1 + j), iv1);
+    if (BITS == 8) {
+      r0 = f8_encode<false, true>(x0, fa);
+      r1 = f8_encode<false, false>(x1, fb);
+    } else {
+      r0 = q4v(x0, q40);
+      r1 = q4v(x1, q41);
+    }
+  }
+
+  __attribute__((always_inline)) inline void store_unit(int64_t i, const Slot& o, const __m256i* r0,
+                                                        const __m256i* r1, uint8_t* c0, uint8_t* c1, float* P) const {
+    if (BITS == 8) {
+      pack8x32(c0 + i, r0[0], r0[1], r0[2], r0[3]);
+      pack8x32(c1 + i, r1[0], r1[1], r1[2], r1[3]);
+    } else {
+      pack4x32(c0 + i / 2, r0[0], r0[1], r0[2], r0[3]);
+      pack4x32(c1 + i / 2, r1[0], r1[1], r1[2], r1[3]);
+    }
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
+  }
+
+  // the old states' code book values of 32 elements at i (4-bit, or 8-bit float maps)
+  __attribute__((always_inline)) inline void decode_unit(int64_t i, const uint8_t* c0, const uint8_t* c1,
+                                                         __m256* m0, __m256* v0) const {
+    if (BITS == 8) {
+      f8x32<true>(c0 + i, fa, m0);
+      f8x32<false>(c1 + i, fb, v0);
+    } else {
+      d4x32(c0 + i / 2, d40, m0);
+      d4x32(c1 + i / 2, d41, v0);
+    }
+  }
+
   template <bool SYM>
   static void quant8(const float* s, int64_t block, float inv, const Q8GV& q, const float* mids, uint8_t* c) {
     const __m256 iv = _mm256_set1_ps(inv);
@@ -959,7 +1162,7 @@ struct AdamWFast {
   // Returns false when a new state element is non-finite (o then holds garbage).
   bool update(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
               int64_t block, Slot& o, float* l0, float* l1) const {
-    if (BITS == 8)
+    if (BITS == 8 && !f8)
       for (int64_t i = 0; i < block; i += 8) {
         _mm256_store_ps(l0 + i, d8v_scalar(c0 + i, vals0));
         _mm256_store_ps(l1 + i, d8v_scalar(c1 + i, vals1));
@@ -968,14 +1171,13 @@ struct AdamWFast {
     __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
     for (int64_t i = 0; i < block; i += FUNIT) {
       __m256 m0[4], v0[4];
-      if (BITS == 8) {
+      if (BITS == 8 && !f8) {
         for (int k = 0; k < 4; ++k) {
           m0[k] = _mm256_load_ps(l0 + i + 8 * k);
           v0[k] = _mm256_load_ps(l1 + i + 8 * k);
         }
       } else {
-        d4x32(c0 + i / 2, d40, m0);
-        d4x32(c1 + i / 2, d41, v0);
+        decode_unit(i, c0, c1, m0, v0);
       }
       update_unit(i, m0, v0, a0, a1, g, P, o, mx0, mx1);
     }
@@ -989,6 +1191,9 @@ struct AdamWFast {
       requant_exact(o.s0, block, inv0, mids0, BITS, c0, 0);
       requant_exact(o.s1, block, inv1, mids1, BITS, c1, 0);
       std::memcpy(P, o.sp, sizeof(float) * block);
+    } else if (BITS == 8 && f8) {
+      const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
+      for (int64_t i = 0; i < block; i += FUNIT) commit8f_unit(i, o, iv0, iv1, c0, c1, P);
     } else if (BITS == 8) {
       if (sym0) quant8<true>(o.s0, block, inv0, qa, mids0, c0);
       else quant8<false>(o.s0, block, inv0, qa, mids0, c0);
@@ -1010,7 +1215,7 @@ struct AdamWFast {
                      int64_t block, Slot& o, float* l0, float* l1, float* qP, uint8_t* qc0, uint8_t* qc1,
                      float* qam0p, float* qam1p, const Slot& q) const {
     const float inv0 = inv_of(q.am[0]), inv1 = inv_of(q.am[1]);
-    if (BITS == 8 || !(inv0 < INFINITY && inv1 < INFINITY)) {
+    if ((BITS == 8 && !f8) || !(inv0 < INFINITY && inv1 < INFINITY)) {
       commit(qP, qc0, qc1, qam0p, qam1p, block, q);
       return update(g, P, c0, c1, am0, am1, block, o, l0, l1);
     }
@@ -1019,10 +1224,18 @@ struct AdamWFast {
     __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
     for (int64_t i = 0; i < block; i += FUNIT) {
       __m256 m0[4], v0[4];
-      d4x32(c0 + i / 2, d40, m0);
-      d4x32(c1 + i / 2, d41, v0);
-      update_unit(i, m0, v0, a0, a1, g, P, o, mx0, mx1);
-      commit4_unit(i, q, iv0, iv1, qc0, qc1, qP);
+      decode_unit(i, c0, c1, m0, v0);
+      // one group of 8 updated, then one group of the other block requantized: the
+      // sqrt/division chains of the update wait in the scheduler among independent
+      // integer work instead of ahead of it
+      // software pipelining: the divisions are issued first and consumed last, so the
+      // requantization of the other block runs while the divider works
+      __m256i r0[4], r1[4];
+      __m256 dq[4];
+      for (int k = 0; k < 4; ++k) dq[k] = update_head(i + 8 * k, m0[k], v0[k], a0, a1, g, o, mx0, mx1);
+      for (int k = 0; k < 4; ++k) encode_group(i + 8 * k, q, iv0, iv1, r0[k], r1[k]);
+      store_unit(i, q, r0, r1, qc0, qc1, qP);
+      for (int k = 0; k < 4; ++k) update_tail(i + 8 * k, dq[k], P, o);
     }
     *qam0p = q.am[0];
     *qam1p = q.am[1];
@@ -1036,14 +1249,15 @@ enum Algo { ADAMW = 0, SGD = 1, LION = 2 };
 template <int BITS>
 void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::vector<uint8_t*> codes,
          std::vector<float*> absmax, std::vector<QTab> tabs, uint8_t* redo, const std::vector<double>& hp,
-         const Q8F* f0, const Q8F* f1) {
+         const Q8F* f0, const Q8F* f1, const FMap* g0, const FMap* g1) {
   const int64_t nb = (n + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, 16384 / block);
   float hf[16] = {0};
   for (size_t k = 0; k < hp.size() && k < 16; ++k) hf[k] = (float)hp[k];
 #if defined(__AVX2__)
   const bool fast_ok = algo == ADAMW && block % FUNIT == 0 &&
-                       (BITS == 4 || (f0 != nullptr && f0->ok && f1 != nullptr && f1->ok));
+                       (BITS == 4 || (f0 != nullptr && f0->ok && f1 != nullptr && f1->ok) ||
+                        (g0 != nullptr && g0->ok && g0->sym && g1 != nullptr && g1->ok && !g1->sym));
 #endif
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     // block buffers, spaced so that equal indices do not share their low 12 address bits
@@ -1056,7 +1270,7 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
     float* const np = buf + 2 * STRIDE;
 #if defined(__AVX2__)
     std::unique_ptr<AdamWFast<BITS>> fast;
-    if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], f0, f1, hf));
+    if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], f0, f1, g0, g1, hf));
     // 4-bit: the fast blocks of a chunk are pipelined, the update of block b together with
     // the requantization of the previous one (`pend`, in the other slot); 8-bit blocks are
     // updated and requantized one after the other (slot 0; l0, l1 hold the lookups)
@@ -1102,7 +1316,7 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
       if (fast && cnt == block) {
         uint8_t* c0 = codes[0] + start * BITS / 8;
         uint8_t* c1 = codes[1] + start * BITS / 8;
-        if (BITS == 8) {
+        if (BITS == 8 && !fast->f8) {
           if (!fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[0], l0, l1)) redo[b] = 1;
           else fast->commit(P + start, c0, c1, absmax[0] + b, absmax[1] + b, block, slots[0]);
           continue;
@@ -1275,20 +1489,79 @@ void step(int64_t algo, torch::Tensor p, torch::Tensor g, std::vector<torch::Ten
   if (n == 0) return;
   const Q8F* f0 = nullptr;
   const Q8F* f1 = nullptr;
+  const FMap* g0 = nullptr;
+  const FMap* g1 = nullptr;
   if (bits == 8 && algo == ADAMW) {
-    f0 = &q8f_cached(tabs[0].values, tabs[0].mids);
-    f1 = &q8f_cached(tabs[1].values, tabs[1].mids);
+    g0 = &fmap_cached(tabs[0].values);
+    g1 = &fmap_cached(tabs[1].values);
+    if (!(g0->ok && g0->sym && g1->ok && !g1->sym)) {
+      f0 = &q8f_cached(tabs[0].values, tabs[0].mids);
+      f1 = &q8f_cached(tabs[1].values, tabs[1].mids);
+    }
   }
   if (bits == 8)
     run<8>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
-           f1);
+           f1, g0, g1);
   else
     run<4>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
-           f1);
+           f1, g0, g1);
+}
+
+// The float-map codec on its own, for tests: codes (int32) of normalised x, or -1 for all
+// when `values` is not a float map or AVX2 is missing.
+torch::Tensor float_map_codes(torch::Tensor x, torch::Tensor values) {
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x must be contiguous fp32");
+  TORCH_CHECK(values.is_contiguous() && values.numel() == 256 && values.scalar_type() == torch::kFloat32,
+              "values must be 256 fp32");
+  auto out = torch::full({x.numel()}, -1, torch::kInt32);
+  const FMap& f = fmap_cached(values.data_ptr<float>());
+  if (!f.ok) return out;
+#if defined(__AVX2__)
+  const F8V v(f);
+  const float* px = x.data_ptr<float>();
+  int32_t* po = out.data_ptr<int32_t>();
+  const int64_t n = x.numel();
+  at::parallel_for(0, n / 8, 4096, [&](int64_t b0, int64_t b1) {
+    for (int64_t i = b0; i < b1; ++i)
+      _mm256_storeu_si256((__m256i*)(po + 8 * i), v.sym ? f8_encode<true, true>(_mm256_loadu_ps(px + 8 * i), v)
+                                                   : f8_encode<true, false>(_mm256_loadu_ps(px + 8 * i), v));
+  });
+  for (int64_t i = n / 8 * 8; i < n; ++i) {
+    alignas(32) float t[8] = {px[i], 0, 0, 0, 0, 0, 0, 0};
+    alignas(32) int32_t r[8];
+    _mm256_store_si256((__m256i*)r, v.sym ? f8_encode<true, true>(_mm256_load_ps(t), v)
+                                          : f8_encode<true, false>(_mm256_load_ps(t), v));
+    po[i] = r[0];
+  }
+#endif
+  return out;
+}
+
+// ... and the code book values of codes (int32 in [0, 256)), or NaN without AVX2
+torch::Tensor float_map_values(torch::Tensor codes, torch::Tensor values) {
+  TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == torch::kInt32, "codes must be contiguous int32");
+  TORCH_CHECK(values.is_contiguous() && values.numel() == 256 && values.scalar_type() == torch::kFloat32,
+              "values must be 256 fp32");
+  auto out = torch::full({codes.numel()}, NAN, torch::kFloat32);
+  const FMap& f = fmap_cached(values.data_ptr<float>());
+  if (!f.ok) return out;
+#if defined(__AVX2__)
+  const F8V v(f);
+  const int32_t* pc = codes.data_ptr<int32_t>();
+  float* po = out.data_ptr<float>();
+  for (int64_t i = 0; i + 8 <= codes.numel(); i += 8)
+    {
+      const __m256i q = _mm256_loadu_si256((const __m256i*)(pc + i));
+      _mm256_storeu_ps(po + i, v.sym ? f8_decode<true>(q, v) : f8_decode<false>(q, v));
+    }
+#endif
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "fused block-wise quantized optimizer step (CPU)");
+  m.def("float_map_codes", &float_map_codes, "float-map encoder (tests)");
+  m.def("float_map_values", &float_map_values, "float-map decoder (tests)");
 }

@@ -1,0 +1,108 @@
+"""Chunked causal-LM loss: the output layer and cross-entropy without full logits.
+
+A causal LM's loss head makes the largest tensors of a training step at small model
+sizes: the logits are ``tokens x vocab`` fp32 (GPT-2 at 4 x 256 tokens: 206 MB), and
+the step holds two or three of them at once (the logits, the log-softmax that
+cross-entropy saves, their gradients in backward). No activation policy can shrink
+them, because they are made and consumed inside the head.
+
+:func:`causal_lm_loss` returns a ``loss_fn(model, batch)`` that runs the model's base
+(everything up to the last hidden state), then the output layer and cross-entropy on a
+few hundred tokens at a time, each chunk under ``torch.utils.checkpoint`` so that its
+logits are freed at once and made again in backward. Peak logits memory drops from
+``tokens x vocab`` to ``chunk x vocab``; the cost is one more output-layer matmul per
+token in backward. The loss equals the model's own ``model(**batch).loss`` (the mean
+over labels != -100 of the next-token cross-entropy) up to fp32 summation order.
+
+Use it wherever a ``loss_fn`` is taken (:func:`memfit.estimate`, :func:`memfit.plan`,
+:func:`memfit.profile`) and in the training loop::
+
+    loss_fn = memfit.causal_lm_loss()
+    plan = memfit.plan(model, batch, "2GiB", loss_fn=loss_fn)
+    with plan:
+        loss = loss_fn(model, batch)
+    loss.backward()
+
+It supports Hugging Face ``*ForCausalLM`` models whose output layer is an
+``nn.Linear`` applied to the base model's last hidden state (GPT-2, LLaMA, Mistral,
+Qwen2, ...), and refuses, with a ``ValueError``, models that transform the logits
+further (soft-capping, logit scaling) rather than computing a different loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["causal_lm_loss"]
+
+IGNORE_INDEX = -100
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+def _chunk_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    logits = F.linear(h, weight, bias).float()
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, "base_model", None)
+    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+        raise ValueError(
+            f"causal_lm_loss needs a Hugging Face *ForCausalLM model (an nn.Linear output layer on a base "
+            f"model); got {type(model).__name__}"
+        )
+    cfg = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(cfg, name, None)
+        if value not in (None, 1, 1.0, False):
+            raise ValueError(
+                f"causal_lm_loss: {type(model).__name__} transforms its logits ({name}={value!r}), which the "
+                "chunked loss would skip; use the model's own loss"
+            )
+    return base, head
+
+
+def causal_lm_loss(chunk_bytes: int = 32 * 2**20) -> Callable[[torch.nn.Module, Mapping[str, Any]], torch.Tensor]:
+    """A ``loss_fn(model, batch)`` computing a causal LM's next-token loss in chunks.
+
+    Args:
+        chunk_bytes: the fp32 logits of one chunk, in bytes (default 32 MiB): a chunk
+            holds ``max(1, chunk_bytes // (4 * vocab))`` tokens.
+
+    The batch is a mapping with ``labels`` (``input_ids``-shaped, -100 = ignored; the
+    model's own shift applies: position ``t`` predicts label ``t + 1``) and the model's
+    other inputs. Raises ``ValueError`` when the batch has no labels or the model is
+    not supported (see the module docstring). A batch whose labels are all ignored
+    gives NaN, as ``model(**batch).loss`` does.
+    """
+    if int(chunk_bytes) <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes!r}")
+
+    def loss_fn(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
+        if not isinstance(batch, Mapping) or "labels" not in batch:
+            raise ValueError("causal_lm_loss: the batch must be a mapping with 'labels'")
+        base, head = _parts(model)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        hidden = base(**inputs)[0]
+        labels = batch["labels"].to(hidden.device)
+        if labels.shape != hidden.shape[:-1]:
+            raise ValueError(
+                f"causal_lm_loss: labels {tuple(labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
+            )
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+        per_chunk = max(1, int(chunk_bytes) // (4 * head.out_features))
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], per_chunk):
+            stop = start + per_chunk
+            total = total + checkpoint(_chunk_loss, h[start:stop], y[start:stop], head.weight, head.bias,
+                                       use_reentrant=False)
+        return total / (y != IGNORE_INDEX).sum()
+
+    loss_fn.chunk_bytes = int(chunk_bytes)  # type: ignore[attr-defined]
+    return loss_fn
