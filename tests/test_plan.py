@@ -196,6 +196,23 @@ def test_budget_too_small(gpt):
     assert format_bytes(exc.min_peak_bytes) in msg and "100 kB" in msg and exc.dominant in msg
 
 
+def test_budget_too_small_points_at_chunked_loss_when_logits_dominate():
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=8192, use_cache=False,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 8192, (4, 64), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    with pytest.raises(BudgetTooSmall) as plain:
+        memfit.plan(model, batch, "10kB", step_seconds=0.05)
+    assert "memfit.causal_lm_loss()" in str(plain.value)
+    with pytest.raises(BudgetTooSmall) as chunked:
+        memfit.plan(model, batch, "10kB", step_seconds=0.05, loss_fn=memfit.causal_lm_loss(chunk_bytes=2**20))
+    assert "causal_lm_loss" not in str(chunked.value)
+    # the chunked loss holds one 1 MiB chunk of logits instead of two or three 8 MiB tensors
+    assert chunked.value.min_peak_bytes < plain.value.min_peak_bytes - 8 * 2**20
+
+
 def test_plan_leaves_model_unchanged(gpt, plain_peak):
     model, batch = gpt
     sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -806,6 +806,21 @@ def _param_ownership(model: torch.nn.Module, unit_names: Sequence[str], order: M
 # --------------------------------------------------------------------------- planning
 
 
+def _logits_hint(model: torch.nn.Module, batch: Any, loss_fn, min_peak: int) -> str:
+    """A pointer to :func:`memfit.causal_lm_loss` when the model computes its own
+    causal-LM loss on logits that are a large part of the smallest peak."""
+    if loss_fn is not None or not isinstance(batch, Mapping) or not isinstance(batch.get("labels"), torch.Tensor):
+        return ""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+        return ""
+    logits = batch["labels"].numel() * head.out_features * 4
+    if logits < 0.1 * min_peak:
+        return ""
+    return (f"; the loss head's full logits ({format_bytes(logits)} each, two or three alive at once) are a large "
+            "part of it: loss_fn=memfit.causal_lm_loss() computes the loss in chunks without them")
+
+
 def _dominant(breakdown: Mapping[str, int]) -> str:
     names = {"params": "parameters", "grads": "gradients", "optimizer": "optimizer state",
              "activations": "activations", "temporaries": "temporaries", "buffers": "buffers", "inputs": "inputs"}
@@ -1103,7 +1118,7 @@ def plan(
             f"no plan fits {format_bytes(budget_bytes)}: the smallest peak memfit can reach for "
             f"{type(model).__name__} on this batch is {format_bytes(lean_est.peak_bytes)} "
             f"(with every activation recomputed or at the fewest bits, {optimizer} state at "
-            f"{min(widths)} bits), dominated by {dom}{extra}",
+            f"{min(widths)} bits), dominated by {dom}{extra}{_logits_hint(model, batch, loss_fn, lean_est.peak_bytes)}",
             budget_bytes=budget_bytes, min_peak_bytes=lean_est.peak_bytes, dominant=dom, breakdown=bd,
         )
     sol, est = best_verified
