@@ -55,6 +55,9 @@ BYTES_BARS = {"memfit-8": 2.1, "memfit-4": 1.1}
 TIME_BARS = {"memfit-8": 2.0, "memfit-4": 2.5}
 CONV_BARS = {"memfit-8": 0.01, "memfit-4": 0.02}
 BNB_MARGIN = 0.005
+MEMFIT_LAYOUTS = ("- **memfit layouts:** memfit-8: blocks of 256, first moment on an E4M3-like map, second on an "
+                  "E5M3-like map without a zero code (`memfit.codec.dynamic.float_map`); memfit-4: blocks of 128, "
+                  "first moment on the 4-bit dynamic map, second on the linear map without zero")
 
 
 def log(msg: str) -> None:
@@ -243,7 +246,7 @@ def build_report(info, notes, step_runs, conv_res, rounds):
     cfg, n_conv, conv, conv_err = conv_res
     lines = ["## Optimizer state (`bench/optim.py`)", ""]
     lines += C.machine_lines(info)
-    lines += [f"- **contenders:** {', '.join(notes)}", ""]
+    lines += [f"- **contenders:** {', '.join(notes)}", MEMFIT_LAYOUTS, ""]
     for threads, step_res in step_runs:
         lines += step_table(threads, step_res, rounds)
     fused = {th: r[2]["torch-fused"].median_s for th, r in step_runs if "torch-fused" in r[2]}

@@ -19,7 +19,7 @@ import memfit.plan
 SECTIONS = [
     ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats",
                         "estimate", "Estimate", "profile", "Profile", "plan", "Plan", "BudgetTooSmall",
-                        "max_batch_size", "StepConfig"]),
+                        "max_batch_size", "StepConfig", "causal_lm_loss"]),
     ("memfit.optim", memfit.optim, list(getattr(memfit.optim, "__all__", []))),
     ("memfit.codec", memfit.codec, list(getattr(memfit.codec, "__all__", []))),
     ("memfit.plan", memfit.plan, ["measure_peak", "MeasuredPeak", "parse_budget", "make_optimizer",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, RobertaConfig, RobertaForCausalLM
 
 import memfit
 
@@ -68,9 +68,30 @@ def test_bad_input():
         loss_fn(model, {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 5, dtype=torch.long)})
     bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                     intermediate_size=64, vocab_size=100))
-    with pytest.raises(ValueError, match="ForCausalLM"):
+    with pytest.raises(ValueError, match="ForCausalLM"):  # not a causal LM
         loss_fn(bert, {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long)})
+    roberta = RobertaForCausalLM(RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=64, vocab_size=100, is_decoder=True))
+    with pytest.raises(ValueError, match="plain nn.Linear"):  # dense + norm before its output layer
+        loss_fn(roberta, {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long)})
     capped = gpt2()
     capped.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="softcapping"):
         loss_fn(capped, batch_for(1000))
+
+
+def test_padding_mask_and_num_items_in_batch_like_transformers():
+    model = gpt2()
+    batch = batch_for(1000)
+    mask = torch.ones_like(batch["input_ids"])
+    mask[1, 30:] = 0
+    labels = batch["labels"].clone()
+    labels[1, 30:] = -100
+    padded = {"input_ids": batch["input_ids"], "attention_mask": mask, "labels": labels}
+    loss_fn = memfit.causal_lm_loss(chunk_bytes=4 * 1000 * 16)
+    assert loss_fn(model, padded).item() == pytest.approx(model(**padded).loss.item(), rel=1e-5)
+    # gradient accumulation: transformers divides by the items of all micro-batches
+    n = torch.tensor(500)
+    ref = model(**padded, num_items_in_batch=n).loss
+    got = loss_fn(model, {**padded, "num_items_in_batch": n})
+    assert got.item() == pytest.approx(ref.item(), rel=1e-5)

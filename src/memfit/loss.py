@@ -23,10 +23,14 @@ Use it wherever a ``loss_fn`` is taken (:func:`memfit.estimate`, :func:`memfit.p
         loss = loss_fn(model, batch)
     loss.backward()
 
-It supports Hugging Face ``*ForCausalLM`` models whose output layer is an
-``nn.Linear`` applied to the base model's last hidden state (GPT-2, LLaMA, Mistral,
-Qwen2, ...), and refuses, with a ``ValueError``, models that transform the logits
-further (soft-capping, logit scaling) rather than computing a different loss.
+It supports Hugging Face causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING``) whose output
+layer is a plain ``nn.Linear`` applied directly to the base model's last hidden state
+(GPT-2, LLaMA, Mistral, Qwen2, ...), and refuses, with a ``ValueError``, the others:
+models with a transform before the output layer (RoBERTa-style LM heads), masked LMs,
+and models that transform the logits (soft-capping, logit scaling). Auxiliary losses a
+model adds inside its own forward (e.g. Mixtral's router loss with
+``output_router_logits``) are not included. The output layer's weight is used directly
+(``F.linear``): module hooks on it do not run.
 """
 
 from __future__ import annotations
@@ -48,13 +52,27 @@ def _chunk_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: to
     return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _is_causal_lm(model: torch.nn.Module) -> bool:
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except Exception:  # pragma: no cover - transformers is an extra
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
 def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
+    """The base model and the output layer, when the logits are exactly
+    ``output_layer(base(**inputs)[0])``: a Hugging Face causal LM whose output
+    embedding is a plain ``nn.Linear`` and a direct child of the model (no dense /
+    activation / norm transform in between, as RoBERTa's or BERT's LM heads have)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
-    if not isinstance(head, torch.nn.Linear) or base is None or base is model:
+    children = {id(m) for m in model.children()}
+    if (not _is_causal_lm(model) or type(head) is not torch.nn.Linear or id(head) not in children
+            or base is None or base is model or id(base) not in children):
         raise ValueError(
-            f"causal_lm_loss needs a Hugging Face *ForCausalLM model (an nn.Linear output layer on a base "
-            f"model); got {type(model).__name__}"
+            f"causal_lm_loss needs a Hugging Face *ForCausalLM model whose output layer is a plain nn.Linear "
+            f"applied to the base model's last hidden state; got {type(model).__name__}"
         )
     cfg = getattr(model, "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -87,9 +105,15 @@ def causal_lm_loss(chunk_bytes: int = 32 * 2**20) -> Callable[[torch.nn.Module, 
         if not isinstance(batch, Mapping) or "labels" not in batch:
             raise ValueError("causal_lm_loss: the batch must be a mapping with 'labels'")
         base, head = _parts(model)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"]
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_items_in_batch")}
+        ids = inputs.get("input_ids", inputs.get("inputs_embeds"))
+        if isinstance(ids, torch.Tensor) and tuple(labels.shape) != tuple(ids.shape[:2]):
+            raise ValueError(
+                f"causal_lm_loss: labels {tuple(labels.shape)} do not match the tokens {tuple(ids.shape[:2])}"
+            )
         hidden = base(**inputs)[0]
-        labels = batch["labels"].to(hidden.device)
+        labels = labels.to(hidden.device)
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(
                 f"causal_lm_loss: labels {tuple(labels.shape)} do not match the tokens {tuple(hidden.shape[:-1])}"
@@ -102,7 +126,14 @@ def causal_lm_loss(chunk_bytes: int = 32 * 2**20) -> Callable[[torch.nn.Module, 
             stop = start + per_chunk
             total = total + checkpoint(_chunk_loss, h[start:stop], y[start:stop], head.weight, head.bias,
                                        use_reentrant=False)
-        return total / (y != IGNORE_INDEX).sum()
+        # as transformers' loss: divided by num_items_in_batch when the batch gives it
+        # (gradient accumulation), else by this batch's labelled tokens
+        count = batch.get("num_items_in_batch")
+        if count is None:
+            count = (y != IGNORE_INDEX).sum()
+        elif isinstance(count, torch.Tensor):
+            count = count.to(total.device)
+        return total / count
 
     loss_fn.chunk_bytes = int(chunk_bytes)  # type: ignore[attr-defined]
     return loss_fn

@@ -108,8 +108,8 @@ def float_map(mant_bits: int, signed: bool) -> torch.Tensor:
       ``m / sqrt(v)`` blowing up; Li et al. 2023); anything below the smallest code
       rounds up to it.
     """
-    if not 1 <= mant_bits <= 6:
-        raise ValueError(f"mant_bits must be in 1..6, got {mant_bits!r}")
+    if not 2 <= mant_bits <= 6:
+        raise ValueError(f"mant_bits must be in 2..6, got {mant_bits!r}")
     mag_bits = 7 if signed else 8
     top = (1 << mag_bits) - 1
     off = (127 << mant_bits) - top

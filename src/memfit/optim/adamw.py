@@ -36,9 +36,10 @@ class AdamW(QuantizedOptimizer):
             the first on a signed E4M3-like map (as FP8-LM and COAT store it), the
             second on an unsigned E5M3-like map without a zero code (32 binades; a
             second moment never decodes to 0). Rounding to them is integer arithmetic
-            on the fp32 bits, which is what makes the fused CPU step fast. States saved
-            with the earlier dynamic-tree maps (their names are in the state dict) still
-            load and step on those maps. 4-bit: blocks of 128, the
+            on the fp32 bits, which is what makes the fused CPU step fast. A state
+            saved on other maps (the dynamic-tree maps of memfit 0.1 development
+            builds; the names are in the state dict) is requantized onto these when
+            loaded, one extra rounding. 4-bit: blocks of 128, the
             first moment on the 4-bit signed dynamic map, the second on the linear map
             without a zero code (1/16 .. 1; Li et al. 2023), ~1.06 bytes/param. 32:
             plain fp32 state, stepped by torch's own AdamW code.

@@ -811,8 +811,11 @@ def _logits_hint(model: torch.nn.Module, batch: Any, loss_fn, min_peak: int) -> 
     causal-LM loss on logits that are a large part of the smallest peak."""
     if loss_fn is not None or not isinstance(batch, Mapping) or not isinstance(batch.get("labels"), torch.Tensor):
         return ""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or getattr(model, "base_model", model) is model:
+    from ..loss import _parts
+
+    try:
+        _, head = _parts(model)
+    except Exception:  # not a model causal_lm_loss supports (or a custom accessor failed)
         return ""
     logits = batch["labels"].numel() * head.out_features * 4
     if logits < 0.1 * min_peak:

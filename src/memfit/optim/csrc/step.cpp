@@ -11,11 +11,13 @@
 //      (ties to the lower code, exactly as memfit/codec/dynamic.py's quantize_normalized).
 //
 // Full AdamW blocks (block % 32 == 0, AVX2) take the fast path (AdamWFast below): 8-bit
-// code book values fetched with scalar loads, 4-bit ones decoded with vpshufb, absmax by
-// integer max of fp32 bits, and requantization without table lookups (a binary search in
-// registers for 16-code maps, a certified piecewise-affine formula for the 8-bit dynamic
-// maps, see Q8F); 4-bit blocks are pipelined (update of one block with the requantization
-// of the previous). Other blocks, SGD and Lion use the generic per-block code, which rounds
+// float-map codes (memfit's 8-bit AdamW layout) decoded and encoded by integer arithmetic
+// on fp32 bits (FMap), 4-bit ones decoded with vpshufb and encoded by a binary search in
+// registers, absmax by integer max of fp32 bits; these blocks are pipelined (update of
+// one block with the requantization of the previous). 8-bit dynamic-tree maps (states
+// converted from older checkpoints are requantized onto the float maps, so only direct
+// kernel callers reach them) take scalar code book loads and a certified
+// piecewise-affine quantizer (Q8F), one block after the other. Other blocks, SGD and Lion use the generic per-block code, which rounds
 // with a lookup table (sign/exponent/top-mantissa bits -> code of the cell's lower end and
 // the one midpoint inside it; see memfit/codec/dynamic.py).
 //
@@ -537,8 +539,9 @@ QTab make_tab(const torch::Tensor& values, const torch::Tensor& table, const tor
 //      4 bytes of the 16 fp32 code values); absmax from integer max of the fp32 bits, which
 //      also catches NaN/Inf (their bits are the largest);
 //   C. requantization without table lookups (below), packing and the parameter store.
-// 4-bit blocks run B of one block and C of the previous in the same loop (the sqrt and
-// division, B's bottleneck, overlap C's vector work); for 8-bit that did not pay.
+// 4-bit and 8-bit float-map blocks run B of one block and C of the previous in the same
+// loop (the sqrt and division, B's bottleneck, overlap C's vector work); 8-bit blocks on
+// the dynamic maps run A, B and C one after the other.
 // The results are bit-identical to the eager path (memfit/optim/_qstate.py).
 
 // ---- certified 8-bit quantizer
@@ -897,14 +900,15 @@ inline FMap build_fmap(const float* v, int n) {
   return f;
 }
 
+// (entries are heap-allocated so that references stay valid as the cache grows)
 inline const FMap& fmap_cached(const float* v) {
   static std::mutex mu;
-  static std::vector<std::pair<std::vector<float>, FMap>> cache;
+  static std::vector<std::pair<std::vector<float>, std::unique_ptr<FMap>>> cache;
   std::lock_guard<std::mutex> lock(mu);
   for (const auto& e : cache)
-    if (std::memcmp(e.first.data(), v, 256 * 4) == 0) return e.second;
-  cache.emplace_back(std::vector<float>(v, v + 256), build_fmap(v, 256));
-  return cache.back().second;
+    if (std::memcmp(e.first.data(), v, 256 * 4) == 0) return *e.second;
+  cache.emplace_back(std::vector<float>(v, v + 256), std::unique_ptr<FMap>(new FMap(build_fmap(v, 256))));
+  return *cache.back().second;
 }
 
 #if defined(__AVX2__)
@@ -1208,9 +1212,9 @@ struct AdamWFast {
     *am1p = o.am[1];
   }
 
-  // 4-bit: update of one block (into o) in the same loop as the commit of another
-  // (from q): the sqrt and the division run in their own unit, the requantization on the
-  // vector pipes, so the two overlap.
+  // 4-bit and 8-bit float maps: update of one block (into o) in the same loop as the
+  // commit of another (from q): the sqrt and the division run in their own unit, the
+  // requantization on the vector pipes, so the two overlap.
   bool update_commit(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
                      int64_t block, Slot& o, float* l0, float* l1, float* qP, uint8_t* qc0, uint8_t* qc1,
                      float* qam0p, float* qam1p, const Slot& q) const {
@@ -1271,9 +1275,10 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
 #if defined(__AVX2__)
     std::unique_ptr<AdamWFast<BITS>> fast;
     if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], f0, f1, g0, g1, hf));
-    // 4-bit: the fast blocks of a chunk are pipelined, the update of block b together with
-    // the requantization of the previous one (`pend`, in the other slot); 8-bit blocks are
-    // updated and requantized one after the other (slot 0; l0, l1 hold the lookups)
+    // 4-bit and 8-bit float-map blocks of a chunk are pipelined, the update of block b
+    // together with the requantization of the previous one (`pend`, in the other slot);
+    // 8-bit dynamic-map blocks are updated and requantized one after the other (slot 0;
+    // l0, l1 hold the lookups)
     Slot slots[2] = {{buf, buf + STRIDE, buf + 2 * STRIDE, {0, 0}},
                      {buf + 3 * STRIDE, buf + 4 * STRIDE, buf + 5 * STRIDE, {0, 0}}};
     float* const l0 = buf + 3 * STRIDE;
@@ -1542,20 +1547,24 @@ torch::Tensor float_map_values(torch::Tensor codes, torch::Tensor values) {
   TORCH_CHECK(codes.is_contiguous() && codes.scalar_type() == torch::kInt32, "codes must be contiguous int32");
   TORCH_CHECK(values.is_contiguous() && values.numel() == 256 && values.scalar_type() == torch::kFloat32,
               "values must be 256 fp32");
-  auto out = torch::full({codes.numel()}, NAN, torch::kFloat32);
+  TORCH_CHECK(codes.numel() == 0 || (codes.min().item<int32_t>() >= 0 && codes.max().item<int32_t>() < 256),
+              "codes must be in [0, 256)");
+  const int64_t n = codes.numel(), n8 = (n + 7) / 8 * 8;
+  auto padded = torch::zeros({n8}, torch::kInt32);
+  padded.narrow(0, 0, n).copy_(codes);
+  auto out = torch::full({n8}, NAN, torch::kFloat32);
   const FMap& f = fmap_cached(values.data_ptr<float>());
-  if (!f.ok) return out;
+  if (!f.ok) return out.narrow(0, 0, n).clone();
 #if defined(__AVX2__)
   const F8V v(f);
-  const int32_t* pc = codes.data_ptr<int32_t>();
+  const int32_t* pc = padded.data_ptr<int32_t>();
   float* po = out.data_ptr<float>();
-  for (int64_t i = 0; i + 8 <= codes.numel(); i += 8)
-    {
-      const __m256i q = _mm256_loadu_si256((const __m256i*)(pc + i));
-      _mm256_storeu_ps(po + i, v.sym ? f8_decode<true>(q, v) : f8_decode<false>(q, v));
-    }
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256i q = _mm256_loadu_si256((const __m256i*)(pc + i));
+    _mm256_storeu_ps(po + i, v.sym ? f8_decode<true>(q, v) : f8_decode<false>(q, v));
+  }
 #endif
-  return out;
+  return out.narrow(0, 0, n).clone();
 }
 
 }  // namespace
