@@ -735,6 +735,63 @@ def summary(settings: MemfitSettings, applier: StepApplier, meter: PeakMeter | N
     return "\n".join(lines)
 
 
+class CallbackResults:
+    """The read-only results both trainer callbacks expose. The callback sets
+    ``settings``, ``meter``, ``_applier`` and ``_deferred``, and ``_supplied`` when it
+    hands the trainer an optimizer built without a plan."""
+
+    settings: MemfitSettings
+    meter: PeakMeter | None
+    _applier: StepApplier
+    _deferred: DeferredOptimizer | None
+    _supplied: torch.optim.Optimizer | None = None
+
+    @property
+    def plan(self):
+        """The :class:`memfit.Plan` made on the first training batch (budget only)."""
+        return self._applier.plan
+
+    @property
+    def stats(self):
+        """:class:`memfit.ActivationStats` of the latest training step."""
+        return self._applier.stats
+
+    @property
+    def compressed_steps(self) -> int:
+        """Training micro-steps in which memfit compressed some activation."""
+        return self._applier.compressed_steps
+
+    @property
+    def steps(self) -> int:
+        """Training micro-steps run under memfit."""
+        return self._applier.steps
+
+    @property
+    def measured_peak_bytes(self) -> int | None:
+        """The highest real peak of the measured steps (``measure=True``)."""
+        if self.meter is None or not self.meter.step_peaks:
+            return None
+        return self.meter.peak_bytes
+
+    @property
+    def budget_bytes(self) -> int | None:
+        if self.plan is not None:
+            return self.plan.budget_bytes
+        if self.settings.budget is None or str(self.settings.budget).strip().endswith("%"):
+            return None
+        return self.settings.budget_bytes()
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer memfit supplied (the planned one once the plan exists)."""
+        if self._deferred is not None:
+            return self._deferred.inner
+        return self._supplied
+
+    def summary(self) -> str:
+        return summary(self.settings, self._applier, self.meter, self.budget_bytes)
+
+
 def as_float_or_none(x) -> float | None:
     if x is None:
         return None

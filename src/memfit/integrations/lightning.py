@@ -65,6 +65,7 @@ import torch
 
 from . import (
     BatchGuard,
+    CallbackResults,
     DeferredOptimizer,
     IncompatibleSetup,
     MemfitSettings,
@@ -74,7 +75,6 @@ from . import (
     build_optimizer,
     first_loss,
     optimizer_family,
-    summary,
 )
 
 try:
@@ -87,7 +87,7 @@ __all__ = ["IncompatibleSetup", "MemfitCallback"]
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "dampening", "nesterov")
 
 
-class MemfitCallback(pl.Callback):
+class MemfitCallback(CallbackResults, pl.Callback):
     """Fit a Lightning run into a memory budget, or compress what you ask.
 
     Args:
@@ -148,48 +148,6 @@ class MemfitCallback(pl.Callback):
         self._original_configure = None
         self._replaced = False
         self._in_batch = False
-
-    # ------------------------------------------------------------------ results
-
-    @property
-    def plan(self):
-        """The :class:`memfit.Plan` made on the first training batch (budget only)."""
-        return self._applier.plan
-
-    @property
-    def stats(self):
-        """:class:`memfit.ActivationStats` of the latest training batch."""
-        return self._applier.stats
-
-    @property
-    def compressed_steps(self) -> int:
-        return self._applier.compressed_steps
-
-    @property
-    def steps(self) -> int:
-        return self._applier.steps
-
-    @property
-    def measured_peak_bytes(self) -> int | None:
-        if self.meter is None or not self.meter.step_peaks:
-            return None
-        return self.meter.peak_bytes
-
-    @property
-    def budget_bytes(self) -> int | None:
-        if self.plan is not None:
-            return self.plan.budget_bytes
-        if self.settings.budget is None or str(self.settings.budget).strip().endswith("%"):
-            return None
-        return self.settings.budget_bytes()
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer memfit supplied (the planned one once the plan exists)."""
-        return self._deferred.inner if self._deferred is not None else None
-
-    def summary(self) -> str:
-        return summary(self.settings, self._applier, self.meter, self.budget_bytes)
 
     # ------------------------------------------------------------------ checks
 

@@ -82,6 +82,7 @@ import torch
 
 from . import (
     BatchGuard,
+    CallbackResults,
     DeferredOptimizer,
     IncompatibleSetup,
     MemfitSettings,
@@ -89,7 +90,6 @@ from . import (
     StepApplier,
     as_float_or_none,
     build_optimizer,
-    summary,
 )
 
 try:
@@ -110,7 +110,7 @@ def _optim_name(value) -> str:
     return str(getattr(value, "value", value) or "").lower()
 
 
-class MemfitCallback(TrainerCallback):
+class MemfitCallback(CallbackResults, TrainerCallback):
     """Fit a ``Trainer`` run into a memory budget, or compress what you ask.
 
     Args:
@@ -171,55 +171,6 @@ class MemfitCallback(TrainerCallback):
         self._loss_calls = 0
         self._compute_loss = None
         self._warned_gc = False
-
-    # ------------------------------------------------------------------ results
-
-    @property
-    def plan(self):
-        """The :class:`memfit.Plan` made on the first training batch (budget only)."""
-        return self._applier.plan
-
-    @property
-    def stats(self):
-        """:class:`memfit.ActivationStats` of the latest training step."""
-        return self._applier.stats
-
-    @property
-    def compressed_steps(self) -> int:
-        """Training micro-steps in which memfit compressed some activation."""
-        return self._applier.compressed_steps
-
-    @property
-    def steps(self) -> int:
-        """Training micro-steps run under memfit."""
-        return self._applier.steps
-
-    @property
-    def measured_peak_bytes(self) -> int | None:
-        """The highest real peak of the measured steps (``measure=True``)."""
-        if self.meter is None or not self.meter.step_peaks:
-            return None
-        return self.meter.peak_bytes
-
-    @property
-    def budget_bytes(self) -> int | None:
-        if self.plan is not None:
-            return self.plan.budget_bytes
-        if self.settings.budget is None or str(self.settings.budget).strip().endswith("%"):
-            return None
-        return self.settings.budget_bytes()
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer | None:
-        """The optimizer memfit supplied (the planned one once the plan exists)."""
-        if self._deferred is not None:
-            return self._deferred.inner
-        return self._supplied
-
-    _supplied: torch.optim.Optimizer | None = None
-
-    def summary(self) -> str:
-        return summary(self.settings, self._applier, self.meter, self.budget_bytes)
 
     # ------------------------------------------------------------------ attaching
 

@@ -1032,26 +1032,12 @@ struct AdamWFast {
   __attribute__((always_inline)) inline void update_group(int64_t j, __m256 m0k, __m256 v0k, __m256 a0, __m256 a1,
                                                           const float* g, const float* P, const Slot& o,
                                                           __m256i& mx0, __m256i& mx1) const {
-    const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    {
-      const __m256 gi = _mm256_mul_ps(_mm256_loadu_ps(g + j), vgs);
-      __m256 pi = _mm256_mul_ps(_mm256_loadu_ps(P + j), vdecay);
-      const __m256 m = _mm256_add_ps(_mm256_mul_ps(vb1, _mm256_mul_ps(m0k, a0)), _mm256_mul_ps(vomb1, gi));
-      const __m256 v =
-          _mm256_add_ps(_mm256_mul_ps(vb2, _mm256_mul_ps(v0k, a1)), _mm256_mul_ps(vomb2, _mm256_mul_ps(gi, gi)));
-      const __m256 den = _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(v), vibc2), veps);
-      pi = _mm256_sub_ps(pi, _mm256_mul_ps(vss, _mm256_div_ps(m, den)));
-      _mm256_store_ps(o.s0 + j, m);
-      _mm256_store_ps(o.s1 + j, v);
-      _mm256_store_ps(o.sp + j, pi);
-      // |m| and v (>= 0 or NaN) as unsigned ints: the max is the absmax, NaN/Inf >= 0x7f800000
-      mx0 = _mm256_max_epu32(mx0, _mm256_castps_si256(_mm256_and_ps(m, absm)));
-      mx1 = _mm256_max_epu32(mx1, _mm256_castps_si256(v));
-    }
+    update_tail(j, update_head(j, m0k, v0k, a0, a1, g, o, mx0, mx1), P, o);
   }
 
-  // update_group split in two for software pipelining: the new states, their absmax
-  // and the division m / den (returned) first; the parameter from it later
+  // an update in two halves, so that a pipelined loop can put work between them: the
+  // new states, their absmax and the division m / den (returned); then the parameter.
+  // |m| and v (>= 0 or NaN) as unsigned ints: the max is the absmax, NaN/Inf >= 0x7f800000
   __attribute__((always_inline)) inline __m256 update_head(int64_t j, __m256 m0k, __m256 v0k, __m256 a0, __m256 a1,
                                                            const float* g, const Slot& o, __m256i& mx0,
                                                            __m256i& mx1) const {
@@ -1087,32 +1073,6 @@ struct AdamWFast {
     return r0 < 0x7f800000u && r1 < 0x7f800000u;
   }
 
-  // ---- 4-bit requantization of 32 elements at i
-  __attribute__((always_inline)) inline void commit4_unit(int64_t i, const Slot& o, __m256 iv0, __m256 iv1,
-                                                          uint8_t* c0, uint8_t* c1, float* P) const {
-    __m256i r0[4], r1[4];
-    for (int k = 0; k < 4; ++k) {
-      r0[k] = q4v(_mm256_mul_ps(_mm256_load_ps(o.s0 + i + 8 * k), iv0), q40);
-      r1[k] = q4v(_mm256_mul_ps(_mm256_load_ps(o.s1 + i + 8 * k), iv1), q41);
-    }
-    pack4x32(c0 + i / 2, r0[0], r0[1], r0[2], r0[3]);
-    pack4x32(c1 + i / 2, r1[0], r1[1], r1[2], r1[3]);
-    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
-  }
-
-  // ---- 8-bit (float maps) requantization of 32 elements at i
-  __attribute__((always_inline)) inline void commit8f_unit(int64_t i, const Slot& o, __m256 iv0, __m256 iv1,
-                                                           uint8_t* c0, uint8_t* c1, float* P) const {
-    __m256i r0[4], r1[4];
-    for (int k = 0; k < 4; ++k) {
-      r0[k] = f8_encode<false, true>(_mm256_mul_ps(_mm256_load_ps(o.s0 + i + 8 * k), iv0), fa);
-      r1[k] = f8_encode<false, false>(_mm256_mul_ps(_mm256_load_ps(o.s1 + i + 8 * k), iv1), fb);
-    }
-    pack8x32(c0 + i, r0[0], r0[1], r0[2], r0[3]);
-    pack8x32(c1 + i, r1[0], r1[1], r1[2], r1[3]);
-    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
-  }
-
   __attribute__((always_inline)) inline void encode_group(int64_t j, const Slot& o, __m256 iv0, __m256 iv1,
                                                           __m256i& r0, __m256i& r1) const {
     const __m256 x0 = _mm256_mul_ps(_mm256_load_ps(o.s0 + j), iv0), x1 = _mm256_mul_ps(_mm256_load_ps(o.s1 + j), iv1);
@@ -1135,6 +1095,14 @@ struct AdamWFast {
       pack4x32(c1 + i / 2, r1[0], r1[1], r1[2], r1[3]);
     }
     for (int k = 0; k < 4; ++k) _mm256_storeu_ps(P + i + 8 * k, _mm256_load_ps(o.sp + i + 8 * k));
+  }
+
+  // ---- requantization of 32 elements at i (4-bit, or 8-bit float maps), with their params
+  __attribute__((always_inline)) inline void commit_unit(int64_t i, const Slot& o, __m256 iv0, __m256 iv1,
+                                                         uint8_t* c0, uint8_t* c1, float* P) const {
+    __m256i r0[4], r1[4];
+    for (int k = 0; k < 4; ++k) encode_group(i + 8 * k, o, iv0, iv1, r0[k], r1[k]);
+    store_unit(i, o, r0, r1, c0, c1, P);
   }
 
   // the old states' code book values of 32 elements at i (4-bit, or 8-bit float maps)
@@ -1195,10 +1163,7 @@ struct AdamWFast {
       requant_exact(o.s0, block, inv0, mids0, BITS, c0, 0);
       requant_exact(o.s1, block, inv1, mids1, BITS, c1, 0);
       std::memcpy(P, o.sp, sizeof(float) * block);
-    } else if (BITS == 8 && f8) {
-      const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
-      for (int64_t i = 0; i < block; i += FUNIT) commit8f_unit(i, o, iv0, iv1, c0, c1, P);
-    } else if (BITS == 8) {
+    } else if (BITS == 8 && !f8) {
       if (sym0) quant8<true>(o.s0, block, inv0, qa, mids0, c0);
       else quant8<false>(o.s0, block, inv0, qa, mids0, c0);
       if (sym1) quant8<true>(o.s1, block, inv1, qb, mids1, c1);
@@ -1206,7 +1171,7 @@ struct AdamWFast {
       for (int64_t i = 0; i < block; i += 8) _mm256_storeu_ps(P + i, _mm256_load_ps(o.sp + i));
     } else {
       const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
-      for (int64_t i = 0; i < block; i += FUNIT) commit4_unit(i, o, iv0, iv1, c0, c1, P);
+      for (int64_t i = 0; i < block; i += FUNIT) commit_unit(i, o, iv0, iv1, c0, c1, P);
     }
     *am0p = o.am[0];
     *am1p = o.am[1];
