@@ -8,8 +8,10 @@ them, because they are made and consumed inside the head.
 
 :func:`causal_lm_loss` returns a ``loss_fn(model, batch)`` that runs the model's base
 (everything up to the last hidden state), then the output layer and cross-entropy on a
-few hundred tokens at a time, each chunk under ``torch.utils.checkpoint`` so that its
-logits are freed at once and made again in backward. Peak logits memory drops from
+few hundred tokens at a time, in one autograd function that keeps no logits: backward
+makes each chunk's logits again, turns them into their gradient in place and adds the
+output layer's weight gradient into a single tensor (``addmm_``), so backward holds one
+weight-sized gradient however many chunks there are. Peak logits memory drops from
 ``tokens x vocab`` to ``chunk x vocab``; the cost is one more output-layer matmul per
 token in backward. The loss equals the model's own ``model(**batch).loss`` (the mean
 over labels != -100 of the next-token cross-entropy) up to fp32 summation order.
@@ -39,7 +41,6 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["causal_lm_loss"]
 
@@ -47,9 +48,52 @@ IGNORE_INDEX = -100
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
-def _chunk_loss(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    logits = F.linear(h, weight, bias).float()
-    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """``sum over rows of cross_entropy(linear(h, weight, bias).float(), y)``, ``per_chunk``
+    rows at a time, saving only its inputs. Rows whose label is ``IGNORE_INDEX`` add
+    nothing. No data-dependent shapes (it runs on fake tensors for the estimator)."""
+
+    @staticmethod
+    def forward(ctx, h, y, weight, bias, per_chunk: int):
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], per_chunk):
+            logits = F.linear(h[start:start + per_chunk], weight, bias).float()
+            total = total + F.cross_entropy(logits, y[start:start + per_chunk], ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+            del logits
+        ctx.save_for_backward(h, y, weight, bias)
+        ctx.per_chunk = per_chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        h, y, weight, bias = ctx.saved_tensors
+        need_h, _, need_w, need_b, _ = ctx.needs_input_grad
+        grad_h = torch.empty_like(h) if need_h else None
+        # fp32 sums (for half-precision weights they are cast once, at the end)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        for start in range(0, h.shape[0], ctx.per_chunk):
+            stop = start + ctx.per_chunk
+            hc, yc = h[start:stop], y[start:stop]
+            # d(sum of cross-entropy)/d(logits) = softmax - one_hot(label), 0 on ignored rows
+            g = F.linear(hc, weight, bias).float()
+            g.sub_(g.logsumexp(dim=-1, keepdim=True)).exp_()  # softmax, in place
+            valid = (yc != IGNORE_INDEX).unsqueeze(1)
+            g.scatter_add_(1, yc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
+            g.mul_(valid.to(g.dtype) * grad_total)
+            if need_b:
+                grad_b += g.sum(0)
+            if need_w:
+                grad_w.addmm_(g.t(), hc.float())
+            if need_h:
+                torch.mm(g.to(weight.dtype), weight, out=grad_h[start:stop])
+            del g
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None and grad_b.dtype != bias.dtype:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, None, grad_w, grad_b, None
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
@@ -117,11 +161,7 @@ def causal_lm_loss(chunk_bytes: int = 32 * 2**20) -> Callable[[torch.nn.Module, 
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         per_chunk = max(1, int(chunk_bytes) // (4 * head.out_features))
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, h.shape[0], per_chunk):
-            stop = start + per_chunk
-            total = total + checkpoint(_chunk_loss, h[start:stop], y[start:stop], head.weight, head.bias,
-                                       use_reentrant=False)
+        total = _LinearCrossEntropy.apply(h, y, head.weight, head.bias, per_chunk)
         # as transformers' loss: divided by num_items_in_batch when the batch gives it
         # (gradient accumulation), else by this batch's labelled tokens
         count = batch.get("num_items_in_batch")
