@@ -269,6 +269,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     ``state_dict()`` holds the per-parameter optimizers' state dicts, in parameter
     order. :attr:`state` is the union of their states (so tools that read
     ``optimizer.state``, such as MemTracker, see all of it).
+
+    Given ``model``, a parameter registered on several of its modules (tied weights,
+    such as a language model's embedding and output layer) steps once per backward
+    pass, at its end, from the sum of all its uses' gradients, summed in place (see
+    :class:`_TiedGradients`): one weight-sized tensor fewer than autograd's own sum.
     """
 
     def __init__(self, params, factory: Callable[[list], torch.optim.Optimizer],
