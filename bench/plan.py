@@ -285,7 +285,6 @@ def part_floor(args, state: dict) -> None:
         plain = measure_peak(model, batch, StepConfig())
         log(f"floor: {label}: plain measured peak {mb(plain.peak_bytes)} MB ({plain.peak_phase}), "
             f"breakdown {({k: mb(v) for k, v in plain.peak_breakdown.items() if v})}")
-        cache: dict = {}
         caches: dict = {}
         for frac in (0.6, 0.4):
             b = int(plain.peak_bytes * frac)
@@ -355,19 +354,42 @@ def part_fit(args, state: dict) -> None:
     }
 
 
-def part_fitlm(args, state: dict) -> None:
+def quarter_plan(state: dict, n_layer: int, n_embd: int, bsz: int, seq: int, vocab: int = 50257) -> dict:
+    """GPT-2 of this shape, plain's measured peak and ``memfit.plan`` at a quarter of it
+    with ``causal_lm_loss`` (``plan`` None, ``error`` set when it cannot fit); made once
+    per run and shared by ``fitlm`` and ``fitloss``."""
     import memfit
     from memfit.plan import BudgetTooSmall, StepConfig, measure_peak
 
+    key = (n_layer, n_embd, bsz, seq, vocab)
+    made = state.setdefault("_quarter_plans", {})
+    if key not in made:
+        model, batch = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
+        plain = measure_peak(model, batch, StepConfig())
+        budget = plain.peak_bytes // 4
+        log(f"  GPT-2 {n_layer} x {n_embd}, vocab {vocab}, batch {bsz} x {seq}: plain measured "
+            f"{mb(plain.peak_bytes)} MB (in {plain.peak_phase}); budget {mb(budget)} MB")
+        loss_fn = memfit.causal_lm_loss()
+        t0 = time.perf_counter()
+        try:
+            p, error = memfit.plan(model, batch, budget, loss_fn=loss_fn, cache={}), None
+        except BudgetTooSmall as exc:
+            p, error = None, exc
+        made[key] = {"model": model, "batch": batch, "plain": plain, "budget": budget, "loss_fn": loss_fn,
+                     "plan": p, "error": error, "seconds": time.perf_counter() - t0}
+    return made[key]
+
+
+def part_fitlm(args, state: dict) -> None:
+    import memfit
+    from memfit.plan import BudgetTooSmall, measure_peak
+
     wait_quiet()
-    model, batch = gpt2(3, 64, 4, 256, vocab=1024) if args.quick else gpt2(12, 768, 4, 1024)
     shape = "GPT-2 3 x 64, vocab 1024, batch 4 x 256" if args.quick else \
         "GPT-2-small shape (12 x 768, vocab 50257), batch 4 x 1024"
     log(f"fitlm: {shape}")
-    plain = measure_peak(model, batch, StepConfig())
-    budget = plain.peak_bytes // 4
-    log(f"  plain: measured {mb(plain.peak_bytes)} MB (in {plain.peak_phase}); budget {mb(budget)} MB")
-    loss_fn = memfit.causal_lm_loss()
+    q = quarter_plan(state, 3, 64, 4, 256, vocab=1024) if args.quick else quarter_plan(state, 12, 768, 4, 1024)
+    model, batch, plain, budget, loss_fn = q["model"], q["batch"], q["plain"], q["budget"], q["loss_fn"]
     row: dict = {"shape": shape, "n_params": n_params(model), "plain_peak": plain.peak_bytes,
                  "logits_bytes": batch["labels"].numel() * model.config.vocab_size * 4,
                  "plain.peak_phase": plain.peak_phase, "budget": budget, "machine": C.machine_info()}
@@ -376,15 +398,12 @@ def part_fitlm(args, state: dict) -> None:
     except BudgetTooSmall as exc:
         row["own_loss_floor"] = exc.min_peak_bytes
         row["own_loss_dominant"] = exc.dominant
-    t0 = time.perf_counter()
-    try:
-        p = memfit.plan(model, batch, budget, loss_fn=loss_fn, cache={})
-    except BudgetTooSmall as exc:
-        row.update(error=str(exc), min_peak=exc.min_peak_bytes)
-        log(f"  chunked loss: BudgetTooSmall {exc}")
+    p, secs = q["plan"], q["seconds"]
+    if p is None:
+        row.update(error=str(q["error"]), min_peak=q["error"].min_peak_bytes)
+        log(f"  chunked loss: BudgetTooSmall {q['error']}")
         state["fitlm"] = row
         return
-    secs = time.perf_counter() - t0
     m = measure_peak(model, batch, p.config, loss_fn=loss_fn)
     row.update(plan=plan_desc(p), predicted=p.predicted_peak_bytes, measured=m.peak_bytes, plan_seconds=secs,
                overhead=p.predicted_overhead)
@@ -399,24 +418,21 @@ def part_fitloss(args, state: dict) -> None:
     text at GPT-2's context, for ``--fit-steps`` steps (hours for the demo's 300 here)."""
     import math
 
-    import memfit
     from memfit.data import ByteBatches, load_text_bytes
-    from memfit.plan import StepConfig, measure_peak
 
     wait_quiet()
     steps = args.fit_steps
     bsz, seq = (int(v) for v in args.fit_batch.lower().split("x"))
     n_layer, n_embd, bsz, seq = (3, 64, 4, 256) if args.quick else (12, 768, bsz, seq)
-    base, batch0 = gpt2(n_layer, n_embd, bsz, seq)
+    log(f"fitloss: GPT-2 {n_layer} x {n_embd}, batch {bsz} x {seq}, {steps} steps")
+    q = quarter_plan(state, n_layer, n_embd, bsz, seq)
+    if q["plan"] is None:
+        log(f"  BudgetTooSmall at a quarter of plain's peak: {q['error']}; skipped")
+        return
+    base, plain, budget, loss_fn, p = q["model"], q["plain"], q["budget"], q["loss_fn"], q["plan"]
     data = load_text_bytes(max_bytes=4_000_000)
     batches = list(ByteBatches(data, seq_len=seq, batch_size=bsz, steps=steps, seed=0))
-    plain = measure_peak(base, batch0, StepConfig())
-    budget = plain.peak_bytes // 4
-    loss_fn = memfit.causal_lm_loss()
-    t0 = time.perf_counter()
-    p = memfit.plan(base, batch0, budget, loss_fn=loss_fn, cache={})
-    log(f"fitloss: GPT-2 {n_layer} x {n_embd}, batch {bsz} x {seq}, {steps} steps; plan at {mb(budget)} MB "
-        f"({plan_desc(p)}), planned in {time.perf_counter() - t0:.0f} s")
+    log(f"  plan at {mb(budget)} MB: {plan_desc(p)}")
     warmup, lr = max(1, steps // 6), 3e-4
 
     def factor(i: int) -> float:
@@ -746,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
     for part in PARTS:
         if part in parts:
             globals()[f"part_{part}"](args, state)
-    state.pop("_sweep_objects", None)
+    for key in [k for k in state if k.startswith("_")]:  # live objects shared between parts
+        del state[key]
     body, bars = report(state, args)
     print()
     print(body)

@@ -6,6 +6,7 @@ peak (it is usually exact)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -274,17 +275,11 @@ def tiny_tied_llama(vocab=8000, shape=(2, 16)):
     return model, {"input_ids": ids, "labels": ids}
 
 
-def _clone(model):
-    import copy
-
-    return copy.deepcopy(model)
-
-
 @pytest.mark.parametrize("extra", [dict(), dict(policy=4, checkpoint=("model.layers.0",), state_bits=8)])
 def test_in_backward_tied_weights_match_plain(extra):
     """A tied embedding / output layer steps once, from the sum of both uses' gradients."""
     model, batch = tiny_tied_llama()
-    m1, m2 = _clone(model), _clone(model)
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
     plain, inb = StepConfig(**extra), StepConfig(optimizer_in_backward=True, **extra)
     o1, o2 = make_optimizer(m1, plain), make_optimizer(m2, inb)
     assert list(o2._tied.params) == [m2.lm_head.weight]
@@ -315,7 +310,7 @@ def test_in_backward_tied_weight_used_outside_its_modules():
     torch.manual_seed(0)
     model = ThreeUses()
     ids = torch.randint(0, 50, (4, 6))
-    m1, m2 = _clone(model), _clone(model)
+    m1, m2 = copy.deepcopy(model), copy.deepcopy(model)
     plain, inb = StepConfig(optimizer="sgd"), StepConfig(optimizer="sgd", optimizer_in_backward=True)
     o1, o2 = make_optimizer(m1, plain), make_optimizer(m2, inb)
     loss_fn = lambda m, b: m(b)  # noqa: E731
@@ -326,8 +321,8 @@ def test_in_backward_tied_weight_used_outside_its_modules():
 
 
 def test_in_backward_tied_weights_sum_with_one_tensor_fewer(monkeypatch):
-    """Autograd sums a tied weight's two gradients out of place (three vocabulary-sized
-    tensors at the end of backward); memfit's gathering adds in place (two)."""
+    """Under MemTracker autograd sums a tied weight's two gradients out of place (three
+    vocabulary-sized tensors at the end of backward); memfit's gathering adds in place (two)."""
     from memfit.plan import _step
 
     model, batch = tiny_tied_llama(vocab=32000, shape=(1, 4))  # few tokens: the peak is at the end of backward

@@ -79,9 +79,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum of cross-entropy)/d(logits) = softmax - one_hot(label), 0 on ignored rows
             g = F.linear(hc, weight, bias).float()
             g.sub_(g.logsumexp(dim=-1, keepdim=True)).exp_()  # softmax, in place
-            valid = (yc != IGNORE_INDEX).unsqueeze(1)
-            g.scatter_add_(1, yc.clamp(min=0).unsqueeze(1), -valid.to(g.dtype))
-            g.mul_(valid.to(g.dtype) * grad_total)
+            valid = (yc != IGNORE_INDEX).unsqueeze(1).to(g.dtype)
+            g.scatter_add_(1, yc.clamp(min=0).unsqueeze(1), -valid)
+            g.mul_(valid * grad_total)
             if need_b:
                 grad_b += g.sum(0)
             if need_w:

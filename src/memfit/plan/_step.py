@@ -273,7 +273,8 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     Given ``model``, a parameter registered on several of its modules (tied weights,
     such as a language model's embedding and output layer) steps once per backward
     pass, at its end, from the sum of all its uses' gradients, summed in place (see
-    :class:`_TiedGradients`): one weight-sized tensor fewer than autograd's own sum.
+    :class:`_TiedGradients`): one weight-sized tensor fewer than autograd's own
+    out-of-place sum.
     """
 
     def __init__(self, params, factory: Callable[[list], torch.optim.Optimizer],
@@ -352,13 +353,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
         return list(self.optimizers.values())
 
 
-# Autograd sums the gradients of a parameter used in several places in its input
-# buffer out of place: for a tied embedding / output layer that is three
+# Under a dispatch mode (the estimator's fake tensors, MemTracker) autograd sums the
+# gradients of a parameter used in several places out of place, and without one only
+# when it can steal a buffer: for a tied embedding / output layer that is three
 # vocabulary-sized tensors alive at once at the end of backward (the output layer's
-# gradient, the embedding's and their sum), also in plain PyTorch. Under
-# optimizer-in-backward nothing else is left alive then, so those tensors set the
-# floor of the peak. Only these backward nodes return a gradient that nothing else
-# references, so it may be summed into in place.
+# gradient, the embedding's and their sum). Under optimizer-in-backward nothing else
+# is left alive then, so those tensors set the floor of the peak. Only these backward
+# nodes return a gradient that nothing else references, so it may be summed into in
+# place.
 _FRESH_GRAD_NODES = frozenset({"EmbeddingBackward0", "MmBackward0", "AddmmBackward0"})
 
 
@@ -377,25 +379,21 @@ class _TiedGradients:
     """
 
     def __init__(self, model: torch.nn.Module, params: Sequence[torch.Tensor]):
-        wanted = {id(p) for p in params}
-        owners: dict[int, list[torch.nn.Module]] = {}
-        by_id: dict[int, torch.Tensor] = {}
+        # tensors hash by identity, so they key these dicts as they key InBackwardOptimizer's
+        owners: dict[torch.Tensor, list[torch.nn.Module]] = {p: [] for p in params}
         for module in model.modules():
             for t in module._parameters.values():
-                if t is not None and id(t) in wanted:
-                    owners.setdefault(id(t), []).append(module)
-                    by_id[id(t)] = t
-        self.params: dict[torch.Tensor, list[torch.nn.Module]] = {
-            by_id[k]: ms for k, ms in owners.items() if len(ms) > 1
-        }
-        self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, bool]] = {}  # id(p): (p, sum, ours)
-        self._steppers: dict[int, Callable[[torch.Tensor], None]] = {}
+                if t in owners:
+                    owners[t].append(module)
+        self.params = {p: ms for p, ms in owners.items() if len(ms) > 1}
+        self._pending: dict[torch.Tensor, tuple[torch.Tensor, bool]] = {}  # p: (sum so far, ours to change)
+        self._steppers: Mapping[torch.Tensor, Callable[[torch.Tensor], None]] = {}
         self._flush_queued = False
 
     def attach(self, steppers: Mapping[torch.Tensor, Callable[[torch.Tensor], None]]) -> list:
         """Install the module hooks; ``steppers[p](p)`` steps ``p`` from ``p.grad``.
         Returns the hook handles."""
-        self._steppers = {id(p): fn for p, fn in steppers.items()}
+        self._steppers = steppers
         handles = []
         for p, modules in self.params.items():
             for module in modules:
@@ -470,30 +468,30 @@ class _TiedGradients:
         self._add(p, g, ours=g.layout is torch.strided)
 
     def _add(self, p: torch.Tensor, g: torch.Tensor, *, ours: bool) -> None:
-        entry = self._pending.get(id(p))
+        entry = self._pending.get(p)
         if entry is None:
-            self._pending[id(p)] = (p, g, ours)
+            self._pending[p] = (g, ours)
             if not self._flush_queued:
                 self._flush_queued = True
                 torch.autograd.Variable._execution_engine.queue_callback(self._flush)
             return
-        _, total, total_ours = entry
+        total, total_ours = entry
         same = g.shape == total.shape and g.dtype == total.dtype and g.layout is total.layout
         if total_ours and same:
             total.add_(g)
         elif ours and same:
-            self._pending[id(p)] = (p, g.add_(total), True)
+            self._pending[p] = (g.add_(total), True)
         else:
-            self._pending[id(p)] = (p, total + g, True)
+            self._pending[p] = (total + g, True)
 
     def _flush(self) -> None:
         self._flush_queued = False
         while self._pending:
-            key, (p, total, _) = self._pending.popitem()
+            p, (total, _) = self._pending.popitem()
             # the sum goes to .grad (copied if strided oddly) and is freed by the step
             p.grad = total if total.layout is not torch.strided or total.is_contiguous() else total.contiguous()
             del total
-            self._steppers[key](p)
+            self._steppers[p](p)
 
 
 def make_optimizer(model: torch.nn.Module, config: StepConfig, lr: float | None = None, **kw) -> torch.optim.Optimizer:
