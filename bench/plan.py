@@ -737,8 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=int, default=None, help="sweep budgets (default 7; 4 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 2 with --quick)")
     ap.add_argument("--fit-steps", type=int, default=30, help="fitloss: training steps (default 30)")
-    ap.add_argument("--fit-batch", default="4x1024", help="fitloss: batch x sequence (default 4x1024; a quarter "
-                    "of plain's peak is also reachable at 4x512 and 2x1024, at half the step time)")
+    ap.add_argument("--fit-batch", default="4x1024", help="fitloss: batch x sequence (default 4x1024)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOCS.relative_to(C.REPO)}")
