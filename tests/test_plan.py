@@ -248,12 +248,16 @@ def test_in_backward_plan_refuses_clipping_and_accumulation(gpt, plain_peak):
         p.clip_grad_norm_(1.0)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     opt = p.optimizer(lr=1e-3)
+    # an LR scheduler wraps optimizer.step (torch needs it to be a method) and reaches every parameter's optimizer
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 ** i)
     try:
         with p:
             loss = model(**batch).loss
         loss.backward()
         opt.step()  # fine: one backward per step
+        sched.step()
         assert all(q.grad is None for q in model.parameters())
+        assert {g["lr"] for inner in opt.inner_optimizers() for g in inner.param_groups} == {5e-4}
         with p:
             loss = model(**batch).loss
         loss.backward()

@@ -275,15 +275,22 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     pass, at its end, from the sum of all its uses' gradients, summed in place (see
     :class:`_TiedGradients`): one weight-sized tensor fewer than autograd's own
     out-of-place sum.
+
+    With ``refuse_accumulation``, a parameter whose gradient arrives a second time
+    before ``step()`` (a second backward: gradient accumulation, which stepping
+    inside backward cannot do) raises ``RuntimeError`` instead of silently taking
+    two optimizer steps.
     """
 
     def __init__(self, params, factory: Callable[[list], torch.optim.Optimizer],
-                 model: torch.nn.Module | None = None):
+                 model: torch.nn.Module | None = None, refuse_accumulation: bool = False):
         params = [p for p in params if p.requires_grad]
         if not params:
             raise ValueError("optimizer_in_backward: the model has no parameter that requires grad")
         self.optimizers: dict[torch.Tensor, torch.optim.Optimizer] = {p: factory([p]) for p in params}
         self._handles: list = []
+        self.refuse_accumulation = refuse_accumulation
+        self._stepped: set[torch.Tensor] = set()
         self._tied = _TiedGradients(model, params) if model is not None else None
         super().__init__(params, {})
         # share the inner optimizers' groups, so LR schedulers and manual lr changes reach them
@@ -320,17 +327,27 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             h.remove()
         self._handles = []
 
-    @staticmethod
-    def _hook(opt: torch.optim.Optimizer):
+    def _hook(self, opt: torch.optim.Optimizer):
         def hook(p: torch.Tensor) -> None:
             if p.grad is None:
                 return
+            if self.refuse_accumulation:
+                if p in self._stepped:
+                    raise RuntimeError(
+                        "memfit plan: this plan steps the optimizer inside backward, so gradients cannot be "
+                        "accumulated over several backward passes; call optimizer.step() after each backward, "
+                        "or re-plan with grad_accumulation=N (memfit.plan(..., grad_accumulation=N))"
+                    )
+                self._stepped.add(p)
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         return hook
 
     def step(self, closure=None):  # type: ignore[override]
+        """Ends the step: the hooks already updated every parameter. A method (not an
+        instance attribute) so that LR schedulers can wrap it as they wrap torch's."""
+        self._stepped.clear()
         if closure is not None:
             with torch.enable_grad():
                 return closure()

@@ -218,7 +218,7 @@ class Plan:
         cfg = self.config
         opt = make_optimizer(model, cfg, lr=lr, **kwargs)
         if cfg.optimizer_in_backward:
-            _guard_in_backward(opt)
+            opt.refuse_accumulation = True
             opt.attach()
         return opt
 
@@ -439,42 +439,6 @@ class _PlanContext:
         finally:
             cm.__exit__(*exc)
         return False
-
-
-def _guard_in_backward(opt) -> None:
-    """Make an InBackwardOptimizer refuse gradient accumulation: a parameter whose
-    gradient arrives twice without ``step()`` in between raises RuntimeError."""
-    stepped: set[int] = set()
-    inner_hook = opt._hook
-    state = {"armed": False}
-
-    def guarded_hook(inner_opt):
-        base = inner_hook(inner_opt)
-
-        def hook(p):
-            key = id(p)
-            if state["armed"] and key in stepped:
-                raise RuntimeError(
-                    "memfit plan: this plan steps the optimizer inside backward, so gradients cannot be "
-                    "accumulated over several backward passes; call optimizer.step() after each backward, "
-                    "or re-plan with grad_accumulation=N (memfit.plan(..., grad_accumulation=N))"
-                )
-            stepped.add(key)
-            state["armed"] = True
-            return base(p)
-
-        return hook
-
-    def step(closure=None):
-        stepped.clear()
-        state["armed"] = False
-        if closure is not None:
-            with torch.enable_grad():
-                return closure()
-        return None
-
-    opt._hook = guarded_hook
-    opt.step = step
 
 
 # --------------------------------------------------------------------------- helpers
