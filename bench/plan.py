@@ -40,6 +40,12 @@ Parts (``--parts``, default all):
 
       python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 4x512 \
           --fit-dir /work/fitrun/ck --json fitloss.json --no-write
+* ``statebits``: what the planner's fidelity prices for optimizer state rest on.
+  GPT-2 4 x 384 (vocab 50257), batch 4 x 256, ``causal_lm_loss``, the first 40 steps
+  of fitloss's 300-step schedule (lr 3e-4, warm-up 50) on the demo's text: torch
+  AdamW against memfit AdamW at 8 and 4 bits, 4 bits with the tied embedding's state
+  kept fp32 (``memfit.optim.keep_fp32``), and 4-bit activations on the middle blocks
+  with fp32 state. Loss of the last 5 steps vs fp32.
 * ``batch``: ``memfit.max_batch_size`` on GPT-2 (6 x 768, seq 256, AdamW) for a budget;
   the answer is measured (bar: <= budget) and the next size up estimated (bar: above
   budget x (1 - margin)).
@@ -72,7 +78,7 @@ import _common as C  # noqa: E402
 
 MARKER = "plan"
 DOCS = C.REPO / "docs" / "benchmarks.md"
-PARTS = ("sweep", "time", "floor", "fit", "fitlm", "fitloss", "batch")
+PARTS = ("sweep", "time", "floor", "fit", "fitlm", "fitloss", "statebits", "batch")
 QUIET = Path("/tmp/memfit_quiet")
 
 
@@ -545,6 +551,61 @@ def part_fitloss(args, state: dict) -> None:
                         "rel": (final["memfit.plan"] - final["fp32"]) / final["fp32"], "machine": C.machine_info()}
 
 
+
+def part_statebits(args, state: dict) -> None:
+    """Early-training loss of compressed optimizer state and activations against fp32
+    (the evidence behind memfit.plan.plan.STATE_FIDELITY)."""
+    import math
+
+    import memfit
+    from memfit.data import ByteBatches, load_text_bytes
+    from memfit.plan import StepConfig
+    from memfit.plan._step import apply, make_optimizer, run_step
+
+    wait_quiet()
+    n_layer, n_embd, bsz, seq, n = (2, 64, 2, 64, 6) if args.quick else (4, 384, 4, 256, 40)
+    vocab = 1024 if args.quick else 50257
+    model, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
+    data = load_text_bytes(max_bytes=4_000_000)
+    batches = list(ByteBatches(data, seq_len=seq, batch_size=bsz, steps=n, seed=0))
+    steps, warmup, lr = 300, 50, 3e-4
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup)))
+
+    middle = {f"transformer.h.{i}": 4 for i in range(1, n_layer - 1)} or {"transformer.h.0": 4}
+    variants = {
+        "fp32 (torch AdamW)": StepConfig(),
+        "8-bit state": StepConfig(state_bits=8),
+        "4-bit state": StepConfig(state_bits=4),
+        "4-bit state, embedding's fp32": StepConfig(state_bits=4),
+        "4-bit activations (middle blocks)": StepConfig(policy={"": None, **middle}),
+    }
+    loss_fn = memfit.causal_lm_loss()
+    log(f"statebits: GPT-2 {n_layer} x {n_embd}, vocab {vocab}, batch {bsz} x {seq}, {n} steps")
+    runs = {}
+    for name, cfg in variants.items():
+        m = copy.deepcopy(model).train()
+        if "embedding's fp32" in name:
+            memfit.optim.keep_fp32(m.transformer.wte.weight)
+        opt = make_optimizer(m, cfg, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        losses = []
+        with apply(m, cfg, opt) as ctx:
+            for x in batches:
+                b = {"input_ids": x, "labels": x}
+                losses.append(run_step(m, b, cfg, loss_fn, opt, context=ctx).item())
+                sched.step()
+        runs[name] = losses
+        log(f"  {name}: loss step {n} {losses[-1]:.4f}")
+        del m, opt
+        gc.collect()
+    state["statebits"] = {"shape": f"GPT-2 {n_layer} x {n_embd} (vocab {vocab}), batch {bsz} x {seq}",
+                          "steps": n, "lr": lr, "warmup": warmup, "runs": runs, "machine": C.machine_info()}
+
+
 # --------------------------------------------------------------------------- max batch size
 
 
@@ -805,6 +866,27 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         else:
             bars.append((f"fit (short run, {fs['steps']} steps, not the bar): GPT-2-small planned loss within 1% "
                          "of fp32", abs(rel[demo_window]) <= 0.01, f"{100 * rel[demo_window]:+.2f}%"))
+    sb = state.get("statebits")
+    if sb:
+        base = sb["runs"]["fp32 (torch AdamW)"]
+        k = min(5, sb["steps"])
+        ref = sum(base[-k:]) / k
+        lines.append(f"### Optimizer-state and activation bits, early training: {sb['shape']}, "
+                     f"first {sb['steps']} steps")
+        lines.append("")
+        rows = []
+        for name, losses in sb["runs"].items():
+            tail = sum(losses[-k:]) / k
+            rows.append([name, f"{losses[0]:.4f}", f"{tail:.4f}", f"{100 * (tail - ref) / ref:+.2f}%"])
+        lines.append(C.markdown_table(["run", "loss step 1", f"mean of last {k}", "vs fp32"], rows))
+        lines.append("")
+        lines.append(f"Same initialisation and batches (the demo's text), `memfit.causal_lm_loss()` for every "
+                     f"run, lr {sb['lr']:g} with {sb['warmup']} warm-up steps of a 300-step cosine schedule "
+                     "(fitloss's). The planner prices 4-bit state above recomputing every block "
+                     "(`memfit.plan.plan.STATE_FIDELITY`) because of this table: it uses 4 bits only when the "
+                     "budget needs them." + (f" Run {sb['machine'].get('date', '')}: "
+                                             f"`{sb['machine'].get('command', '')}`." if sb.get("machine") else ""))
+        lines.append("")
     bt = state.get("batch")
     if bt:
         ok1 = bt["measured_n"] <= bt["budget"]
