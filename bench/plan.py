@@ -34,12 +34,15 @@ Parts (``--parts``, default all):
   model's own loss), same init and batches, the two runs stepping in turn: final loss
   (the demo's: mean of the last 20 steps; the last fifth is shown too) vs fp32. The fit
   bar wants the demo's 300 steps: hours here, so ``--fit-dir`` saves both runs every
-  ``--fit-save-every`` steps and a rerun with the same arguments resumes. The smallest
-  batch at which a quarter of plain's peak is reachable is 4 x 512 (or 2 x 1024);
-  at 3 x 512 and below the floor is over a quarter (parameters dominate)::
+  ``--fit-save-every`` steps and a rerun with the same arguments resumes (a rerun of a
+  finished run only measures and reports). Then the plan's peak is measured. The
+  smallest batch at which a quarter of plain's peak is reachable is 4 x 512 (or 2 x
+  1024), but only with 4-bit optimizer state, which ``statebits`` shows lags fp32 at
+  GPT-2's vocabulary; at 6 x 512 the plan keeps 8-bit state; at 3 x 512 and below the
+  floor is over a quarter (parameters dominate)::
 
-      python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 4x512 \
-          --fit-dir /work/fitrun/ck --json fitloss.json --no-write
+      python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 6x512 \
+          --fit-dir /work/fitrun/ck6 --json fitloss6.json --no-write
 * ``statebits``: what the planner's fidelity prices for optimizer state rest on.
   GPT-2 4 x 384 (vocab 50257), batch 4 x 256, ``causal_lm_loss``, the first 40 steps
   of fitloss's 300-step schedule (lr 3e-4, warm-up 50) on the demo's text: torch
