@@ -148,6 +148,19 @@ def llama(tied: bool, quick: bool):
     return model, {"input_ids": ids, "labels": ids}, f"{b}x{s}"
 
 
+def warmup_cosine(steps: int, warmup: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine down to 10%
+    at ``steps`` (fitloss's schedule; statebits runs its first steps)."""
+    import math
+
+    def factor(i: int) -> float:
+        if i < warmup:
+            return (i + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -441,7 +454,6 @@ def part_fitloss(args, state: dict) -> None:
     goes on from the last save. A resumed planned run restarts the activation
     engine's stochastic-rounding stream from its seed: statistically the same run,
     not bit-for-bit."""
-    import math
     import os
 
     import memfit
@@ -482,12 +494,7 @@ def part_fitloss(args, state: dict) -> None:
     data = load_text_bytes(max_bytes=4_000_000)
     batches = list(ByteBatches(data, seq_len=seq, batch_size=bsz, steps=steps, seed=0))
     log(f"  plan at {mb(budget)} MB of plain's {mb(plain_peak)} MB: {plan_desc(p)}")
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
-
+    factor = warmup_cosine(steps, warmup)
     runs: dict = {}
     for name in ("fp32", "memfit.plan"):
         model = copy.deepcopy(base).train()
@@ -540,9 +547,7 @@ def part_fitloss(args, state: dict) -> None:
                 f"{name} loss {r['losses'][-1]:.4f} ({r['seconds'][-1]:.1f} s)" for name, r in runs.items()))
         if state_path is not None and ((i + 1) % args.fit_save_every == 0 or i + 1 == steps):
             save(i + 1)
-    window = max(1, steps // 5)
     out = {name: {"losses": r["losses"], "seconds": r["seconds"]} for name, r in runs.items()}
-    final = {k: sum(v["losses"][-window:]) / window for k, v in out.items()}
     count = n_params(runs["fp32"]["model"])
     del runs
     gc.collect()
@@ -556,19 +561,16 @@ def part_fitloss(args, state: dict) -> None:
     del fresh
     state["fitloss"] = {"shape": f"GPT-2 {n_layer} x {n_embd} (vocab {vocab}), batch {bsz} x {seq}",
                         "n_params": count,
-                        "steps": steps, "window": window, "lr": lr,
+                        "steps": steps, "lr": lr,
                         "warmup": warmup, "budget": budget, "plain_peak": plain_peak, "plan": plan_desc(p),
                         "predicted": p.predicted_peak_bytes, "measured": measured,
-                        "runs": out, "final": final, "resumes": resumes,
-                        "rel": (final["memfit.plan"] - final["fp32"]) / final["fp32"], "machine": C.machine_info()}
+                        "runs": out, "resumes": resumes, "machine": C.machine_info()}
 
 
 
 def part_statebits(args, state: dict) -> None:
     """Early-training loss of compressed optimizer state and activations against fp32
     (the evidence behind memfit.plan.plan.STATE_FIDELITY)."""
-    import math
-
     import memfit
     from memfit.data import ByteBatches, load_text_bytes
     from memfit.plan import StepConfig
@@ -580,13 +582,8 @@ def part_statebits(args, state: dict) -> None:
     model, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
     data = load_text_bytes(max_bytes=4_000_000)
     batches = list(ByteBatches(data, seq_len=seq, batch_size=bsz, steps=n, seed=0))
-    steps, warmup, lr = 300, 50, 3e-4
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (i - warmup) / (steps - warmup)))
-
+    warmup, lr = 50, 3e-4
+    factor = warmup_cosine(300, warmup)
     middle = {f"transformer.h.{i}": 4 for i in range(1, n_layer - 1)} or {"transformer.h.0": 4}
     variants = {
         "fp32 (torch AdamW)": StepConfig(),
@@ -855,9 +852,6 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append(C.markdown_table(["run", "loss step 1", f"final loss (mean of last {demo_window}, as the demo)",
                                        "vs fp32", f"mean of last {fifth}", "vs fp32", "s/step (median)"], rows))
         lines.append("")
-        from memfit.demo import DemoConfig
-
-        full = fs["steps"] >= DemoConfig().steps
         lines.append(f"fp32: torch AdamW and the model's own loss; memfit.plan: the plan for a quarter of plain's "
                      f"peak ({mb(fs['budget'])} MB of {mb(fs['plain_peak'])}: {fs['plan']}) with "
                      f"`memfit.causal_lm_loss()`. Same initialisation and batches; lr {fs['lr']:g}, "
