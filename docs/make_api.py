@@ -36,6 +36,20 @@ def signature(obj) -> str:
         return ""
 
 
+def own_members(cls) -> dict:
+    """Members defined by ``cls`` or by memfit base classes it inherits from.
+
+    ``vars(cls)`` alone drops what a memfit mixin contributes (the callbacks'
+    ``results`` and ``summary`` live on ``CallbackResults``), while the whole MRO
+    would drag in torch's and transformers' own methods.
+    """
+    members: dict = {}
+    for base in reversed(inspect.getmro(cls)):
+        if base is cls or base.__module__.startswith("memfit"):
+            members.update(vars(base))
+    return members
+
+
 def entry(module_name: str, name: str, obj) -> list[str]:
     if module_name == "memfit" and name == "plan":
         obj, title = memfit.plan.plan, "memfit.plan(...)"
@@ -46,7 +60,7 @@ def entry(module_name: str, name: str, obj) -> list[str]:
     doc = inspect.getdoc(obj) or "(no docstring)"
     lines += [doc, ""]
     if inspect.isclass(obj):
-        for attr, member in sorted(vars(obj).items()):
+        for attr, member in sorted(own_members(obj).items()):
             if attr.startswith("_") or not (inspect.isfunction(member) or isinstance(member, property)):
                 continue
             mdoc = (inspect.getdoc(member) or "").split("\n\n")[0]
