@@ -818,8 +818,8 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
             lines.append("")
             lines.append(own + f"Planned in {fl2['plan_seconds']:.0f} s; predicted step-time overhead "
                          f"{100 * fl2['overhead']:+.1f}%. Training GPT-2-small for the demo's 300 steps takes hours "
-                         "on this machine: the loss bar is measured on the demo's model (above), and this plan is "
-                         "trained for a short run below.")
+                         "on this machine: fitloss (below) trains a quarter-budget plan against fp32 and names "
+                         "the plan it trained (an earlier run's may differ from this one's).")
         bars.append(("fit: GPT-2-small 4 x 1024 at a quarter of plain's peak (causal_lm_loss), measured", ok,
                      "BudgetTooSmall" if "error" in fl2 else f"{mb(fl2['measured'])} MB <= {mb(fl2['budget'])} MB"))
         lines.append("")
