@@ -67,6 +67,7 @@ import contextlib
 import copy
 import gc
 import json
+import math
 import statistics
 import sys
 import time
@@ -151,7 +152,6 @@ def llama(tied: bool, quick: bool):
 def warmup_cosine(steps: int, warmup: int):
     """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine down to 10%
     at ``steps`` (fitloss's schedule; statebits runs its first steps)."""
-    import math
 
     def factor(i: int) -> float:
         if i < warmup:
@@ -565,7 +565,6 @@ def part_fitloss(args, state: dict) -> None:
                         "warmup": warmup, "budget": budget, "plain_peak": plain_peak, "plan": plan_desc(p),
                         "predicted": p.predicted_peak_bytes, "measured": measured,
                         "runs": out, "resumes": resumes, "machine": C.machine_info()}
-
 
 
 def part_statebits(args, state: dict) -> None:

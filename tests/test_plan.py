@@ -294,7 +294,6 @@ def test_no_in_backward_when_clipping(gpt, plain_peak):
     p.clip_grad_norm_(1.0)  # allowed
 
 
-
 def test_four_bit_state_only_when_the_budget_needs_it(pinned_probes):
     # A short batch, so optimizer state weighs as much as the activations. At 53% of
     # plain both "4-bit state, middle block compressed" and "8-bit state, middle block
@@ -315,6 +314,7 @@ def test_four_bit_state_only_when_the_budget_needs_it(pinned_probes):
     with pytest.raises(BudgetTooSmall):
         memfit.plan(model, batch, int(plain * 0.50), state_bits=(32, 8), step_seconds=0.05)
 
+
 def test_polish_checks_near_misses_with_real_estimates(pinned_probes):
     # At 57% of plain's peak on this short batch the search's pick is verified, but
     # a cheaper neighbour its peak model puts just over the target fits when
@@ -327,6 +327,7 @@ def test_polish_checks_near_misses_with_real_estimates(pinned_probes):
     searched = [r for r in rounds if not r.get("polish")]
     accepted = [r for r in rounds if r.get("polish") and r["fits"]]
     assert accepted, rounds
+
     def tokens(describe: str) -> set[str]:
         return set(describe.replace("{", " ").replace("}", " ").replace(",", " ").split())
 

@@ -1042,23 +1042,32 @@ def plan(
     best_verified: tuple[S.Solution, Estimate] | None = None
     lean_verified: tuple[S.Solution, Estimate] | None = None
     rounds = []
-    for rnd in range(max_rounds):
-        sol, lean = S.search(units, options, cost, target, bits, recompute, model_peak, stored_override)
-        chosen = sol if sol is not None else lean
-        cfg = _config_for(chosen, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
-        key = _config_key(cfg)
-        if key in checked:
-            break  # the corrected model picks a configuration already checked
+
+    def config_of(sol: S.Solution) -> StepConfig:
+        return _config_for(sol, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
+
+    def verify(sol: S.Solution, cfg: StepConfig, key: str, label: str, **tags) -> tuple[Estimate, bool]:
+        """One round: ``estimate()`` of ``cfg`` (cached by ``key``), recorded and logged."""
         checked.add(key)
         est = estimates.get(key)
         if est is None:
             est = estimates[key] = estimate(model, batch, config=cfg, loss_fn=loss_fn)
         fits = est.peak_bytes <= target
-        rounds.append({"round": rnd, "modelled_peak": int(chosen.peak), "estimated_peak": est.peak_bytes,
-                       "phase": est.peak_phase, "fits": fits, "config": cfg.describe(),
-                       "leanest": sol is None})
-        log(f"round {rnd}: {cfg.describe()}: modelled {format_bytes(chosen.peak)}, estimated "
-            f"{format_bytes(est.peak_bytes)} ({est.peak_phase}){' [leanest]' if sol is None else ''}")
+        rounds.append({"round": len(rounds), "modelled_peak": int(sol.peak), "estimated_peak": est.peak_bytes,
+                       "phase": est.peak_phase, "fits": fits, "config": cfg.describe(), **tags})
+        flag = " [leanest]" if tags.get("leanest") else " [over]" if tags.get("polish") and not fits else ""
+        log(f"{label}: {cfg.describe()}: modelled {format_bytes(sol.peak)}, estimated "
+            f"{format_bytes(est.peak_bytes)} ({est.peak_phase}){flag}")
+        return est, fits
+
+    for rnd in range(max_rounds):
+        sol, lean = S.search(units, options, cost, target, bits, recompute, model_peak, stored_override)
+        chosen = sol if sol is not None else lean
+        cfg = config_of(chosen)
+        key = _config_key(cfg)
+        if key in checked:
+            break  # the corrected model picks a configuration already checked
+        est, fits = verify(chosen, cfg, key, f"round {rnd}", leanest=sol is None)
         if fits and (best_verified is None or chosen.cost < best_verified[0].cost - 1e-12):
             best_verified = (chosen, est)
         if lean_verified is None or est.peak_bytes < lean_verified[1].peak_bytes:
@@ -1086,20 +1095,11 @@ def plan(
         slack = 0.02 * budget_bytes
         while len(rounds) < max_rounds:
             move = _near_miss(units, best_verified[0], cost, menus, model_peak, target + slack,
-                              stored_override, checked,
-                              lambda s: _config_key(_config_for(s, optimizer, grad_accumulation, clip_grad_norm,
-                                                                activation_kwargs)))
+                              stored_override, checked, lambda s: _config_key(config_of(s)))
             if move is None:
                 break
-            cfg = _config_for(move, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
-            checked.add(_config_key(cfg))
-            est = estimate(model, batch, config=cfg, loss_fn=loss_fn)
-            fits = est.peak_bytes <= target
-            rounds.append({"round": len(rounds), "modelled_peak": int(move.peak), "estimated_peak": est.peak_bytes,
-                           "phase": est.peak_phase, "fits": fits, "config": cfg.describe(), "leanest": False,
-                           "polish": True})
-            log(f"polish: {cfg.describe()}: modelled {format_bytes(move.peak)}, estimated "
-                f"{format_bytes(est.peak_bytes)} ({est.peak_phase}){'' if fits else ' [over]'}")
+            cfg = config_of(move)
+            est, fits = verify(move, cfg, _config_key(cfg), "polish", leanest=False, polish=True)
             if fits:
                 best_verified = (move, est)
                 _learn(units, move.choices, est, stored_override)
@@ -1109,7 +1109,7 @@ def plan(
     if best_verified is None:
         lean_sol, lean_est = lean_verified if lean_verified is not None else (None, None)
         if lean_est is None:
-            cfg = _config_for(lean, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
+            cfg = config_of(lean)
             lean_est = estimate(model, batch, config=cfg, loss_fn=loss_fn)
         bd = lean_est.peak_breakdown
         dom = _dominant(bd)
