@@ -247,8 +247,16 @@ def part_time(args, state: dict) -> None:
 
     sw = state.get("sweep")
     objs = state.get("_sweep_objects")
+    if sw is None and args.sweep_from:
+        # The plans of an earlier run's sweep, timed again (more rounds, a quieter
+        # machine) without planning again: the model is rebuilt exactly as the sweep built it.
+        sw = state["sweep"] = json.loads(Path(args.sweep_from).read_text())["sweep"]
+        quick = sw["shape"].startswith("GPT-2 3 x 64")
+        model, batch = gpt2(3, 64, 4, 64, vocab=1024) if quick else gpt2(12, 768, 4, 256)
+        objs = (model, batch, tuple(f"transformer.h.{i}" for i in range(model.config.n_layer)))
+        log(f"time: the sweep of {args.sweep_from}")
     if sw is None or objs is None:
-        log("time: needs the sweep in the same run; skipped")
+        log("time: needs the sweep in the same run (or --sweep-from); skipped")
         return
     model, batch, blocks = objs
     fn = resolve_loss_fn(None)
@@ -678,6 +686,15 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
     if info:
         lines += C.machine_lines(info)
         lines.append("")
+        # A report merged from several runs (--report-only) says where each part came from.
+        other = [(part, state[part]["machine"]) for part in PARTS
+                 if part in state and state[part].get("machine")
+                 and state[part]["machine"].get("command") != info.get("command")]
+        if other:
+            lines.append("Parts measured in other runs (same machine):")
+            lines.append("")
+            lines += [f"- **{part}:** {m.get('date')}, `{m.get('command')}`" for part, m in other]
+            lines.append("")
     sw = state.get("sweep")
     if sw:
         lines.append(f"### Sweep: {sw['shape']}, AdamW ({sw['n_params'] / 1e6:.1f}M params)")
@@ -927,6 +944,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--budgets", type=int, default=None, help="sweep budgets (default 7; 4 with --quick)")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 2 with --quick)")
+    ap.add_argument("--sweep-from", default=None, metavar="JSON",
+                    help="time: time the plans of the sweep in this --json file instead of planning again")
     ap.add_argument("--fit-steps", type=int, default=30, help="fitloss: training steps (default 30)")
     ap.add_argument("--fit-batch", default="4x1024", help="fitloss: batch x sequence (default 4x1024)")
     ap.add_argument("--fit-dir", default=None,

@@ -305,6 +305,28 @@ def test_context_is_reusable_and_stats_reset():
     assert mf.stats.original_bytes == first
 
 
+def test_codec_time_is_counted_per_module_in_forward_and_backward():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=4, min_bytes=0)
+    with mf:
+        loss = model(**data).loss
+    assert mf.stats.encode_seconds > 0
+    assert mf.stats.decode_seconds == 0  # nothing decoded before backward
+    loss.backward()  # outside the block: decodes still land in its stats
+    assert mf.stats.decode_seconds > 0
+    mods = mf.stats.by_module.values()
+    assert math.isclose(mf.stats.encode_seconds, sum(m.encode_seconds for m in mods))
+    assert all(m.encode_seconds > 0 for m in mods if m.stored_bytes < m.original_bytes)
+    kept = memfit.activations(model, bits=None, min_bytes=0)
+    grads_of(model, data, kept)
+    assert kept.stats.encode_seconds == 0 and kept.stats.decode_seconds == 0
+    first = mf.stats
+    spent = (first.encode_seconds, first.decode_seconds)
+    grads_of(model, data, mf)  # a new block counts in new stats; the old ones stay as they were
+    assert mf.stats is not first and mf.stats.encode_seconds > 0 and mf.stats.decode_seconds > 0
+    assert (first.encode_seconds, first.decode_seconds) == spent
+
+
 def test_backward_outside_context_and_twice_with_retain_graph():
     x = torch.randn(64, 64, requires_grad=True)
     with memfit.activations(bits=8, min_bytes=0, rounding="nearest"):

@@ -408,3 +408,32 @@ def test_demo_planned_run():
     assert planned.peak_bytes <= planned.budget_bytes
     assert len(planned.losses) == 4 and all(math.isfinite(x) for x in planned.losses)
     assert result.meets_bar(planned) in (True, False)
+
+
+def _tie_case(state8_fidelity: float, tie: float):
+    """Six blocks of 100 compressible bytes; fp32 state (400 B) needs five blocks at 8
+    bits to fit 640 B (cost 5 x (0.002 + 0.007) = 0.045); 8-bit state (0 B here) fits
+    with every block kept, for its fidelity cost alone."""
+    from memfit.plan import solver as S
+
+    units = [S.Unit(name=f"h.{i}", role="block", order=i, act_bytes=100, float_bytes=100, mask_bytes=0,
+                    out_bytes=0, in_bytes=0, grad_bytes=0, fwd_seconds=0.0) for i in range(6)]
+    options = [S.OptimizerOption(32, False, 400, 0, 0.0, 0.0),
+               S.OptimizerOption(8, False, 0, 0, 0.0, state8_fidelity)]
+    cost = S.CostModel(step_seconds=1.0, encode_decode_seconds_per_byte={8: 7e-5, 4: 7e-5, 2: 7e-5}, tie=tie)
+
+    def model_peak(choices, o):
+        return o.state_bytes + sum(u.stored(choices[u.name]) for u in units), "backward"
+
+    best, _ = S.search(units, options, cost, 640, (8, 4, 2), False, model_peak, {})
+    return best
+
+
+def test_search_breaks_cost_ties_toward_the_plan_that_keeps_more():
+    # 8-bit state at 0.04 is cheaper than fp32 state with five 8-bit blocks (0.045),
+    # but by less than the tie: the plan keeps fp32 state and uses more of the budget.
+    near = _tie_case(0.04, tie=0.01)
+    assert near.option.state_bits == 32 and near.peak > 600
+    assert sorted(map(str, near.choices.values())) == ["8"] * 5 + ["keep"]
+    assert _tie_case(0.04, tie=0.0).option.state_bits == 8  # no tie: the cheaper one
+    assert _tie_case(0.03, tie=0.01).option.state_bits == 8  # 0.015 apart: not a tie

@@ -406,6 +406,16 @@ def test_profile_rows_self_and_inclusive():
     assert abs(prof.saved_bytes - sum(est.activations_by_module.values())) <= 0.05 * prof.saved_bytes
     assert prof.step_seconds >= prof.forward_seconds > 0
     assert Profile.from_dict(prof.to_dict()) == prof
+    assert prof.codec_seconds == 0  # nothing compressed
     from rich.table import Table
 
     assert isinstance(prof.table(), Table)
+
+
+def test_profile_counts_codec_time_under_a_policy():
+    from memfit.plan import profile
+
+    model, batch = tiny_gpt2()
+    prof = profile(model, batch, steps=2, config=StepConfig(policy=4, activation_kwargs={"min_bytes": 0}))
+    assert 0 < prof.codec_seconds < prof.forward_seconds + prof.backward_seconds
+    assert "codec" in prof.table().title

@@ -58,6 +58,7 @@ are handled by checkpoint's own hooks, not memfit's.
 from __future__ import annotations
 
 import random
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -83,6 +84,8 @@ class ModuleStats:
     original_bytes: int = 0  # what plain autograd would have kept alive
     stored_bytes: int = 0  # what memfit holds instead
     counts: Counter = field(default_factory=Counter)  # saved tensors by kind
+    encode_seconds: float = 0.0  # host time in the codec's encode (forward)
+    decode_seconds: float = 0.0  # host time in the codec's decode (backward)
 
     @property
     def ratio(self) -> float:
@@ -92,9 +95,22 @@ class ModuleStats:
 @dataclass
 class ActivationStats:
     """Per-module totals of the last ``with`` block. Bytes count each storage once,
-    as autograd does; parameters count as zero (they are not activations)."""
+    as autograd does; parameters count as zero (they are not activations).
+
+    ``encode_seconds`` and ``decode_seconds`` are the wall time spent inside the codec
+    (decodes are added as backward runs, also after the block has exited). They price
+    compression directly, without subtracting two noisy step times. On CPU they are
+    the codec's cost; on CUDA they are host time only (kernels run asynchronously)."""
 
     by_module: dict[str, ModuleStats] = field(default_factory=dict)
+
+    @property
+    def encode_seconds(self) -> float:
+        return sum(m.encode_seconds for m in self.by_module.values())
+
+    @property
+    def decode_seconds(self) -> float:
+        return sum(m.decode_seconds for m in self.by_module.values())
 
     @property
     def original_bytes(self) -> int:
@@ -152,13 +168,14 @@ class _Kept:
 class _StorageEntry:
     """One encoded storage, shared by every saved view of it."""
 
-    __slots__ = ("encoded", "storage_ref", "version", "dtype", "_decoded", "__weakref__")
+    __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "_decoded", "__weakref__")
 
-    def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype):
+    def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats):
         self.encoded = encoded
         self.storage_ref = storage_ref
         self.version = version
         self.dtype = dtype
+        self.stats = stats
         self._decoded: weakref.ref | None = None
 
     def decoded(self) -> torch.Tensor:
@@ -166,7 +183,9 @@ class _StorageEntry:
         # them is alive, the others reuse its buffer instead of decoding again.
         flat = self._decoded() if self._decoded is not None else None
         if flat is None:
+            t0 = time.perf_counter()
             flat = decode(self.encoded)
+            self.stats.decode_seconds += time.perf_counter() - t0
             self._decoded = weakref.ref(flat)
         return flat
 
@@ -440,11 +459,13 @@ class ActivationCompressor:
             # A small window into a big storage: encode only the window.
             flat, offset, shared = t.contiguous(), None, False
         seed = self._seeds.getrandbits(62) if _is_stochastic(fmt) else 0
+        stats = self._module_stats(module)
+        t0 = time.perf_counter()
         encoded = encode(flat, fmt, seed=seed)
-        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype)
+        stats.encode_seconds += time.perf_counter() - t0
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats)
         if shared:
             self._entries[key] = entry
-        stats = self._module_stats(module)
         stats.counts[_kind(fmt)] += 1
         stats.original_bytes += storage.nbytes() if shared else t.numel() * itemsize
         stats.stored_bytes += encoded.nbytes

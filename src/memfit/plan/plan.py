@@ -671,24 +671,28 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
 _PROBE_CACHE: dict = {}
 
 
-def codec_seconds_per_byte(n_bytes: int = 32 * 2**20, reps: int = 3) -> dict[int, float]:
+def codec_seconds_per_byte(n_bytes: int = 32 * 2**20, reps: int = 5) -> dict[int, float]:
     """Seconds per uncompressed byte to encode (stochastic rounding) and decode, at
     8, 4 and 2 bits, on this machine (measured once per process, on ``n_bytes``).
 
-    This is the codec alone. Inside a training step compression costs much less
-    than this suggests (freeing activations early saves allocation and page-fault
-    time), so :func:`plan` measures the step itself and uses these figures only for
-    the ratios between widths, or when it does not profile."""
+    This is the codec alone, in a loop: :func:`plan` prices compression from the
+    codec's time inside real steps instead (``Profile.codec_seconds``), and uses
+    these figures only when it does not profile (``step_seconds`` given). Every
+    width is warmed up twice before any is timed: the first decodes into fresh
+    memory run at a third of the speed (page faults), which made whichever width
+    came first look three times dearer than the others."""
     key = ("codec", torch.get_num_threads(), n_bytes)
     if key in _PROBE_CACHE:
         return _PROBE_CACHE[key]
     from ..codec import IntFormat, decode, encode
 
     x = torch.randn(n_bytes // 4)
+    formats = {bits: IntFormat(bits=bits, block_size=256, rounding="stochastic") for bits in (8, 4, 2)}
+    for _ in range(2):  # warm up: kernels, and the allocator's pages
+        for fmt in formats.values():
+            decode(encode(x, fmt, seed=1))
     out = {}
-    for bits in (8, 4, 2):
-        fmt = IntFormat(bits=bits, block_size=256, rounding="stochastic")
-        decode(encode(x, fmt, seed=1))  # warm up (and build the kernels once)
+    for bits, fmt in formats.items():
         times = []
         for r in range(reps):
             t0 = time.perf_counter()
@@ -843,6 +847,13 @@ def plan(
 ) -> Plan:
     """Plan a training step of ``model`` on ``batch`` that fits ``budget``.
 
+    The plan minimizes predicted time overhead (fractions of a plain step, from a
+    short profile: recomputing costs a unit's forward, compressing the codec's time
+    measured inside a compressed step) plus a fidelity cost (fewer bits cost more;
+    the first and last layers and the loss head eight times more). Costs within 0.01
+    of the cheapest are ties, broken toward the plan that keeps more: the larger
+    peak, so the budget is used rather than left idle.
+
     Args:
         model, batch, loss_fn: as for :func:`memfit.estimate` (``loss_fn(model, batch)``,
             default ``model(**batch).loss``).
@@ -939,8 +950,8 @@ def plan(
     tkey = ("times", step_seconds, profile_steps) + ckey
     if tkey not in cache:
         cache[tkey] = _unit_times(model, batch, loss_fn, names, trace, profile_steps, step_seconds, optimizer)
-    fwd_seconds, base_seconds, opt32, compressed_fb = cache[tkey]
-    codec = _codec_costs(codec_seconds_per_byte(), base_seconds, compressed_fb, trace)
+    fwd_seconds, base_seconds, opt32, compressed_seconds = cache[tkey]
+    codec = _codec_costs(codec_seconds_per_byte(), compressed_seconds, trace)
     opt_speed = optimizer_seconds_per_param(optimizer)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     n_tensors = len({id(p) for p in model.parameters() if p.requires_grad})
@@ -1039,7 +1050,7 @@ def plan(
 
     estimates: dict[str, Estimate] = cache.setdefault(("estimates",) + ckey, {})
     checked: set[str] = set()
-    best_verified: tuple[S.Solution, Estimate] | None = None
+    fitting: list[tuple[S.Solution, Estimate]] = []  # verified plans that fit
     lean_verified: tuple[S.Solution, Estimate] | None = None
     rounds = []
 
@@ -1068,8 +1079,8 @@ def plan(
         if key in checked:
             break  # the corrected model picks a configuration already checked
         est, fits = verify(chosen, cfg, key, f"round {rnd}", leanest=sol is None)
-        if fits and (best_verified is None or chosen.cost < best_verified[0].cost - 1e-12):
-            best_verified = (chosen, est)
+        if fits:
+            fitting.append((chosen, est))
         if lean_verified is None or est.peak_bytes < lean_verified[1].peak_bytes:
             lean_verified = (chosen, est)
         # Learn: what each unit held under these choices, and the branch offsets.
@@ -1085,6 +1096,13 @@ def plan(
             calib_opt[chosen.option.key] = ph["optimizer"] - O
         if fits and abs(est.peak_bytes - chosen.peak) < 0.02 * budget_bytes:
             break  # the model agreed with the estimate: a new search would pick the same
+    # The search's tie rule, over what was verified: the largest estimated peak
+    # among the plans within cost.tie of the cheapest.
+    best_verified = None
+    if fitting:
+        cheapest = min(sol.cost for sol, _ in fitting)
+        best_verified = max((f for f in fitting if f[0].cost <= cheapest + cost.tie),
+                            key=lambda f: (f[1].peak_bytes, -f[0].cost))
     # Polish. The peak model agrees with estimate() to about 2% of the budget, and
     # refine() trusts it, so near the floor it rejects cheaper neighbours that would
     # fit (on the demo's GPT-2 one block at 4 bits instead of 2: +0.8% final loss
@@ -1176,10 +1194,16 @@ def _learn(units, choices, est: Estimate, overrides) -> None:
 
 def _unit_times(model, batch, loss_fn, names, trace: _Trace, steps: int, step_seconds: float | None, optimizer: str):
     """``(forward seconds per unit (inclusive), forward+backward seconds, optimizer-step
-    seconds or None, forward+backward seconds with every activation at 4 bits or None)``
-    from :func:`memfit.plan.profile` (real steps, fp32 optimizer; then the same with
-    ``policy=4``). With ``step_seconds`` given, no profile: forward ~ a third of it,
-    spread over units by their saved bytes."""
+    seconds or None, what compressing every activation at 4 bits adds to
+    forward+backward or None)`` from :func:`memfit.plan.profile` (real steps, fp32
+    optimizer; then the same with ``policy=4``). With ``step_seconds`` given, no
+    profile: forward ~ a third of it, spread over units by their saved bytes.
+
+    On CPU the compression cost is the codec time measured inside the compressed
+    steps (``Profile.codec_seconds``). Elsewhere the codec runs asynchronously, so it
+    is the difference of the two profiles' step times, which is noisy: one step each
+    by default, and a 5% swing of either step moves the planner's choice between
+    compressed activations and compressed optimizer state."""
     if step_seconds is None:
         from .profile import profile as _profile
 
@@ -1187,31 +1211,34 @@ def _unit_times(model, batch, loss_fn, names, trace: _Trace, steps: int, step_se
         fwd = {n: float(prof.modules[n].forward_seconds) for n in names if n in prof.modules}
         fb = float(prof.forward_seconds + prof.backward_seconds)
         if fb > 0:
-            compressed = None
+            added = None
             if sum(c["float"] for c in trace.saved.values()) > 0:
                 p4 = _profile(model, batch, loss_fn=loss_fn, steps=steps,
                               config=StepConfig(optimizer=optimizer, policy=4))
-                compressed = float(p4.forward_seconds + p4.backward_seconds)
-            return fwd, fb, float(prof.optimizer_seconds) or None, compressed
+                on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+                if on_cpu and p4.codec_seconds > 0:
+                    added = float(p4.codec_seconds)
+                else:
+                    added = max(0.0, float(p4.forward_seconds + p4.backward_seconds) - fb)
+            return fwd, fb, float(prof.optimizer_seconds) or None, added
         step_seconds = float(prof.step_seconds) or 1.0
     total_saved = sum(c["total"] for c in trace.saved.values()) or 1
     fwd = {n: step_seconds / 3 * trace.saved.get(n, Counter())["total"] / total_saved for n in names}
     return fwd, step_seconds, None, None
 
 
-def _codec_costs(probe: Mapping[int, float], plain_fb: float, compressed_fb: float | None,
-                 trace: _Trace) -> dict[int, float]:
-    """Seconds per compressible byte that compressing costs a step, per width: the
-    measured difference between a step with every activation at 4 bits and a plain
-    one, per compressible byte (at least 2% of the codec-alone figure, so it is never
-    free), scaled between widths as the codec probe says; the probe alone without a
+def _codec_costs(probe: Mapping[int, float], compressed_seconds: float | None, trace: _Trace) -> dict[int, float]:
+    """Seconds per compressible byte that compressing costs a step, per width: what
+    compressing every activation at 4 bits added to a step (``_unit_times``), per
+    compressible byte, for every width (the codec is memory-bound: in a step 8, 4 and
+    2 bits cost the same per input byte to within the measurement's noise), at least
+    2% of the codec-alone figure so that it is never free; the probe alone without a
     measurement."""
     floats = sum(c["float"] for c in trace.saved.values())
-    if compressed_fb is None or floats <= 0:
+    if compressed_seconds is None or floats <= 0:
         return dict(probe)
-    measured = max(0.0, compressed_fb - plain_fb) / floats
-    ref = probe.get(4) or 1e-12
-    return {b: max(measured * probe[b] / ref, 0.02 * probe[b]) for b in probe}
+    measured = compressed_seconds / floats
+    return {b: max(measured, 0.02 * probe[b]) for b in probe}
 
 
 def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, accumulation, clip, role_of,

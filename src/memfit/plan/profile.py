@@ -73,6 +73,9 @@ class Profile:
             in ``named_modules()`` order.
         forward_seconds / backward_seconds / optimizer_seconds: whole-step medians.
         step_seconds: median of whole steps (forward + backward + optimizer).
+        codec_seconds: median per step of the time spent encoding and decoding saved
+            activations (under a policy; 0 without one). Part of the forward and
+            backward times, measured inside them (host time on CUDA).
         saved_bytes: total saved for backward in a step (each storage once).
         steps: steps timed (after one warm-up when more than one was run).
         config: the :class:`StepConfig` used, as a dict.
@@ -84,6 +87,7 @@ class Profile:
     backward_seconds: float = 0.0
     optimizer_seconds: float = 0.0
     step_seconds: float = 0.0
+    codec_seconds: float = 0.0
     saved_bytes: int = 0
     steps: int = 0
     config: dict = field(default_factory=dict)
@@ -116,7 +120,9 @@ class Profile:
         t = Table(
             title=(f"memfit profile: {self.steps} step(s), median step {self.step_seconds:.3f}s (forward "
                    f"{self.forward_seconds:.3f}s, backward {self.backward_seconds:.3f}s, optimizer "
-                   f"{self.optimizer_seconds:.3f}s), {self.saved_bytes / _MB:,.1f} MB saved for backward"),
+                   f"{self.optimizer_seconds:.3f}s"
+                   + (f"; codec {self.codec_seconds:.3f}s of them" if self.codec_seconds else "")
+                   + f"), {self.saved_bytes / _MB:,.1f} MB saved for backward"),
             title_justify="left",
         )
         for col in ("module", "type", "calls", "saved MB (self)", "saved MB (incl.)", "by dtype (self)",
@@ -323,6 +329,9 @@ def profile(
                     phase_t["backward"].append(marks["optimizer"] - marks["backward"])
                     phase_t["optimizer"].append(marks["done"] - marks["optimizer"])
                     phase_t["step"].append(marks["done"] - marks["forward"])
+                    if ctx.compressor is not None:
+                        st = ctx.compressor.stats
+                        phase_t["codec"].append(st.encode_seconds + st.decode_seconds)
             finally:
                 timer.remove()
         del opt
@@ -375,6 +384,7 @@ def _assemble(model, cfg, names, types, fwd_t, bwd_t, calls, phase_t, saved, hel
         backward_seconds=_median(phase_t["backward"]),
         optimizer_seconds=_median(phase_t["optimizer"]),
         step_seconds=_median(phase_t["step"]),
+        codec_seconds=_median(phase_t["codec"]),
         saved_bytes=int(mods[""].saved_inclusive_bytes + extra) if "" in mods else int(extra),
         steps=n_timed,
         config=cfg.to_dict(),
