@@ -301,8 +301,6 @@ def test_resume_from_checkpoint_loads_the_planned_optimizer_state(tmp_path, monk
             assert torch.equal(v, sd["state"][k][name])
 
 
-@pytest.mark.xfail(raises=IncompatibleSetup, strict=False,
-                   reason="memfit.plan's estimate cannot run several micro-batches under one MemTracker window yet")
 def test_budget_with_gradient_accumulation(tmp_path):
     cb = MemfitCallback(budget="60%", measure=True, verbose=False, plan_kwargs=FAST_PLAN)
     trainer = MemfitTrainer(model=tiny_bert(), args=targs(tmp_path, gradient_accumulation_steps=2, max_steps=2),

@@ -294,6 +294,22 @@ def test_no_in_backward_when_clipping(gpt, plain_peak):
     p.clip_grad_norm_(1.0)  # allowed
 
 
+def test_plan_with_gradient_accumulation_counts_the_later_micro_batches(gpt, plain_peak):
+    # The second micro-batch's forward runs with the first one's gradients alive: the
+    # plan is made (and verified) for the whole step, and the measured step fits.
+    model, batch = gpt
+    budget = int(plain_peak * 0.6)
+    p = memfit.plan(model, batch, budget, grad_accumulation=2, step_seconds=0.05)
+    assert p.grad_accumulation == 2 and not p.optimizer_in_backward
+    assert p.config.accumulation_steps == 2
+    assert "gradient accumulation" in str(p)
+    measured = measure_peak(model, batch, p.config)
+    assert measured.peak_bytes <= budget
+    assert abs(p.predicted_peak_bytes - measured.peak_bytes) <= 0.1 * measured.peak_bytes
+    single = measure_peak(model, batch, StepConfig.from_dict({**p.config.to_dict(), "accumulation_steps": 1}))
+    assert measured.peak_bytes > single.peak_bytes  # the accumulated gradients are counted
+
+
 def test_four_bit_state_only_when_the_budget_needs_it(pinned_probes):
     # A short batch, so optimizer state weighs as much as the activations. At 53% of
     # plain both "4-bit state, middle block compressed" and "8-bit state, middle block

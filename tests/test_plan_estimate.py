@@ -419,3 +419,13 @@ def test_profile_counts_codec_time_under_a_policy():
     prof = profile(model, batch, steps=2, config=StepConfig(policy=4, activation_kwargs={"min_bytes": 0}))
     assert 0 < prof.codec_seconds < prof.forward_seconds + prof.backward_seconds
     assert "codec" in prof.table().title
+
+
+def test_estimate_with_gradient_accumulation_equals_the_measured_step():
+    model, batch = tiny_gpt2()
+    cfg = StepConfig(accumulation_steps=2)
+    est = estimate(model, batch, config=cfg)
+    real = measure_peak(model, batch, cfg)
+    assert abs(est.peak_bytes - real.peak_bytes) <= 0.01 * real.peak_bytes
+    # the second micro-batch runs its forward and backward with the first one's gradients alive
+    assert est.peak_bytes > estimate(model, batch).peak_bytes

@@ -187,18 +187,8 @@ class MemfitSettings:
             kwargs["bits"] = self.bits
         if self.state_bits is not None:
             kwargs["state_bits"] = self.state_bits if len(self.state_bits) > 1 else self.state_bits[0]
-        try:
-            return memfit.plan(model, batch, self.budget, optimizer=self.optimizer, loss_fn=loss_fn,
-                               grad_accumulation=grad_accumulation, clip_grad_norm=clip_grad_norm, **kwargs)
-        except Exception as exc:
-            if grad_accumulation > 1 and "multiple iterative calls" in str(exc):
-                raise IncompatibleSetup(
-                    f"memfit: this memfit.plan cannot plan gradient accumulation ({grad_accumulation} micro-batches "
-                    "per step): its estimate runs the micro-batches' forwards inside one MemTracker window, which "
-                    "MemTracker refuses. Use a budget without gradient accumulation (a smaller batch that fits "
-                    "does the same), or bits=/state_bits= without a budget."
-                ) from exc
-            raise
+        return memfit.plan(model, batch, self.budget, optimizer=self.optimizer, loss_fn=loss_fn,
+                           grad_accumulation=grad_accumulation, clip_grad_norm=clip_grad_norm, **kwargs)
 
     def make_compressor(self, model: torch.nn.Module):
         import memfit
@@ -589,8 +579,12 @@ class PeakMeter:
             self.track(batch)
 
     def track(self, batch) -> None:
-        """Count the batch's tensors (made outside the tracker, by the data loader)."""
+        """Count the batch's tensors (made outside the tracker, by the data loader).
+        Called at the start of each micro-batch: it also clears MemTracker's module
+        stats, since MemTracker takes a root module's second forward in one window
+        (gradient accumulation) for a new iteration and refuses it."""
         if self._active:
+            self._tracker.reset_mod_stats()
             ts = batch_tensors(batch)
             if ts:
                 self._tracker.track_external(*ts)

@@ -1036,11 +1036,20 @@ def tracked_steps(
                     tracker.reset_mod_stats()
                     tracker.start_window()
                 t0 = timer() if timer is not None else 0.0
+
+                def on_phase(name: str, last: bool = last) -> None:
+                    if name == "forward":
+                        # MemTracker refuses a root module's second forward in one window
+                        # (it takes it for the next iteration); gradient accumulation runs
+                        # several. Its per-module stats are not used here.
+                        tracker.reset_mod_stats()
+                    if last:
+                        tracker.on_phase(name)
+
                 with tracker:
                     if last:
                         start = tracker.current()
-                    run_step(model, batch, config, loss_fn, optimizer, context=ctx,
-                             on_phase=tracker.on_phase if last else None)
+                    run_step(model, batch, config, loss_fn, optimizer, context=ctx, on_phase=on_phase)
                 if timer is not None:
                     seconds.append(timer() - t0)
                 if last:

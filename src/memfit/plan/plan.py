@@ -273,6 +273,11 @@ class Plan:
             ("predicted step-time overhead", f"{100 * self.predicted_overhead:+.1f}%"),
             ("optimizer", opt),
         ]
+        if self.grad_accumulation > 1:
+            rows.append(("gradient accumulation", f"{self.grad_accumulation} micro-batches per step "
+                         "(the peak counts the gradients alive during the later ones)"))
+        if self.clip_grad_norm is not None:
+            rows.append(("gradient clipping", f"global norm {self.clip_grad_norm:g}"))
         parts = [(k, bd.get(k, 0)) for k in ("params", "grads", "optimizer", "activations", "temporaries")]
         rows.append(("at the peak", ", ".join(f"{k} {format_bytes(v)}" for k, v in parts if v)))
         return rows
