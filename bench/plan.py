@@ -43,6 +43,16 @@ Parts (``--parts``, default all):
 
       python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 6x512 \
           --fit-dir /work/fitrun/ck6 --json fitloss6.json --no-write
+
+  The fp32 run does not depend on the plan: ``--fit-runs fp32`` trains only a fit
+  dir's fp32 run, and ``--fit-baseline DIR`` trains only a (new) plan against DIR's
+  fp32 losses, so a changed planner's plan is trained without training fp32 again::
+
+      python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 6x512 \
+          --fit-dir /work/fitrun/ck6 --fit-runs fp32 --threads 1 --no-write
+      python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 6x512 \
+          --fit-dir /work/fitrun/ck7 --fit-baseline /work/fitrun/ck6 --threads 1 \
+          --json fitloss7.json --no-write
 * ``statebits``: what the planner's fidelity prices for optimizer state rest on.
   GPT-2 4 x 384 (vocab 50257), batch 4 x 256, ``causal_lm_loss``, the first 40 steps
   of fitloss's 300-step schedule (lr 3e-4, warm-up 50) on the demo's text: torch
@@ -461,7 +471,13 @@ def part_fitloss(args, state: dict) -> None:
     state, are written there (atomically), and a later call with the same arguments
     goes on from the last save. A resumed planned run restarts the activation
     engine's stochastic-rounding stream from its seed: statistically the same run,
-    not bit-for-bit."""
+    not bit-for-bit.
+
+    The fp32 run does not depend on the plan, so one fp32 run serves every plan of the
+    same configuration: ``--fit-runs fp32`` (or ``memfit.plan``) trains only that run of
+    a ``--fit-dir`` (the other's saved state is carried along untouched), and
+    ``--fit-baseline DIR`` trains only the planned run and takes fp32's losses from
+    DIR's run (read again at the end: DIR may be training alongside)."""
     import os
 
     import memfit
@@ -478,6 +494,21 @@ def part_fitloss(args, state: dict) -> None:
     log(f"fitloss: GPT-2 {n_layer} x {n_embd}, batch {bsz} x {seq}, {steps} steps")
     ckdir = Path(args.fit_dir) if args.fit_dir else None
     meta_path = ckdir / "meta.json" if ckdir else None
+    names = [n.strip() for n in (args.fit_runs or "fp32,memfit.plan").split(",") if n.strip()]
+    if not names or set(names) - {"fp32", "memfit.plan"}:
+        raise SystemExit(f"--fit-runs takes fp32 and/or memfit.plan, not {args.fit_runs!r}")
+    baseline = Path(args.fit_baseline) if args.fit_baseline else None
+    if baseline is not None:
+        if ckdir is None or baseline.resolve() == ckdir.resolve():
+            raise SystemExit("--fit-baseline needs its own --fit-dir for the planned run")
+        other = json.loads((baseline / "meta.json").read_text())["config"]
+        if other != config:
+            raise SystemExit(f"--fit-baseline {baseline} holds another configuration ({other}), not {config}")
+        names = ["memfit.plan"]
+
+    def baseline_run() -> dict:
+        saved = torch.load(baseline / "state.pt", weights_only=False)["runs"]["fp32"]
+        return {"losses": saved["losses"], "seconds": saved["seconds"]}
     if meta_path is not None and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta["config"] != config:
@@ -504,7 +535,7 @@ def part_fitloss(args, state: dict) -> None:
     log(f"  plan at {mb(budget)} MB of plain's {mb(plain_peak)} MB: {plan_desc(p)}")
     factor = warmup_cosine(steps, warmup)
     runs: dict = {}
-    for name in ("fp32", "memfit.plan"):
+    for name in names:
         model = copy.deepcopy(base).train()
         if name == "fp32":
             opt, ctx, fn = torch.optim.AdamW(model.parameters(), lr=lr), None, None
@@ -516,24 +547,34 @@ def part_fitloss(args, state: dict) -> None:
     del base
     state_path = ckdir / "state.pt" if ckdir else None
     done, resumes = 0, 0
+    carried: dict = {}  # saved states of runs not trained this time
     if state_path is not None and state_path.exists():
         saved = torch.load(state_path, weights_only=False)
-        for name, r in runs.items():
-            s = saved["runs"][name]
+        for name, s in saved["runs"].items():
+            if name not in runs:
+                carried[name] = s
+                continue
+            r = runs[name]
             r["model"].load_state_dict(s["model"])
             r["opt"].load_state_dict(s["opt"])
             r["sched"].load_state_dict(s["sched"])
             r["losses"], r["seconds"] = s["losses"], s["seconds"]
+        lengths = {len(r["losses"]) for r in runs.values()}
+        if len(lengths) != 1:
+            raise SystemExit(f"{ckdir}: the runs were saved at different steps "
+                             f"({ {n: len(r['losses']) for n, r in runs.items()} }): train them one at a time "
+                             "with --fit-runs")
         torch.set_rng_state(saved["rng"])
-        done, resumes = saved["step"], saved.get("resumes", 0) + 1
-        log(f"  resumed at step {done}/{steps}")
+        done, resumes = lengths.pop(), saved.get("resumes", 0) + 1
+        log(f"  resumed at step {done}/{steps}" + (f" ({', '.join(names)} only)" if carried else ""))
+    reference = baseline_run()["losses"] if baseline is not None else []
 
     def save(step: int) -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"step": step, "rng": torch.get_rng_state(), "resumes": resumes,
-                    "runs": {name: {"model": r["model"].state_dict(), "opt": r["opt"].state_dict(),
-                                    "sched": r["sched"].state_dict(), "losses": r["losses"],
-                                    "seconds": r["seconds"]} for name, r in runs.items()}}, tmp)
+                    "runs": {**carried, **{name: {"model": r["model"].state_dict(), "opt": r["opt"].state_dict(),
+                                                  "sched": r["sched"].state_dict(), "losses": r["losses"],
+                                                  "seconds": r["seconds"]} for name, r in runs.items()}}}, tmp)
         os.replace(tmp, state_path)
 
     for i in range(done, steps):
@@ -551,14 +592,26 @@ def part_fitloss(args, state: dict) -> None:
             r["seconds"].append(time.perf_counter() - t1)
             del loss
         if (i + 1) % 5 == 0 or i + 1 == steps:
+            if baseline is not None and len(reference) <= i:
+                reference = baseline_run()["losses"]
+            ref = (f", fp32 (baseline) loss {reference[i]:.4f}, plan vs fp32 "
+                   f"{100 * (runs['memfit.plan']['losses'][-1] / reference[i] - 1):+.2f}%"
+                   if len(reference) > i else "")
             log(f"  step {i + 1}/{steps}: " + ", ".join(
-                f"{name} loss {r['losses'][-1]:.4f} ({r['seconds'][-1]:.1f} s)" for name, r in runs.items()))
+                f"{name} loss {r['losses'][-1]:.4f} ({r['seconds'][-1]:.1f} s)" for name, r in runs.items()) + ref)
         if state_path is not None and ((i + 1) % args.fit_save_every == 0 or i + 1 == steps):
             save(i + 1)
     out = {name: {"losses": r["losses"], "seconds": r["seconds"]} for name, r in runs.items()}
-    count = n_params(runs["fp32"]["model"])
+    count = n_params(next(iter(runs.values()))["model"])
     del runs
     gc.collect()
+    if "memfit.plan" not in out:
+        log(f"  fp32 only: {len(out['fp32']['losses'])} steps in {ckdir}, the baseline for --fit-baseline {ckdir}")
+        return
+    if baseline is not None:
+        out["fp32"] = baseline_run()
+        if len(out["fp32"]["losses"]) < steps:
+            log(f"  the baseline {baseline} has {len(out['fp32']['losses'])} of {steps} steps: not comparable yet")
     # the trained plan's own peak, measured as the sweep's are (MemTracker, second of two steps)
     from memfit.plan import measure_peak
 
@@ -572,7 +625,8 @@ def part_fitloss(args, state: dict) -> None:
                         "steps": steps, "lr": lr,
                         "warmup": warmup, "budget": budget, "plain_peak": plain_peak, "plan": plan_desc(p),
                         "predicted": p.predicted_peak_bytes, "measured": measured,
-                        "runs": out, "resumes": resumes, "machine": C.machine_info()}
+                        "runs": out, "resumes": resumes, "machine": C.machine_info(),
+                        "baseline": str(baseline) if baseline is not None else None}
 
 
 def part_statebits(args, state: dict) -> None:
@@ -843,14 +897,17 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
     if fs:
         from memfit.demo import DemoConfig
 
-        full = fs["steps"] >= DemoConfig().steps
+        # a run compared with a separately trained fp32 baseline (--fit-baseline) that
+        # has not finished is compared over the steps both have
+        common = min(len(fs["runs"][n]["losses"]) for n in ("fp32", "memfit.plan"))
+        full = common >= fs["steps"] >= DemoConfig().steps
         # "final loss" as the demo defines it (DemoConfig.final_window: the mean of the last 20 steps), and over the
         # last fifth of the run as a steadier second view
         demo_window = min(DemoConfig().final_window, fs["steps"])
         fifth = max(1, fs["steps"] // 5)
 
         def tail_mean(name: str, k: int) -> float:
-            tail = fs["runs"][name]["losses"][-k:]
+            tail = fs["runs"][name]["losses"][:common][-k:]
             return sum(tail) / len(tail)
 
         rel = {k: (tail_mean("memfit.plan", k) - tail_mean("fp32", k)) / tail_mean("fp32", k)
@@ -871,8 +928,13 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append(f"fp32: torch AdamW and the model's own loss; memfit.plan: the plan for a quarter of plain's "
                      f"peak ({mb(fs['budget'])} MB of {mb(fs['plain_peak'])}: {fs['plan']}) with "
                      f"`memfit.causal_lm_loss()`. Same initialisation and batches; lr {fs['lr']:g}, "
-                     f"{fs['warmup']} warm-up steps, cosine to 10%, no clipping. The two runs step in turn, "
-                     "so their step times share the machine alike."
+                     f"{fs['warmup']} warm-up steps, cosine to 10%, no clipping."
+                     + (f" fp32 is the run of `{fs['baseline']}` (`--fit-baseline`: it does not depend on the "
+                        "plan, so one fp32 run serves every plan), trained separately: compare losses, not step "
+                        "times." if fs.get("baseline") else
+                        " The two runs step in turn, so their step times share the machine alike.")
+                     + (f" **Incomplete: compared over the {common} of {fs['steps']} steps both runs have.**"
+                        if common < fs["steps"] else "")
                      + ("" if full else f" A short run, not the demo's {DemoConfig().steps} steps: it is evidence, "
                         "not the fit bar.")
                      + (f" The run was saved (`--fit-dir`) and resumed {fs['resumes']} time(s) from its last save; "
@@ -950,6 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fit-batch", default="4x1024", help="fitloss: batch x sequence (default 4x1024)")
     ap.add_argument("--fit-dir", default=None,
                     help="fitloss: save both runs here and resume from them (hours-long runs)")
+    ap.add_argument("--fit-runs", default=None,
+                    help="fitloss with --fit-dir: train only these of fp32,memfit.plan (default both)")
+    ap.add_argument("--fit-baseline", default=None, metavar="DIR",
+                    help="fitloss: take fp32's losses from this --fit-dir of the same configuration and train "
+                         "only the planned run")
     ap.add_argument("--fit-save-every", type=int, default=10, help="fitloss with --fit-dir: steps between saves")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test; implies --no-write")
