@@ -84,8 +84,10 @@ class ModuleStats:
     original_bytes: int = 0  # what plain autograd would have kept alive
     stored_bytes: int = 0  # what memfit holds instead
     counts: Counter = field(default_factory=Counter)  # saved tensors by kind
-    encode_seconds: float = 0.0  # host time in the codec's encode (forward)
-    decode_seconds: float = 0.0  # host time in the codec's decode (backward)
+    # Host time in the codec's encode (forward) and decode (backward). Measurements,
+    # not outcomes: left out of ==, so the same step compares equal across runs.
+    encode_seconds: float = field(default=0.0, compare=False)
+    decode_seconds: float = field(default=0.0, compare=False)
 
     @property
     def ratio(self) -> float:
