@@ -1105,9 +1105,7 @@ def plan(
     # among the plans within cost.tie of the cheapest.
     best_verified = None
     if fitting:
-        cheapest = min(sol.cost for sol, _ in fitting)
-        best_verified = max((f for f in fitting if f[0].cost <= cheapest + cost.tie),
-                            key=lambda f: (f[1].peak_bytes, -f[0].cost))
+        best_verified = S.break_ties(fitting, cost.tie, cost_of=lambda f: f[0].cost, peak_of=lambda f: f[1].peak_bytes)
     # Polish. The peak model agrees with estimate() to about 2% of the budget, and
     # refine() trusts it, so near the floor it rejects cheaper neighbours that would
     # fit (on the demo's GPT-2 one block at 4 bits instead of 2: +0.8% final loss

@@ -34,6 +34,7 @@ from typing import Iterable
 
 __all__ = [
     "CHOICES",
+    "break_ties",
     "CostModel",
     "OptimizerOption",
     "Solution",
@@ -241,9 +242,14 @@ def search(units, options, cost, target, bits, recompute, model_peak, overrides)
         found.append(as_solution(units, choices, o, peak, phase, cost, stored))
     if not found:
         return None, leanest
-    cheapest = min(s.cost for s in found)
-    best = max((s for s in found if s.cost <= cheapest + cost.tie), key=lambda s: (s.peak, -s.cost))
-    return best, leanest
+    return break_ties(found, cost.tie, cost_of=lambda s: s.cost, peak_of=lambda s: s.peak), leanest
+
+
+def break_ties(candidates, tie: float, *, cost_of, peak_of):
+    """The candidate with the largest peak among those whose cost is within ``tie`` of
+    the cheapest (the lower cost among equal peaks): :attr:`CostModel.tie`'s rule."""
+    cheapest = min(cost_of(c) for c in candidates)
+    return max((c for c in candidates if cost_of(c) <= cheapest + tie), key=lambda c: (peak_of(c), -cost_of(c)))
 
 
 def refine(units, choices, o, cost, target, menus, model_peak, max_evals: int = 20000):
