@@ -53,6 +53,10 @@ Parts (``--parts``, default all):
       python bench/plan.py --parts fitloss --fit-steps 300 --fit-batch 6x512 \
           --fit-dir /work/fitrun/ck7 --fit-baseline /work/fitrun/ck6 --threads 1 \
           --json fitloss7.json --no-write
+
+  ``--fit-plan JSON`` trains a given plan instead of planning: a ``Plan.to_json``, or a
+  fit dir's ``meta.json`` with its plan edited (a unit's ``choice``, ``state_bits``),
+  so an ablation asks which part of a plan costs loss. Its result is never the bar.
 * ``statebits``: what the planner's fidelity prices for optimizer state rest on.
   GPT-2 4 x 384 (vocab 50257), batch 4 x 256, ``causal_lm_loss``, the first 40 steps
   of fitloss's 300-step schedule (lr 3e-4, warm-up 50) on the demo's text: torch
@@ -509,6 +513,13 @@ def part_fitloss(args, state: dict) -> None:
     def baseline_run() -> dict:
         saved = torch.load(baseline / "state.pt", weights_only=False)["runs"]["fp32"]
         return {"losses": saved["losses"], "seconds": saved["seconds"]}
+    given = None  # --fit-plan: a plan to train instead of planning (ablations)
+    if args.fit_plan:
+        given = json.loads(Path(args.fit_plan).read_text())
+        if "units" not in given and "plan" in given:  # a fit dir's meta.json
+            given = {**given["plan"], "_plain_peak": given.get("plain_peak")}
+        if "units" not in given:
+            raise SystemExit(f"--fit-plan {args.fit_plan}: not a memfit plan (Plan.to_json) or a fit dir's meta.json")
     if meta_path is not None and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta["config"] != config:
@@ -516,8 +527,19 @@ def part_fitloss(args, state: dict) -> None:
                              "use another --fit-dir or remove it")
         base, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
         plan_dict, budget, plain_peak = meta["plan"], meta["budget"], meta["plain_peak"]
+        if given is not None and {k: v for k, v in given.items() if k != "_plain_peak"} != plan_dict:
+            raise SystemExit(f"{ckdir} trains another plan than --fit-plan {args.fit_plan}: use another --fit-dir")
         loss_fn = memfit.causal_lm_loss()
         log(f"  resuming from {ckdir}")
+    elif given is not None:
+        base, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
+        plain_peak = given.pop("_plain_peak", None) or given.get("plain_peak_bytes", 0)
+        plan_dict, budget, loss_fn = given, int(given["budget_bytes"]), memfit.causal_lm_loss()
+        log(f"  training the plan in {args.fit_plan}, not one planned now")
+        if ckdir is not None:
+            ckdir.mkdir(parents=True, exist_ok=True)
+            meta_path.write_text(json.dumps({"config": config, "plan": plan_dict, "budget": budget,
+                                             "plain_peak": plain_peak, "given": str(args.fit_plan)}, indent=1))
     else:
         q = quarter_plan(state, n_layer, n_embd, bsz, seq, vocab=vocab, divisor=2 if args.quick else 4)
         if q["plan"] is None:
@@ -626,7 +648,8 @@ def part_fitloss(args, state: dict) -> None:
                         "warmup": warmup, "budget": budget, "plain_peak": plain_peak, "plan": plan_desc(p),
                         "predicted": p.predicted_peak_bytes, "measured": measured,
                         "runs": out, "resumes": resumes, "machine": C.machine_info(),
-                        "baseline": str(baseline) if baseline is not None else None}
+                        "baseline": str(baseline) if baseline is not None else None,
+                        "given_plan": str(args.fit_plan) if args.fit_plan else None}
 
 
 def part_statebits(args, state: dict) -> None:
@@ -900,7 +923,8 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         # a run compared with a separately trained fp32 baseline (--fit-baseline) that
         # has not finished is compared over the steps both have
         common = min(len(fs["runs"][n]["losses"]) for n in ("fp32", "memfit.plan"))
-        full = common >= fs["steps"] >= DemoConfig().steps
+        given = fs.get("given_plan")  # an ablation's plan is not what memfit.plan returns: never the bar
+        full = common >= fs["steps"] >= DemoConfig().steps and not given
         # "final loss" as the demo defines it (DemoConfig.final_window: the mean of the last 20 steps), and over the
         # last fifth of the run as a steadier second view
         demo_window = min(DemoConfig().final_window, fs["steps"])
@@ -912,7 +936,7 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
 
         rel = {k: (tail_mean("memfit.plan", k) - tail_mean("fp32", k)) / tail_mean("fp32", k)
                for k in (demo_window, fifth)}
-        lines.append(f"### Fit, loss{'' if full else ' (short run)'}: {fs['shape']} "
+        lines.append(f"### Fit, loss{'' if full else ' (a given plan)' if given else ' (short run)'}: {fs['shape']} "
                      f"({fs['n_params'] / 1e6:.1f}M params), {fs['steps']} steps on the demo's text")
         lines.append("")
         rows = []
@@ -925,8 +949,10 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append(C.markdown_table(["run", "loss step 1", f"final loss (mean of last {demo_window}, as the demo)",
                                        "vs fp32", f"mean of last {fifth}", "vs fp32", "s/step (median)"], rows))
         lines.append("")
-        lines.append(f"fp32: torch AdamW and the model's own loss; memfit.plan: the plan for a quarter of plain's "
-                     f"peak ({mb(fs['budget'])} MB of {mb(fs['plain_peak'])}: {fs['plan']}) with "
+        lines.append(f"fp32: torch AdamW and the model's own loss; memfit.plan: "
+                     + (f"a given plan (`--fit-plan {given}`, an ablation, not planned now) "
+                        if given else "the plan for a quarter of plain's peak ")
+                     + f"({mb(fs['budget'])} MB of {mb(fs['plain_peak'])}: {fs['plan']}) with "
                      f"`memfit.causal_lm_loss()`. Same initialisation and batches; lr {fs['lr']:g}, "
                      f"{fs['warmup']} warm-up steps, cosine to 10%, no clipping."
                      + (f" fp32 is the run of `{fs['baseline']}` (`--fit-baseline`: it does not depend on the "
@@ -935,7 +961,7 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
                         " The two runs step in turn, so their step times share the machine alike.")
                      + (f" **Incomplete: compared over the {common} of {fs['steps']} steps both runs have.**"
                         if common < fs["steps"] else "")
-                     + ("" if full else f" A short run, not the demo's {DemoConfig().steps} steps: it is evidence, "
+                     + ("" if full or given else f" A short run, not the demo's {DemoConfig().steps} steps: it is evidence, "
                         "not the fit bar.")
                      + (f" The run was saved (`--fit-dir`) and resumed {fs['resumes']} time(s) from its last save; "
                         "each resume restarts the activation engine's stochastic-rounding stream, and its first, "
@@ -947,14 +973,16 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
             lines.append(f"The planned step's peak, measured (MemTracker, second of two steps): "
                          f"{mb(fs['measured'])} MB; predicted {mb(fs['predicted'])} MB; budget {mb(fs['budget'])} MB.")
             lines.append("")
-            bars.append((f"fit: the trained plan's measured peak within a quarter of plain's ({fs['shape']})",
+            bars.append((f"fit: the trained {'given ' if given else ''}plan's measured peak within its budget "
+                         f"({fs['shape']})",
                          fs["measured"] <= fs["budget"], f"{mb(fs['measured'])} MB <= {mb(fs['budget'])} MB"))
         if full:
             bars.append((f"fit: GPT-2-small ({fs['shape']}) at a quarter of plain's peak, the demo's "
                          f"{fs['steps']} steps: final loss within 1% of fp32", abs(rel[demo_window]) <= 0.01,
                          f"{100 * rel[demo_window]:+.2f}% (last {fifth}: {100 * rel[fifth]:+.2f}%)"))
         else:
-            bars.append((f"fit (short run, {fs['steps']} steps, not the bar): GPT-2-small planned loss within 1% "
+            bars.append((f"fit ({'a given plan' if given else 'short run'}, {fs['steps']} steps, not the bar): "
+                         "GPT-2-small planned loss within 1% "
                          "of fp32", abs(rel[demo_window]) <= 0.01, f"{100 * rel[demo_window]:+.2f}%"))
     sb = state.get("statebits")
     if sb:
@@ -1018,6 +1046,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fitloss: take fp32's losses from this --fit-dir of the same configuration and train "
                          "only the planned run")
     ap.add_argument("--fit-save-every", type=int, default=10, help="fitloss with --fit-dir: steps between saves")
+    ap.add_argument("--fit-plan", default=None, metavar="JSON",
+                    help="fitloss: train this plan (Plan.to_json, or a fit dir's meta.json, edited for an ablation) "
+                         "instead of planning a quarter of plain's peak; use it with --fit-baseline")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test; implies --no-write")
     ap.add_argument("--no-write", action="store_true", help=f"do not update {DOCS.relative_to(C.REPO)}")
