@@ -433,7 +433,7 @@ def _tie_case(state8_fidelity: float, tie: float):
     from memfit.plan import solver as S
 
     units = [S.Unit(name=f"h.{i}", role="block", order=i, act_bytes=100, float_bytes=100, mask_bytes=0,
-                    out_bytes=0, in_bytes=0, grad_bytes=0, fwd_seconds=0.0) for i in range(6)]
+                    out_bytes=0, in_bytes=0, grad_bytes=0, recompute_seconds=0.0) for i in range(6)]
     options = [S.OptimizerOption(32, False, 400, 0, 0.0, 0.0),
                S.OptimizerOption(8, False, 0, 0, 0.0, state8_fidelity)]
     cost = S.CostModel(step_seconds=1.0, encode_decode_seconds_per_byte={8: 7e-5, 4: 7e-5, 2: 7e-5}, tie=tie)

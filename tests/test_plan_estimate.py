@@ -421,6 +421,26 @@ def test_profile_counts_codec_time_under_a_policy():
     assert "codec" in prof.table().title
 
 
+def test_profile_times_the_recomputation_of_checkpointed_modules():
+    from memfit.plan import profile
+
+    model, batch = tiny_gpt2()
+    prof = profile(model, batch, steps=2, config=StepConfig(checkpoint=("transformer.h.1",)))
+    rec = prof.modules["transformer.h.1"]
+    # timed once per step, inside backward, and a part of that backward
+    assert 0 < rec.recompute_seconds < prof.backward_seconds
+    assert prof.modules["transformer.h.0"].recompute_seconds == 0  # not checkpointed
+    assert profile(model, batch, steps=1).modules["transformer.h.1"].recompute_seconds == 0
+    from io import StringIO
+
+    from rich.console import Console
+
+    buf = StringIO()
+    Console(file=buf, width=250).print(prof.table())
+    assert "recompute ms" in buf.getvalue()
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the wrapper is gone
+
+
 def test_estimate_with_gradient_accumulation_equals_the_measured_step():
     model, batch = tiny_gpt2()
     cfg = StepConfig(accumulation_steps=2)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import time
 import warnings
 import weakref
 from collections import Counter
@@ -655,7 +656,8 @@ class StepContext:
     """What :func:`apply` installed: ``forward()`` is the context to run each forward
     pass in (it enters the activation compressor or the saved-tensor counter);
     ``saved_bytes()`` gives the bytes held for backward per innermost module after
-    the latest forward (compressed sizes under a policy)."""
+    the latest forward (compressed sizes under a policy); ``recompute_seconds`` sums,
+    per checkpointed module, the time its forward took when recomputed in backward."""
 
     def __init__(self, model, config, compressor, counter, optimizer):
         self.model = model
@@ -663,6 +665,9 @@ class StepContext:
         self.compressor = compressor
         self.counter = counter
         self.optimizer = optimizer
+        # seconds each checkpointed module spent recomputing its forward inside
+        # backward, summed since the last reset (profile() clears it per step)
+        self.recompute_seconds: dict[str, float] = {}
 
     def forward(self):
         if self.compressor is not None:
@@ -693,10 +698,26 @@ def _check_checkpoint_names(model: torch.nn.Module, names: Sequence[str]) -> dic
     return out
 
 
-def _wrap_checkpoint(module: torch.nn.Module) -> Callable[[], None]:
+# -1 outside a backward; private, so looked up once and timing is skipped without it
+_in_backward = getattr(torch._C, "_current_graph_task_id", None)
+
+
+def _wrap_checkpoint(module: torch.nn.Module, name: str, recompute_seconds: dict[str, float]) -> Callable[[], None]:
     had = "forward" in module.__dict__
     old = module.__dict__.get("forward")
-    inner = module.forward
+    original = module.forward
+
+    def inner(*args, **kwargs):
+        # A call made while autograd runs a backward is the recomputation: timed here,
+        # where it happens, because what it costs is not what the module's first
+        # forward costs (on CPU it reuses memory the backward has just freed).
+        if _in_backward is None or _in_backward() == -1:
+            return original(*args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            recompute_seconds[name] = recompute_seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def forward(*args, **kwargs):
         return torch.utils.checkpoint.checkpoint(inner, *args, use_reentrant=False, **kwargs)
@@ -744,13 +765,14 @@ def apply(
     compressor = make_compressor(model, config)
     counter = SavedCounter(model) if compressor is None and count_saved else None
     undo: list[Callable[[], None]] = []
+    ctx = StepContext(model, config, compressor, counter, optimizer)
     try:
-        for module in targets.values():
-            undo.append(_wrap_checkpoint(module))
+        for name, module in targets.items():
+            undo.append(_wrap_checkpoint(module, name, ctx.recompute_seconds))
         if isinstance(optimizer, InBackwardOptimizer):
             optimizer.attach()
             undo.append(optimizer.detach)
-        yield StepContext(model, config, compressor, counter, optimizer)
+        yield ctx
     finally:
         for fn in reversed(undo):
             fn()

@@ -987,7 +987,8 @@ def plan(
                 name=s.name, role=role, order=trace.order.get(s.name, 0),
                 act_bytes=int(sv["total"]), float_bytes=int(sv["float"]), mask_bytes=int(sv["mask"]),
                 out_bytes=int(trace.out_bytes.get(s.name, 0)), in_bytes=int(trace.in_bytes.get(s.name, 0)),
-                grad_bytes=int(grads_by_unit.get(s.name, 0)), fwd_seconds=float(fwd_seconds.get(s.name, 0.0)),
+                grad_bytes=int(grads_by_unit.get(s.name, 0)),
+                recompute_seconds=float(fwd_seconds.get(s.name, 0.0)),  # priced at its forward time
                 can_recompute=recompute and s.can_recompute and s.name in trace.order, is_end=is_end,
             )
         )

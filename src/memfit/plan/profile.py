@@ -6,8 +6,13 @@ What the planner needs per module:
   one running (``saved_bytes``, "self"), and over its whole subtree
   (``saved_inclusive_bytes``: what recomputing the module would free), by dtype;
 * **forward time**: the wall time of the module's forward calls in a step
-  (``forward_seconds``, inclusive of its children: what recomputing it costs) and
-  without its children (``forward_self_seconds``);
+  (``forward_seconds``, inclusive of its children) and without its children
+  (``forward_self_seconds``);
+* **recompute time**: for a module checkpointed by ``config.checkpoint``, the wall
+  time of its forward recomputed inside backward (``recompute_seconds``): what
+  checkpointing it costs. It is timed, not taken to equal the forward time: on CPU a
+  recomputation reuses memory the backward has just freed, and GPT-2's blocks
+  recomputed in 0.5-0.75x the time of their first forward, which pays for fresh pages;
 * **backward time**: from the first gradient reaching any of its outputs to the last
   of its inputs' gradients or its parameters' gradient accumulations
   (``backward_seconds``, inclusive; ``backward_self_seconds`` without children).
@@ -58,7 +63,10 @@ class ModuleProfile:
     held_bytes: int = 0  # what is held for saved_bytes (after compression under a policy)
     saved_by_dtype: dict[str, int] = field(default_factory=dict)  # self, by dtype
     saved_tensors: int = 0  # tensors saved while innermost (any kind, parameters included)
-    forward_seconds: float = 0.0  # inclusive of children: the cost of recomputing it
+    forward_seconds: float = 0.0  # inclusive of children
+    # its forward recomputed inside backward, when checkpointed (config.checkpoint):
+    # what checkpointing it costs, which on CPU can be well under forward_seconds
+    recompute_seconds: float = 0.0
     forward_self_seconds: float = 0.0
     backward_seconds: float = 0.0  # inclusive
     backward_self_seconds: float = 0.0
@@ -125,8 +133,10 @@ class Profile:
                    + f"), {self.saved_bytes / _MB:,.1f} MB saved for backward"),
             title_justify="left",
         )
-        for col in ("module", "type", "calls", "saved MB (self)", "saved MB (incl.)", "by dtype (self)",
-                    "fwd ms (incl.)", "fwd ms (self)", "bwd ms (incl.)", "bwd ms (self)"):
+        recomputed = any(m.recompute_seconds for m in rows)  # a column only under checkpointing
+        cols = ("module", "type", "calls", "saved MB (self)", "saved MB (incl.)", "by dtype (self)",
+                "fwd ms (incl.)", "fwd ms (self)", "bwd ms (incl.)", "bwd ms (self)")
+        for col in cols + (("recompute ms",) if recomputed else ()):
             t.add_column(col, justify="left" if col in ("module", "type", "by dtype (self)") else "right")
         for m in rows:
             kinds = ", ".join(f"{k} {v / _MB:.1f}" for k, v in sorted(m.saved_by_dtype.items(), key=lambda kv: -kv[1]))
@@ -135,6 +145,7 @@ class Profile:
                 f"{m.saved_bytes / _MB:,.2f}", f"{m.saved_inclusive_bytes / _MB:,.2f}", kinds,
                 f"{m.forward_seconds * 1e3:,.2f}", f"{m.forward_self_seconds * 1e3:,.2f}",
                 f"{m.backward_seconds * 1e3:,.2f}", f"{m.backward_self_seconds * 1e3:,.2f}",
+                *((f"{m.recompute_seconds * 1e3:,.2f}" if m.recompute_seconds else "",) if recomputed else ()),
             )
         return t
 
@@ -287,6 +298,7 @@ def profile(
     types = {n: type(m).__name__ for n, m in model.named_modules()}
     fwd_t: dict[str, list[float]] = defaultdict(list)
     bwd_t: dict[str, list[float]] = defaultdict(list)
+    rec_t: dict[str, list[float]] = defaultdict(list)
     calls: Counter = Counter()
     phase_t: dict[str, list[float]] = defaultdict(list)
     saved: dict[str, Any] = {}
@@ -303,6 +315,7 @@ def profile(
                 for i in range(steps):
                     timed = steps == 1 or i > 0
                     timer.reset()
+                    ctx.recompute_seconds.clear()
                     marks: dict[str, float] = {}
 
                     def on_phase(name, marks=marks):
@@ -324,6 +337,8 @@ def profile(
                     for n in names:
                         fwd_t[n].append(f.get(n, 0.0))
                         bwd_t[n].append(b.get(n, 0.0))
+                    for n in cfg.checkpoint:
+                        rec_t[n].append(ctx.recompute_seconds.get(n, 0.0))
                     calls = c
                     phase_t["forward"].append(marks["backward"] - marks["forward"])
                     phase_t["backward"].append(marks["optimizer"] - marks["backward"])
@@ -335,11 +350,11 @@ def profile(
             finally:
                 timer.remove()
         del opt
-    return _assemble(model, cfg, names, types, fwd_t, bwd_t, calls, phase_t, saved, held,
+    return _assemble(model, cfg, names, types, fwd_t, bwd_t, rec_t, calls, phase_t, saved, held,
                      steps - 1 if steps > 1 else 1)
 
 
-def _assemble(model, cfg, names, types, fwd_t, bwd_t, calls, phase_t, saved, held, n_timed) -> Profile:
+def _assemble(model, cfg, names, types, fwd_t, bwd_t, rec_t, calls, phase_t, saved, held, n_timed) -> Profile:
     children: dict[str, list[str]] = defaultdict(list)
     for n in names:
         if n:
@@ -359,6 +374,7 @@ def _assemble(model, cfg, names, types, fwd_t, bwd_t, calls, phase_t, saved, hel
             param_bytes=int(param_bytes.get(n, 0)), saved_bytes=int(sb), held_bytes=int(held.get(n, sb)),
             saved_by_dtype={k: int(v) for k, v in kinds.items()}, saved_tensors=int(count),
             forward_seconds=_median(fwd_t.get(n, [])), backward_seconds=_median(bwd_t.get(n, [])),
+            recompute_seconds=_median(rec_t.get(n, [])),
         )
     def called_children(n: str) -> list[str]:
         # a child that is never called itself (a ModuleList, a ModuleDict) stands for

@@ -66,7 +66,7 @@ class Unit:
     out_bytes: int  # bytes of its output (what flows between units)
     in_bytes: int  # bytes of its input (what a checkpoint keeps)
     grad_bytes: int  # gradients of the parameters it owns
-    fwd_seconds: float  # its forward time, inclusive (what recomputing costs)
+    recompute_seconds: float  # what recomputing it in backward costs (memfit.plan: its forward time)
     can_recompute: bool = False
     is_end: bool = False  # first/last layers and the loss head: kept precise by default
 
@@ -141,7 +141,7 @@ class CostModel:
         if choice == KEEP:
             return 0.0, 0.0
         if choice == RECOMPUTE:
-            return unit.fwd_seconds / self.step_seconds + self.recompute_fixed, 0.0
+            return unit.recompute_seconds / self.step_seconds + self.recompute_fixed, 0.0
         per_byte = self.encode_decode_seconds_per_byte.get(choice, 0.0)
         t = unit.float_bytes * per_byte / self.step_seconds
         weight = self.end_weight if unit.is_end else 1.0
