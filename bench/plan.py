@@ -969,6 +969,19 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
                      + (f" Run {fs['machine'].get('date', '')}: `{fs['machine'].get('command', '')}`."
                         if fs.get("machine") else ""))
         lines.append("")
+        if common >= 20:
+            # the gap's course: early lags in the steep part of the curve say little about the end
+            width = max(5, common // 10)
+            heads, cells = [], []
+            for lo in range(0, common - common % width, width):
+                f32 = fs["runs"]["fp32"]["losses"][lo:lo + width]
+                pl = fs["runs"]["memfit.plan"]["losses"][lo:lo + width]
+                heads.append(f"{lo + 1}-{lo + width}")
+                cells.append(f"{100 * (sum(pl) / sum(f32) - 1):+.2f}%")
+            lines.append(f"Mean loss of memfit.plan against fp32's over each {width} steps:")
+            lines.append("")
+            lines.append(C.markdown_table(["steps"] + heads, [["memfit.plan vs fp32"] + cells]))
+            lines.append("")
         if fs.get("measured") is not None:
             lines.append(f"The planned step's peak, measured (MemTracker, second of two steps): "
                          f"{mb(fs['measured'])} MB; predicted {mb(fs['predicted'])} MB; budget {mb(fs['budget'])} MB.")
