@@ -513,11 +513,11 @@ def part_fitloss(args, state: dict) -> None:
     def baseline_run() -> dict:
         saved = torch.load(baseline / "state.pt", weights_only=False)["runs"]["fp32"]
         return {"losses": saved["losses"], "seconds": saved["seconds"]}
-    given = None  # --fit-plan: a plan to train instead of planning (ablations)
+    given, given_plain_peak = None, None  # --fit-plan: a plan to train instead of planning (ablations)
     if args.fit_plan:
         given = json.loads(Path(args.fit_plan).read_text())
         if "units" not in given and "plan" in given:  # a fit dir's meta.json
-            given = {**given["plan"], "_plain_peak": given.get("plain_peak")}
+            given, given_plain_peak = given["plan"], given.get("plain_peak")
         if "units" not in given:
             raise SystemExit(f"--fit-plan {args.fit_plan}: not a memfit plan (Plan.to_json) or a fit dir's meta.json")
     if meta_path is not None and meta_path.exists():
@@ -527,13 +527,13 @@ def part_fitloss(args, state: dict) -> None:
                              "use another --fit-dir or remove it")
         base, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
         plan_dict, budget, plain_peak = meta["plan"], meta["budget"], meta["plain_peak"]
-        if given is not None and {k: v for k, v in given.items() if k != "_plain_peak"} != plan_dict:
+        if given is not None and given != plan_dict:
             raise SystemExit(f"{ckdir} trains another plan than --fit-plan {args.fit_plan}: use another --fit-dir")
         loss_fn = memfit.causal_lm_loss()
         log(f"  resuming from {ckdir}")
     elif given is not None:
         base, _ = gpt2(n_layer, n_embd, bsz, seq, vocab=vocab)
-        plain_peak = given.pop("_plain_peak", None) or given.get("plain_peak_bytes", 0)
+        plain_peak = given_plain_peak or given.get("plain_peak_bytes", 0)
         plan_dict, budget, loss_fn = given, int(given["budget_bytes"]), memfit.causal_lm_loss()
         log(f"  training the plan in {args.fit_plan}, not one planned now")
         if ckdir is not None:

@@ -11,8 +11,8 @@ What the planner needs per module:
 * **recompute time**: for a module checkpointed by ``config.checkpoint``, the wall
   time of its forward recomputed inside backward (``recompute_seconds``): what
   checkpointing it costs. It is timed, not taken to equal the forward time: on CPU a
-  recomputation reuses memory the backward has just freed, and GPT-2's blocks
-  recomputed in 0.5-0.75x the time of their first forward, which pays for fresh pages;
+  recomputation reuses memory the backward has just freed, and can cost well under
+  the first forward, which pays for fresh pages;
 * **backward time**: from the first gradient reaching any of its outputs to the last
   of its inputs' gradients or its parameters' gradient accumulations
   (``backward_seconds``, inclusive; ``backward_self_seconds`` without children).
