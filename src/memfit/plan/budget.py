@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 import re
 
+from .._units import format_bytes
+
 __all__ = ["format_bytes", "is_fraction", "parse_budget"]
 
 _UNITS = {
@@ -94,23 +96,3 @@ def parse_budget(spec: object, *, plain_peak_bytes: int | None = None) -> int:
     if out <= 0:
         raise ValueError(f"invalid memory budget {spec!r}: must be at least one byte")
     return out
-
-
-def format_bytes(n: float | int | None) -> str:
-    """Human-readable bytes, decimal units as the tables use (``378 MB``, ``2.7 MB``, ``1.23 GB``)."""
-    if n is None:
-        return "-"
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n >= 10 * 1000**3:
-        return f"{sign}{n / 1000**3:.1f} GB"
-    if n >= 1000**3:
-        return f"{sign}{n / 1000**3:.2f} GB"
-    if n >= 10 * 1000**2:
-        return f"{sign}{n / 1000**2:,.0f} MB"
-    if n >= 1000**2:
-        return f"{sign}{n / 1000**2:.1f} MB"
-    if n >= 1000:
-        return f"{sign}{n / 1000:.0f} kB"
-    return f"{sign}{n:.0f} B"
