@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import gc
 import json
+import logging
 import math
 import os
 import sys
@@ -58,7 +59,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 
 DOCS = C.REPO / "docs" / "benchmarks.md"
-MARKER = "zoo"
+MARKER = "zoo"  # trained-like statistics; "zoo-random-init" with --no-trained-like
 ATTENTION_MARKER = "zoo-attention"
 BITS = (8, 4, 2)
 ERROR_BARS = {8: 0.03, 4: 0.3, 2: 1.5}  # issue 15: max gradient relative error per bits
@@ -260,7 +261,7 @@ class Arch:
     dtype: str = "fp32"
 
 
-def _no_dropout(cfg, seen=None):
+def _no_dropout(cfg):
     """Every dropout-like probability in a config (and its sub-configs) set to 0."""
     for key, value in list(vars(cfg).items()):
         if isinstance(value, float) and ("dropout" in key or "drop_path" in key or key.endswith("_prob")
@@ -604,17 +605,21 @@ def measure_arch(arch: Arch, *, seeds: int, trained: bool, do_estimate: bool,
                 row.bytes_ratio[bits] = st.ratio
     advance("estimate")
     if do_estimate:
+        failures = {}
         try:
             row.estimate_bytes = estimate(model, batch, loss_fn=loss_fn).peak_bytes
         except Exception as exc:  # the failure is a result here
-            row.estimate_error = "estimate: " + _short_reason(exc)
+            failures["estimate"] = _short_reason(exc)
         gc.collect()
         advance("measure_peak")
         try:
             row.measured_bytes = measure_peak(model, batch, loss_fn=loss_fn).peak_bytes
         except Exception as exc:
-            row.estimate_error = (row.estimate_error + "; " if row.estimate_error else "") + \
-                "measure_peak: " + _short_reason(exc)
+            failures["measure_peak"] = _short_reason(exc)
+        if len(set(failures.values())) == 1 and len(failures) == 2:
+            row.estimate_error = f"both fail: {failures['estimate']}"
+        elif failures:
+            row.estimate_error = "; ".join(f"{k} fails: {v}" for k, v in failures.items())
     else:
         advance("measure_peak")
     row.seconds = time.perf_counter() - t0
@@ -734,7 +739,7 @@ def _estimate_cell(row: Row) -> str:
     return f"{100 * (row.estimate_bytes / row.measured_bytes - 1):+.2f}%"
 
 
-ZOO_HEADERS = ["architecture", "family", "dtype", "attention", "params", "None identical", "err 8-bit",
+ZOO_HEADERS = ["architecture", "family", "dtype", "attention", "params", "q,k std", "None identical", "err 8-bit",
                "err 4-bit", "err 2-bit", "kept ratio 8/4/2", "plain kept", "estimate vs measured", "bars"]
 
 
@@ -744,11 +749,13 @@ def zoo_rows(rows: list[Row]) -> list[list[str]]:
     out = []
     for r in rows:
         if r.error is not None:
-            out.append([r.name, r.family, r.dtype, r.attention, "-", "-", "-", "-", "-", "-", "-", r.error, "FAIL"])
+            out.append([r.name, r.family, r.dtype, r.attention, "-", "-", "-", "-", "-", "-", "-", "-", r.error,
+                        "FAIL"])
             continue
         ratios = "/".join(f"{r.bytes_ratio[b]:.1f}" if b in r.bytes_ratio else "-" for b in BITS)
+        qk = (r.trained_like or {}).get("qk_std")
         out.append([r.name, r.family, r.dtype, r.attention, f"{r.params / 1e6:.2f}M",
-                    "yes" if r.identical else "NO", *(_fmt_err(r.mean_error(b)) for b in BITS), ratios,
+                    "-" if qk is None else f"{qk:.2f}", "yes" if r.identical else "NO", *(_fmt_err(r.mean_error(b)) for b in BITS), ratios,
                     format_bytes(r.original_bytes), _estimate_cell(r), "PASS" if r.passes else "FAIL"])
     return out
 
@@ -854,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
+    # FakeTensor logs the traceback of every op it cannot run; the row reports the reason.
+    logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -912,18 +921,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_zoo_docs(rows: list[Row], info: dict, *, seeds: int, trained: bool) -> None:
     lines = [
-        "## Zoo: memfit.activations on 30+ transformers architectures",
+        "## Zoo: memfit.activations on 30+ transformers architectures"
+        + ("" if trained else ", random init"),
         "",
         "Written by `bench/zoo.py`; do not edit by hand between the markers.",
         "",
         *C.machine_lines(info),
         "",
         "- Tiny configs built from each transformers config class, random weights, "
-        + ("scaled to trained-like statistics (`trained_like` in bench/zoo.py: norm weights x2, 4 outlier "
-           "channels x8, q and k rescaled to std 3)" if trained else "random init as is (`--no-trained-like`)")
+        + ("scaled to trained-like statistics (`trained_like` in bench/zoo.py: 4 outlier channels x8 in every "
+           "norm, q and k rescaled to std 3)" if trained else "random init as is (`--no-trained-like`)")
         + "; dropout off, the same inputs for every run, one thread.",
         "- **err N-bit**: `||g - g_plain|| / ||g_plain||` over all parameter gradients, "
         f"`memfit.activations(model, bits=N, seed=s)` with its defaults, mean of {seeds} seeds.",
+        "- **q,k std**: the measured standard deviation of the attention's q and k (after `trained_like`).",
         "- **kept ratio**: `mf.stats.original_bytes / mf.stats.stored_bytes` at 8/4/2 bits; **plain kept**: "
         "`mf.stats.original_bytes`.",
         "- **estimate vs measured**: `memfit.plan.estimate(model, batch)` against "
@@ -934,7 +945,7 @@ def write_zoo_docs(rows: list[Row], info: dict, *, seeds: int, trained: bool) ->
         "",
         zoo_summary(rows) + ".",
     ]
-    C.update_markdown_section(DOCS, MARKER, "\n".join(lines))
+    C.update_markdown_section(DOCS, MARKER if trained else f"{MARKER}-random-init", "\n".join(lines))
 
 
 def write_attention_docs(rows: list[AttentionRow], info: dict, *, seeds: int) -> None:
