@@ -210,13 +210,17 @@ def trained_like(
             measured[name] = float(o.std())
         return hook
 
-    for _ in range(rounds):
+    def measure_once() -> None:
+        measured.clear()
         handles = [m.register_forward_hook(recorder(n, r)) for n, m, r, _ in targets]
         try:
             forward()
         finally:
             for h in handles:
                 h.remove()
+
+    for _ in range(rounds):
+        measure_once()
         for name, m, rows, kind in targets:
             std = measured.get(name)
             if not std or not math.isfinite(std):
@@ -235,13 +239,7 @@ def trained_like(
                 m.weight[sel] *= f
             if getattr(m, "bias", None) is not None:
                 m.bias[sel] *= f
-    measured.clear()
-    handles = [m.register_forward_hook(recorder(n, r)) for n, m, r, _ in targets]
-    try:
-        forward()
-    finally:
-        for h in handles:
-            h.remove()
+    measure_once()
     stds = [v for v in measured.values() if math.isfinite(v)]
     return {"norms": n_norms, "qk_modules": len(targets),
             "qk_std": sum(stds) / len(stds) if stds else None}
@@ -280,15 +278,55 @@ def _pixels(shape, seed: int = 2) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _causal_lm(cls_name: str, cfg_name: str, **cfg_kw):
+def _from_config(cls_name: str, cfg_name: str, make_batch: Callable[[Any], dict], **cfg_kw):
+    """A builder: ``transformers.<cls_name>(<cfg_name>(**cfg_kw))`` with dropout off, and
+    ``make_batch(config)`` for its inputs."""
     def build():
         import transformers
 
         cfg = _no_dropout(getattr(transformers, cfg_name)(**cfg_kw))
-        model = getattr(transformers, cls_name)(cfg)
-        ids = _ids(cfg.vocab_size)
-        return model, {"input_ids": ids, "labels": ids, "use_cache": False}, None
+        batch = make_batch(cfg)
+        return getattr(transformers, cls_name)(cfg), batch, None
     return build
+
+
+def _causal_batch(cfg) -> dict:
+    ids = _ids(cfg.vocab_size)
+    return {"input_ids": ids, "labels": ids, "use_cache": False}
+
+
+def _masked_batch(cfg) -> dict:
+    ids = _ids(cfg.vocab_size)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def _seq2seq_batch(cfg) -> dict:
+    return {"input_ids": _ids(cfg.vocab_size), "labels": _ids(cfg.vocab_size, (BATCH, SEQ // 2), seed=3),
+            "use_cache": False}
+
+
+def _image_batch(image: int):
+    def make(cfg) -> dict:
+        cfg.num_labels = 10
+        labels = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(3))
+        return {"pixel_values": _pixels((BATCH, 3, image, image)), "labels": labels}
+    return make
+
+
+def _causal_lm(cls_name: str, cfg_name: str, **cfg_kw):
+    return _from_config(cls_name, cfg_name, _causal_batch, **cfg_kw)
+
+
+def _masked_lm(cls_name: str, cfg_name: str, **cfg_kw):
+    return _from_config(cls_name, cfg_name, _masked_batch, **cfg_kw)
+
+
+def _seq2seq(cls_name: str, cfg_name: str, **cfg_kw):
+    return _from_config(cls_name, cfg_name, _seq2seq_batch, **cfg_kw)
+
+
+def _image_classifier(cls_name: str, cfg_name: str, image: int, **cfg_kw):
+    return _from_config(cls_name, cfg_name, _image_batch(image), **cfg_kw)
 
 
 def _llama_kw(**kw) -> dict:
@@ -298,45 +336,11 @@ def _llama_kw(**kw) -> dict:
     return base
 
 
-def _masked_lm(cls_name: str, cfg_name: str, **cfg_kw):
-    def build():
-        import transformers
-
-        cfg = _no_dropout(getattr(transformers, cfg_name)(**cfg_kw))
-        model = getattr(transformers, cls_name)(cfg)
-        ids = _ids(cfg.vocab_size)
-        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, None
-    return build
-
-
 def _bert_kw(**kw) -> dict:
     base = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                 vocab_size=VOCAB, max_position_embeddings=128)
     base.update(kw)
     return base
-
-
-def _seq2seq(cls_name: str, cfg_name: str, **cfg_kw):
-    def build():
-        import transformers
-
-        cfg = _no_dropout(getattr(transformers, cfg_name)(**cfg_kw))
-        model = getattr(transformers, cls_name)(cfg)
-        src, tgt = _ids(cfg.vocab_size), _ids(cfg.vocab_size, (BATCH, SEQ // 2), seed=3)
-        return model, {"input_ids": src, "labels": tgt, "use_cache": False}, None
-    return build
-
-
-def _image_classifier(cls_name: str, cfg_name: str, image: int, **cfg_kw):
-    def build():
-        import transformers
-
-        cfg = _no_dropout(getattr(transformers, cfg_name)(**cfg_kw))
-        cfg.num_labels = 10
-        model = getattr(transformers, cls_name)(cfg)
-        labels = torch.randint(0, 10, (BATCH,), generator=torch.Generator().manual_seed(3))
-        return model, {"pixel_values": _pixels((BATCH, 3, image, image)), "labels": labels}, None
-    return build
 
 
 def _whisper():
@@ -863,12 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     # FakeTensor logs the traceback of every op it cannot run; the row reports the reason.
     logging.getLogger("torch._subclasses.fake_tensor").setLevel(logging.CRITICAL)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except Exception:
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
 
     info = C.machine_info()
     for k, v in info.items():
