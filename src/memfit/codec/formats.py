@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
+from .._validate import check_bits
+
 Rounding = Literal["stochastic", "nearest"]
 
 
@@ -41,11 +43,12 @@ class IntFormat:
     symmetric: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits not in (2, 4, 8):
-            raise ValueError(f"IntFormat bits must be 2, 4 or 8, got {self.bits!r}")
+        check_bits(self.bits, (8, 4, 2), name="IntFormat bits")
         _check_block_size(self.block_size)
         if self.rounding not in ("stochastic", "nearest"):
-            raise ValueError(f"rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
+            raise ValueError(f"IntFormat rounding must be 'stochastic' or 'nearest', got {self.rounding!r}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"IntFormat symmetric must be a bool, got {self.symmetric!r}")
 
     @property
     def levels(self) -> int:
