@@ -350,6 +350,34 @@ def test_fused_equals_eager(monkeypatch, bits, cls, kw):
                 assert sa[k] == sb[k]
 
 
+@needs_fused
+@pytest.mark.parametrize("maps", [("dynamic8_signed", "dynamic8_unsigned_nozero"), ("float8_e3m4_signed", "linear8_unsigned_nozero")])
+def test_fused_step_on_other_8bit_maps_equals_eager(maps):
+    """The fused AdamW step on 8-bit maps other than its own float maps (what a direct
+    kernel caller may pass) takes the generic table-lookup path: bit-identical to eager."""
+    from memfit.optim._kernels import load
+
+    layout = Q.Layout(8, 256, maps)
+    torch.manual_seed(0)
+    n = 20 * 256 + 77
+    p_fused = torch.randn(n)
+    p_eager = p_fused.clone()
+    e_fused = Q.new_entry(("exp_avg", "exp_avg_sq"), layout, n, (n,))
+    e_eager = Q.new_entry(("exp_avg", "exp_avg_sq"), layout, n, (n,))
+    ext = load()
+    opt = mo.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    for step in range(1, 4):
+        g = torch.randn(n) * 10.0 ** (-step)
+        hp = opt._hparams(opt.param_groups[0], float(step))
+        redo = torch.zeros(Q.n_blocks(n, 256), dtype=torch.uint8)
+        ext.step(Q.ALGO_ADAMW, p_fused, g, *Q.fused_args(e_fused, ("exp_avg", "exp_avg_sq")), 8, 256, redo, hp)
+        assert not bool(redo.any())
+        Q.eager_step(Q.ALGO_ADAMW, p_eager, g, e_eager, ("exp_avg", "exp_avg_sq"), hp)
+    assert torch.equal(p_fused, p_eager)
+    for k in ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_absmax"):
+        assert torch.equal(e_fused[k], e_eager[k]), k
+
+
 def _run_scaled(monkeypatch, eager, cls, bits, kw, block, scale):
     monkeypatch.setenv("MEMFIT_KERNELS", "eager" if eager else "auto")
     torch.manual_seed(0)
