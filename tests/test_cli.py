@@ -80,6 +80,13 @@ def test_bad_inputs(capsys):
     assert main(["estimate", "--model", MODEL, "--batch", "2xq"]) == 2
     assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "1GB",
                  "--grad-accumulation", "0"]) == 2
+    capsys.readouterr()
+    for widths in ("8.0", "16", "8,x"):
+        assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "1GB", "--state-bits", widths]) == 2
+        err = capsys.readouterr().err
+        assert "--state-bits" in err and "32, 8" in err, err
+    assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "6G"]) == 2
+    assert "'6GB'" in capsys.readouterr().err
 
 
 def test_unknown_config_key_is_refused_with_close_matches(capsys):

@@ -303,6 +303,16 @@ def _add_model_args(p, *, budget: bool = False) -> None:
         p.add_argument("--state-bits", type=int, default=32, choices=[32, 8, 4], help="optimizer state bits (default 32)")
 
 
+def _parse_widths(text: str) -> tuple[int, ...]:
+    """``--state-bits 32,8``: optimizer state widths, each 32, 8 or 4."""
+    from ._validate import check_bits
+
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise _SpecError(f"--state-bits {text!r}: expected widths among 32, 8 and 4 joined by commas, e.g. 32,8")
+    return tuple(check_bits(int(x), (32, 8, 4), name="--state-bits") for x in parts)
+
+
 def _load(args, device: str = "cpu"):
     return build_model_spec(args.model, args.batch, device=device)
 
@@ -391,7 +401,8 @@ def _add_estimate(subparsers) -> None:
         ),
     )
     _add_model_args(p)
-    p.add_argument("--bits", default=None, help="compress activations: 8, 4, 2 or fp8 (default: keep)")
+    p.add_argument("--bits", default=None, choices=["8", "4", "2", "fp8"],
+                   help="compress activations: 8, 4, 2 or fp8 (default: keep)")
     p.add_argument("--checkpoint", default=None, help="comma-separated module names to recompute in backward")
     p.add_argument("--optimizer-in-backward", action="store_true", help="step each parameter inside backward")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked bar of the peak's breakdown")
@@ -493,7 +504,7 @@ def _run_plan(args) -> int:
     try:
         widths = None
         if args.state_bits:
-            widths = tuple(int(x) for x in str(args.state_bits).split(",") if x.strip())
+            widths = _parse_widths(args.state_bits)
         model, batch, loss_fn = _load(args)
         result = plan(
             model, batch, args.budget, args.optimizer, loss_fn, state_bits=widths,
