@@ -198,7 +198,8 @@ def _warn_once(family: str, name: str, exc: Exception) -> None:
         _warned.add(key)
     from ._jit import BuildLockTimeout
 
-    fix = "" if isinstance(exc, BuildLockTimeout) else f" For the fast path: {_FIXES[name]}."
+    # a lock held too long or a bad MEMFIT_BUILD_LOCK_TIMEOUT: the message says what to do
+    fix = "" if isinstance(exc, (BuildLockTimeout, ValueError)) else f" For the fast path: {_FIXES[name]}."
     warnings.warn(
         f"{_LABELS[key]} unavailable ({type(exc).__name__}: {exc}); using the eager PyTorch kernels, which "
         f"give the same results, more slowly.{fix}",

@@ -144,7 +144,7 @@ class Extension:
     what: str
     cflags: tuple[str, ...] = CPU_CFLAGS
     ldflags: tuple[str, ...] = CPU_LDFLAGS
-    build_minutes: str = "about a minute"
+    build_time: str = "about a minute"
 
     @functools.cached_property
     def module_name(self) -> str:
@@ -185,7 +185,7 @@ class Extension:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-            print(f"memfit: building {self.what} (once per environment, {self.build_minutes})...",
+            print(f"memfit: building {self.what} (once per environment, {self.build_time})...",
                   file=sys.stderr, flush=True)
             from torch.utils import cpp_extension
 
