@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["check_betas", "check_bits", "check_lr", "check_nonnegative", "check_positive_int"]
+__all__ = ["check_betas", "check_bits", "check_lr", "check_nonnegative", "check_int"]
 
 
 def _accepted(values: Sequence[Any]) -> str:
@@ -37,7 +37,7 @@ def check_bits(value: Any, accepted: Sequence[int], *, name: str = "bits") -> in
     return int(value)
 
 
-def check_positive_int(value: Any, *, name: str, minimum: int = 1) -> int:
+def check_int(value: Any, *, name: str, minimum: int = 1) -> int:
     """``value`` as an int if it is an int (not a bool) of at least ``minimum``."""
     if not _is_int(value):
         raise TypeError(f"{name} must be an int of at least {minimum}, got {value!r} ({type(value).__name__})")

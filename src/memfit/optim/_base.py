@@ -13,7 +13,7 @@ import torch
 
 from . import _qstate as Q
 from .._backends import backend
-from .._validate import check_bits, check_positive_int
+from .._validate import check_bits, check_int
 
 _KEEP_ATTR = "_memfit_keep_fp32"
 MEMFIT_GROUP_KEYS = ("state_bits", "block_size", "min_quantized_numel")
@@ -214,10 +214,10 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         check_bits(group.get("state_bits"), STATE_BITS, name="state_bits")
         block = group.get("block_size")
         if block is not None:
-            check_positive_int(block, name="block_size", minimum=2)
+            check_int(block, name="block_size", minimum=2)
             if block % 2 or block > Q.MAX_BLOCK:
                 raise ValueError(f"block_size must be None or an even int in [2, {Q.MAX_BLOCK}], got {block!r}")
-        check_positive_int(group.get("min_quantized_numel"), name="min_quantized_numel", minimum=0)
+        check_int(group.get("min_quantized_numel"), name="min_quantized_numel", minimum=0)
         self._check_hparams(group)
 
     # ---------------------------------------------------------------- subclass API
