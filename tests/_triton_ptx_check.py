@@ -43,9 +43,9 @@ def _signature(fn, types: dict, constexprs: dict) -> dict:
 
 
 def _cases():
-    q = dict(BITS=4, PB=2, BLOCK=64, SYMMETRIC=False, MID=7, TOP=15, STOCHASTIC=True, WIDE=False, ROWS=64,
+    q = dict(BITS=4, PB=2, BLOCK=64, SYMMETRIC=False, MID=7, TOP=15, STOCHASTIC=True, WIDE=False, IN_BF16=True, ROWS=64,
              BYTES_P2=32)
-    yield "quantize_int", codec_triton._quantize_int_kernel, {"codes_ptr": "*u8", "nf_ptr": "*u8", "seed": "i64"}, q
+    yield "quantize_int", codec_triton._quantize_int_kernel, {"x_ptr": "*i16", "codes_ptr": "*u8", "nf_ptr": "*u8", "seed": "i64"}, q
     d = dict(BITS=4, PB=2, BLOCK=64, SYMMETRIC=False, MID=7, OUT_BF16=True, ROWS=64, BYTES_P2=32)
     yield "dequantize_int", codec_triton._dequantize_int_kernel, {"codes_ptr": "*u8", "out_ptr": "*i16"}, d
     for algo, name in ((0, "adamw"), (1, "sgd"), (2, "lion")):

@@ -134,6 +134,17 @@ def pack_codes(q, k, BITS: tl.constexpr):
 
 
 @jit_kernel()
+def load_fp32(ptr, offs, mask, IN_BF16: tl.constexpr):
+    """Load float elements as fp32; bf16 arrives as its int16 bits and is widened on the
+    bits (exact for subnormals too, which the interpreter's own cast gets wrong)."""
+    if IN_BF16:
+        b = tl.load(ptr + offs, mask=mask, other=0).to(tl.int32)
+        return ((b & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@jit_kernel()
 def _store_out(out_ptr, offs, y, mask, OUT_BF16: tl.constexpr):
     """Store fp32 ``y`` cast to the output dtype, bf16 rounded to nearest even on the
     bits (as torch does; the interpreter's own cast truncates)."""
@@ -150,13 +161,14 @@ def _store_out(out_ptr, offs, y, mask, OUT_BF16: tl.constexpr):
 def _quantize_int_kernel(
     x_ptr, codes_ptr, scale_ptr, lo_ptr, nf_ptr, n, nb, seed,
     BITS: tl.constexpr, PB: tl.constexpr, BLOCK: tl.constexpr, SYMMETRIC: tl.constexpr, MID: tl.constexpr,
-    TOP: tl.constexpr, STOCHASTIC: tl.constexpr, WIDE: tl.constexpr, ROWS: tl.constexpr, BYTES_P2: tl.constexpr,
+    TOP: tl.constexpr, STOCHASTIC: tl.constexpr, WIDE: tl.constexpr, IN_BF16: tl.constexpr, ROWS: tl.constexpr,
+    BYTES_P2: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nb
     offs, in_block = block_tile(rows, BLOCK, PB, BYTES_P2)
     real = in_block & row_ok[:, None, None] & (offs < n)
-    x = tl.load(x_ptr + offs, mask=real, other=0.0).to(tl.float32)
+    x = load_fp32(x_ptr, offs, real, IN_BF16)
     finite = finite_mask(x)
     lo, hi = _finite_min_max(x, real & finite)
     nonfinite = tl.max(tl.max((real & ~finite).to(tl.int32), axis=2), axis=1)
@@ -247,13 +259,13 @@ def _fp8_e4m3_value(c):
 @jit_kernel(do_not_specialize=["n"])
 def _quantize_fp8_kernel(
     x_ptr, codes_ptr, scale_ptr, nf_ptr, n, nb,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, BYTES_P2: tl.constexpr,
+    BLOCK: tl.constexpr, IN_BF16: tl.constexpr, ROWS: tl.constexpr, BYTES_P2: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < nb
     offs, in_block = block_tile(rows, BLOCK, 1, BYTES_P2)
     real = in_block & row_ok[:, None, None] & (offs < n)
-    x = tl.load(x_ptr + offs, mask=real, other=0.0).to(tl.float32)
+    x = load_fp32(x_ptr, offs, real, IN_BF16)
     finite = finite_mask(x)
     lo, hi = _finite_min_max(x, real & finite)
     nonfinite = tl.max(tl.max((real & ~finite).to(tl.int32), axis=2), axis=1)
@@ -309,11 +321,14 @@ def _unpack_bits_kernel(codes_ptr, out_ptr, n, nbytes, ROWS: tl.constexpr):
 # --------------------------------------------------------------------------- host API
 
 
-def _flat_float(x: torch.Tensor, who: str) -> torch.Tensor:
+def _flat_float(x: torch.Tensor, who: str) -> tuple[torch.Tensor, bool]:
+    """The flat tensor the kernel reads (bf16 as its int16 bits) and whether it is bf16."""
     check_device(x, who)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{who}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    return x.reshape(-1).contiguous()
+    flat = x.reshape(-1).contiguous()
+    bf16 = flat.dtype is torch.bfloat16
+    return (flat.view(torch.int16) if bf16 else flat), bf16
 
 
 def _out_buffer(n: int, out_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -335,7 +350,7 @@ def quantize_int(
         raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
     if block <= 0 or block % 8:
         raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
-    x = _flat_float(x, "quantize_int")
+    x, bf16 = _flat_float(x, "quantize_int")
     n = x.numel()
     nb = -(-n // block)
     dev = x.device
@@ -352,7 +367,7 @@ def quantize_int(
             x, codes, scale, scale if lo is None else lo, nf, n, nb, int(seed),
             BITS=bits, PB=per_byte, BLOCK=block, SYMMETRIC=bool(symmetric), MID=mid, TOP=top,
             STOCHASTIC=bool(stochastic),
-            WIDE=nb * block >= 2**31, ROWS=rows, BYTES_P2=bytes_p2, **launch_options(),
+            WIDE=nb * block >= 2**31, IN_BF16=bf16, ROWS=rows, BYTES_P2=bytes_p2, **launch_options(),
         )
     return codes, scale, lo, nf.view(torch.bool)
 
@@ -388,7 +403,7 @@ def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     per-block non-finite flag (as :func:`memfit.codec._eager.quantize_fp8`)."""
     if block <= 0 or block % 8:
         raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
-    x = _flat_float(x, "quantize_fp8")
+    x, bf16 = _flat_float(x, "quantize_fp8")
     n = x.numel()
     nb = -(-n // block)
     dev = x.device
@@ -398,7 +413,7 @@ def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     if nb:
         rows, bytes_p2 = tiling(block, 1, nb)
         _quantize_fp8_kernel[(triton.cdiv(nb, rows),)](
-            x, codes, scale, nf, n, nb, BLOCK=block, ROWS=rows, BYTES_P2=bytes_p2, **launch_options()
+            x, codes, scale, nf, n, nb, BLOCK=block, IN_BF16=bf16, ROWS=rows, BYTES_P2=bytes_p2, **launch_options()
         )
     return codes, scale, nf.view(torch.bool)
 
