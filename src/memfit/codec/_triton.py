@@ -75,14 +75,11 @@ def check_device(t: torch.Tensor, who: str) -> None:
     if triton is None:
         raise ValueError(f"{who}: triton is not installed; `pip install memfit[triton]`")
     dev = t.device.type
-    if dev == "cuda" and not interpreted():
-        return
-    if dev == "cpu" and interpreted():
+    if dev == "cuda" or (dev == "cpu" and interpreted()):  # the interpreter copies CUDA tensors
         return
     raise ValueError(
-        f"{who}: tensors on {t.device} cannot run these Triton kernels "
-        f"({'interpreter' if interpreted() else 'compiled'} mode): they need CUDA tensors, or CPU "
-        "tensors with TRITON_INTERPRET=1 set before triton is imported"
+        f"{who}: tensors on {t.device} cannot run these Triton kernels: they need CUDA tensors, "
+        "or CPU tensors with TRITON_INTERPRET=1 set before triton is imported"
     )
 
 
