@@ -35,6 +35,7 @@ try:
     from memfit.codec.formats import IntFormat
     from memfit.optim import _qstate as Q
     from memfit.optim import _triton as optim_triton
+    from test_codec_cpu_kernels import _data  # the same cases as the C++ kernels' tests
 finally:  # other modules keep their own setting; this one's tests set it again (below)
     _ENV_INTERPRET = os.environ.get("TRITON_INTERPRET")
     if _ENV_BEFORE is None:
@@ -74,21 +75,6 @@ DEVICES = [
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # numpy's floating-point warnings from inside the interpreter: the inputs hold inf and NaN
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-
-
-def _data(n: int, dtype: torch.dtype, seed: int, nonfinite: bool = True) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g) * 3 + 0.5
-    if n > 40 and nonfinite:
-        x[3] = float("nan")
-        x[17] = float("inf")
-        x[n // 2] = float("-inf")
-        x[n - 1] = float("inf")
-    if n > 200:
-        x[64:128] = 0.0  # a constant block (scale 0) at blocks of 8 or 64
-        if nonfinite:
-            x[128:136] = float("nan")  # an all-non-finite block of 8
-    return x.to(dtype)
 
 
 def _same(a, b) -> bool:

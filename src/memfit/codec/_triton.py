@@ -318,14 +318,17 @@ def _unpack_bits_kernel(codes_ptr, out_ptr, n, nbytes, ROWS: tl.constexpr):
 # --------------------------------------------------------------------------- host API
 
 
-def _flat_float(x: torch.Tensor, who: str) -> tuple[torch.Tensor, bool]:
-    """The flat tensor the kernel reads (bf16 as its int16 bits) and whether it is bf16."""
+def _float_blocks(x: torch.Tensor, block: int, who: str) -> tuple[torch.Tensor, bool, int]:
+    """The flat tensor an encoding kernel reads (bf16 as its int16 bits), whether it is
+    bf16, and the number of blocks."""
+    if block <= 0 or block % 8:
+        raise ValueError(f"{who}: block must be a positive multiple of 8, got {block!r}")
     check_device(x, who)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{who}: x must be float32, float16 or bfloat16, got {x.dtype}")
     flat = x.reshape(-1).contiguous()
     bf16 = flat.dtype is torch.bfloat16
-    return (flat.view(torch.int16) if bf16 else flat), bf16
+    return (flat.view(torch.int16) if bf16 else flat), bf16, -(-flat.numel() // block)
 
 
 def _out_buffer(n: int, out_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -344,12 +347,8 @@ def quantize_int(
     """Quantize a contiguous 1-D float tensor. Returns ``(codes, scale, lo, nonfinite_block)``;
     ``lo`` is None for the symmetric layout (as :func:`memfit.codec._eager.quantize_int`)."""
     if bits not in (2, 4, 8):
-        raise ValueError(f"bits must be 2, 4 or 8, got {bits!r}")
-    if block <= 0 or block % 8:
-        raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
-    x, bf16 = _flat_float(x, "quantize_int")
-    n = x.numel()
-    nb = -(-n // block)
+        raise ValueError(f"quantize_int: bits must be 2, 4 or 8, got {bits!r}")
+    x, bf16, nb = _float_blocks(x, block, "quantize_int")
     dev = x.device
     per_byte = 8 // bits
     mid = (1 << (bits - 1)) - 1
@@ -361,7 +360,7 @@ def quantize_int(
     if nb:
         rows, bytes_p2 = tiling(block, per_byte, nb)
         _quantize_int_kernel[(triton.cdiv(nb, rows),)](
-            x, codes, scale, scale if lo is None else lo, nf, n, nb, int(seed),
+            x, codes, scale, scale if lo is None else lo, nf, x.numel(), nb, int(seed),
             BITS=bits, PB=per_byte, BLOCK=block, SYMMETRIC=bool(symmetric), MID=mid, TOP=top,
             STOCHASTIC=bool(stochastic),
             WIDE=nb * block >= 2**31, IN_BF16=bf16, ROWS=rows, BYTES_P2=bytes_p2, **launch_options(),
@@ -398,11 +397,7 @@ def dequantize_int(
 def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP8 e4m3 codes (uint8) with one fp32 scale per block (``absmax / 448``) and the
     per-block non-finite flag (as :func:`memfit.codec._eager.quantize_fp8`)."""
-    if block <= 0 or block % 8:
-        raise ValueError(f"block must be a positive multiple of 8, got {block!r}")
-    x, bf16 = _flat_float(x, "quantize_fp8")
-    n = x.numel()
-    nb = -(-n // block)
+    x, bf16, nb = _float_blocks(x, block, "quantize_fp8")
     dev = x.device
     codes = torch.empty(nb * block, dtype=torch.uint8, device=dev)
     scale = torch.empty(nb, dtype=torch.float32, device=dev)
@@ -410,7 +405,7 @@ def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     if nb:
         rows, bytes_p2 = tiling(block, 1, nb)
         _quantize_fp8_kernel[(triton.cdiv(nb, rows),)](
-            x, codes, scale, nf, n, nb, BLOCK=block, IN_BF16=bf16, ROWS=rows, BYTES_P2=bytes_p2, **launch_options()
+            x, codes, scale, nf, x.numel(), nb, BLOCK=block, IN_BF16=bf16, ROWS=rows, BYTES_P2=bytes_p2, **launch_options()
         )
     return codes, scale, nf.view(torch.bool)
 
