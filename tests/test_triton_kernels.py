@@ -145,6 +145,10 @@ def test_int_layout_and_bad_input(device):
         codec_triton.quantize_int(x.to(torch.int32), 8, 64, False, False, 0)
     with pytest.raises(TypeError, match="out_dtype"):
         codec_triton.dequantize_int(codes, scale, lo, 4, 64, 1000, torch.int8)
+    with pytest.raises(ValueError, match="does not fit"):
+        codec_triton.dequantize_int(codes, scale, lo, 4, 64, 1100, torch.float32)
+    with pytest.raises(ValueError, match="codes has"):
+        codec_triton.dequantize_int(codes, scale, lo, 8, 64, 1000, torch.float32)
     unusable = ["meta"] + ([] if INTERPRETED else ["cpu"])  # compiled kernels need CUDA tensors
     for dev in unusable:
         with pytest.raises(ValueError, match="cannot run these Triton kernels"):

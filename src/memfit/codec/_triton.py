@@ -331,6 +331,18 @@ def _float_blocks(x: torch.Tensor, block: int, who: str) -> tuple[torch.Tensor, 
     return (flat.view(torch.int16) if bf16 else flat), bf16, -(-flat.numel() // block)
 
 
+def _check_codes(codes: torch.Tensor, scale: torch.Tensor, bits: int, block: int, n: int, who: str) -> None:
+    check_device(codes, who)
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"{who}: codes must be uint8, got {codes.dtype}")
+    nb = scale.numel()
+    if n and not (nb - 1) * block < n <= nb * block:
+        raise ValueError(f"{who}: n={n} does not fit {nb} blocks of {block}")
+    if codes.numel() != nb * block * bits // 8:
+        raise ValueError(f"{who}: codes has {codes.numel()} bytes, {nb} blocks of {block} at {bits} bits need "
+                         f"{nb * block * bits // 8}")
+
+
 def _out_buffer(n: int, out_dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(result tensor, the tensor the kernel writes, whether it writes bf16 bits)."""
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -378,7 +390,9 @@ def dequantize_int(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """The ``n`` values that :func:`quantize_int`'s output stands for, as ``out_dtype``."""
-    check_device(codes, "dequantize_int")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"dequantize_int: bits must be 2, 4 or 8, got {bits!r}")
+    _check_codes(codes, scale, bits, block, n, "dequantize_int")
     nb = scale.numel()
     per_byte = 8 // bits
     out, target, bf16 = _out_buffer(n, out_dtype, codes.device)
@@ -413,7 +427,7 @@ def quantize_fp8(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
 def dequantize_fp8(
     codes: torch.Tensor, scale: torch.Tensor, block: int, n: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    check_device(codes, "dequantize_fp8")
+    _check_codes(codes, scale, 8, block, n, "dequantize_fp8")
     nb = scale.numel()
     out, target, bf16 = _out_buffer(n, out_dtype, codes.device)
     if n:
