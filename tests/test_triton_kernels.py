@@ -158,7 +158,7 @@ def test_int_layout_and_bad_input(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits,symmetric", [(8, False), (4, True), (2, False)])
 def test_stochastic_unbiased_and_within_error_bound(device, bits, symmetric):
-    n, block, seeds = 8192, 64, 32
+    n, block, seeds = 8192, 64, 24
     x = _data(n, torch.float32, seed=bits, nonfinite=False)
     xd = x.to(device)
     fmt = IntFormat(bits, block, "stochastic", symmetric)

@@ -7,8 +7,8 @@ are bit-identical to it. Every block is encoded in one pass: a program loads a t
 whole blocks, takes each block's min/max over its finite elements, quantizes and packs
 the codes into bytes itself. The arithmetic is the reference's, in fp32 with no fused
 multiply-add (kernels are launched with ``enable_fp_fusion=False``; divisions are
-``div_rn``); fp8 e4m3 and bf16 rounding are done on the fp32 bits, so the result does
-not depend on the GPU generation or on the interpreter's casts.
+``div_rn``); bf16 widening and the fp8 e4m3 and bf16 rounding are done on the bits, so
+the result does not depend on the GPU generation or on the interpreter's casts.
 
 Stochastic rounding adds ``tl.rand(seed, element index)`` (Philox) before the floor:
 deterministic for a seed, unbiased, but not the same numbers as the reference's
@@ -33,10 +33,9 @@ NAME = "triton"
 _TILE = 4096
 _TILE_INTERPRETED = 1 << 16
 
-FP8_MAX = 448.0
-
 
 def jit_kernel(**options):
+    """``triton.jit``; without triton the functions stay plain (never launched)."""
     if triton is None:
         return lambda fn: fn
     return triton.jit(**options)
@@ -93,6 +92,7 @@ def tiling(block: int, per_byte: int, nb: int) -> tuple[int, int]:
 
 
 def launch_options() -> dict:
+    """Options of every launch: no fused multiply-add, which would change codes."""
     return {"enable_fp_fusion": False, "num_warps": 4}
 
 
@@ -111,7 +111,8 @@ def block_tile(rows, BLOCK: tl.constexpr, PB: tl.constexpr, BYTES_P2: tl.constex
 
 
 @jit_kernel()
-def finite_mask(x):
+def _finite_mask(x):
+    """Elements that are neither NaN nor infinite."""
     return (x == x) & (tl.abs(x) != float("inf"))
 
 
@@ -131,7 +132,7 @@ def pack_codes(q, k, BITS: tl.constexpr):
 
 
 @jit_kernel()
-def load_fp32(ptr, offs, mask, IN_BF16: tl.constexpr):
+def _load_fp32(ptr, offs, mask, IN_BF16: tl.constexpr):
     """Load float elements as fp32; bf16 arrives as its int16 bits and is widened on the
     bits (exact for subnormals too, which the interpreter's own cast gets wrong)."""
     if IN_BF16:
@@ -165,8 +166,8 @@ def _quantize_int_kernel(
     row_ok = rows < nb
     offs, in_block = block_tile(rows, BLOCK, PB, BYTES_P2)
     real = in_block & row_ok[:, None, None] & (offs < n)
-    x = load_fp32(x_ptr, offs, real, IN_BF16)
-    finite = finite_mask(x)
+    x = _load_fp32(x_ptr, offs, real, IN_BF16)
+    finite = _finite_mask(x)
     lo, hi = _finite_min_max(x, real & finite)
     nonfinite = tl.max(tl.max((real & ~finite).to(tl.int32), axis=2), axis=1)
     if SYMMETRIC:
@@ -262,8 +263,8 @@ def _quantize_fp8_kernel(
     row_ok = rows < nb
     offs, in_block = block_tile(rows, BLOCK, 1, BYTES_P2)
     real = in_block & row_ok[:, None, None] & (offs < n)
-    x = load_fp32(x_ptr, offs, real, IN_BF16)
-    finite = finite_mask(x)
+    x = _load_fp32(x_ptr, offs, real, IN_BF16)
+    finite = _finite_mask(x)
     lo, hi = _finite_min_max(x, real & finite)
     nonfinite = tl.max(tl.max((real & ~finite).to(tl.int32), axis=2), axis=1)
     scale = tl.div_rn(tl.maximum(tl.abs(lo), tl.abs(hi)), 448.0)
