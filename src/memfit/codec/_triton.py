@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the `triton` extra is not installed: available() says so
-    triton = None
-    tl = None
+# Without the `triton` extra this import fails: the backend loader takes an ImportError
+# to mean "not installed", which needs no warning.
+import triton
+import triton.language as tl
 
 NAME = "triton"
 
@@ -35,17 +33,13 @@ _TILE_INTERPRETED = 1 << 16
 
 
 def jit_kernel(**options):
-    """``triton.jit``; without triton the functions stay plain (never launched)."""
-    if triton is None:
-        return lambda fn: fn
+    """``triton.jit`` with ``options``."""
     return triton.jit(**options)
 
 
 def interpreted() -> bool:
     """Whether these kernels run under Triton's interpreter (decided when ``triton`` was
     imported: ``TRITON_INTERPRET=1`` must be set before that)."""
-    if triton is None:
-        return False
     from triton.runtime.interpreter import InterpretedFunction
 
     mine = isinstance(_quantize_int_kernel, InterpretedFunction)
@@ -59,10 +53,8 @@ def interpreted() -> bool:
 
 
 def available() -> bool:
-    """True when Triton is importable and can run these kernels here: on a CUDA device,
-    or on CPU tensors under the interpreter."""
-    if triton is None:
-        return False
+    """True when these kernels can run here: on a CUDA device, or on CPU tensors under
+    the interpreter."""
     try:
         return interpreted() or torch.cuda.is_available()
     except RuntimeError:
@@ -71,8 +63,6 @@ def available() -> bool:
 
 def check_device(t: torch.Tensor, who: str) -> None:
     """Raise ValueError unless the kernels can run on ``t``'s device."""
-    if triton is None:
-        raise ValueError(f"{who}: triton is not installed; `pip install memfit[triton]`")
     dev = t.device.type
     if dev == "cuda" or (dev == "cpu" and interpreted()):  # the interpreter copies CUDA tensors
         return
