@@ -43,3 +43,9 @@ __all__ += ["BudgetTooSmall", "Plan", "max_batch_size"]
 from .loss import causal_lm_loss  # noqa: E402
 
 __all__ += ["causal_lm_loss"]
+
+# memfit.weights(model, bits="nf4") compresses frozen parameters (the package is callable).
+from . import weights  # noqa: E402
+from .weights import CompressedWeights  # noqa: E402
+
+__all__ += ["CompressedWeights", "weights"]

@@ -94,3 +94,34 @@ class RawFormat:
 
 
 Format = Union[IntFormat, FP8Format, BitMaskFormat, RawFormat]
+
+
+@dataclass(frozen=True)
+class NF4Format:
+    """4-bit NormalFloat codes (QLoRA, Dettmers et al. 2023) for weights.
+
+    Each block of ``block_size`` consecutive elements (in the flattened tensor) is
+    scaled by its absmax and every element rounded to the nearest of the 16 NF4 values
+    (:data:`memfit.codec.nf4.NF4_VALUES`, quantiles of a standard normal with an exact
+    zero), two codes a byte. With ``double_quant`` (the default) the per-block fp32
+    absmaxes are themselves quantized, as QLoRA does: in blocks of ``absmax_block``
+    they are centred on their mean and stored as 8-bit codes on the signed dynamic map
+    with one fp32 scale and one fp32 mean per block, about 4.13 bits per parameter at
+    the default sizes (4.5 without double quantization). Rounding is to nearest.
+    See :mod:`memfit.codec.nf4` for the kernels.
+    """
+
+    block_size: int = 64
+    double_quant: bool = True
+    absmax_block: int = 256
+
+    def __post_init__(self) -> None:
+        _check_block_size(self.block_size)
+        if not isinstance(self.double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
+        if not isinstance(self.absmax_block, int) or isinstance(self.absmax_block, bool) \
+                or self.absmax_block < 8 or self.absmax_block % 8:
+            raise ValueError(f"absmax_block must be a positive multiple of 8, got {self.absmax_block!r}")
+
+    bits = 4
+    rounding = "nearest"
