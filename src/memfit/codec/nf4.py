@@ -42,6 +42,7 @@ NF4_VALUES: tuple[float, ...] = (
 
 _ABSMAX_MAP = "dynamic8_signed"
 _pair_tables: dict[torch.device, torch.Tensor] = {}
+_CHUNK = 1 << 18  # elements decoded per step: the fp32 scratch (1 MiB) stays in cache
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,9 +182,29 @@ def decode_nf4(enc: NF4Encoded) -> torch.Tensor:
     if n == 0:
         return torch.empty(enc.shape, dtype=enc.dtype, device=enc.codes.device)
     absmax = block_absmax(enc)
-    pairs = _pair_table(enc.codes.device)[enc.codes.to(torch.int64)]
-    flat = (pairs.view(absmax.numel(), -1) * absmax[:, None]).view(-1)[:n]
-    flat = flat.to(enc.dtype) if enc.dtype != torch.float32 else flat.contiguous()
+    block = enc.format.block_size
+    nb = absmax.numel()
+    out = torch.empty(nb * block, dtype=enc.dtype, device=enc.codes.device)
+    # The pair table viewed as int64: one 8-byte gather per code byte gives both of its
+    # values. Work goes chunk by chunk through small scratch buffers that stay in cache:
+    # whole-tensor temporaries would each be fresh memory, and on CPU the page faults
+    # of fresh memory cost more than the arithmetic.
+    table = _pair_table(enc.codes.device).view(torch.int64).view(-1)
+    per_chunk = max(1, _CHUNK // block)
+    direct = enc.dtype == torch.float32
+    index = torch.empty(min(nb, per_chunk) * block // 2, dtype=torch.int32, device=enc.codes.device)
+    pairs = None if direct else torch.empty_like(index, dtype=torch.int64)
+    for b0 in range(0, nb, per_chunk):
+        b1 = min(nb, b0 + per_chunk)
+        half = (b1 - b0) * block // 2
+        idx = index[:half]
+        idx.copy_(enc.codes[b0 * block // 2: b1 * block // 2])
+        dst = out[b0 * block: b1 * block].view(torch.int64) if direct else pairs[:half]
+        torch.index_select(table, 0, idx, out=dst)
+        values = dst.view(torch.float32).view(b1 - b0, block).mul_(absmax[b0:b1, None])
+        if not direct:
+            out[b0 * block: b1 * block].copy_(values.view(-1))
+    flat = out[:n]
     if enc.nonfinite_index is not None:
         flat[enc.nonfinite_index] = enc.nonfinite_value
     return flat.view(enc.shape)
