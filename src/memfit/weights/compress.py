@@ -77,6 +77,11 @@ class CompressedWeights:
         return self.bytes_after / self.bytes_before if self.bytes_before else 0.0
 
     @property
+    def numel(self) -> int:
+        """Elements of the compressed parameters (each shared one once)."""
+        return sum(store.shape.numel() for store in self._stores.values())
+
+    @property
     def names(self) -> list[str]:
         """Qualified names of the compressed parameters (tied ones under their first name)."""
         return list(self._stores)
