@@ -500,6 +500,10 @@ def test_other_bad_input():
     trainable = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="no frozen floating-point parameter"):
         memfit.weights(trainable)
+    renorm = nn.Embedding(10, 16, max_norm=1.0).requires_grad_(False)
+    with pytest.raises(ValueError, match="max_norm"):
+        memfit.weights(renorm)
+    assert isinstance(renorm.weight, nn.Parameter)
     m = frozen_mlp()
     memfit.weights(m, bits=8, include="1.weight")
     with pytest.raises(ValueError, match="already has compressed weights"):

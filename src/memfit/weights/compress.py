@@ -250,6 +250,10 @@ def compress_weights(
                 if _MARK in module.__dict__:
                     raise ValueError(f"module {mname!r} already has compressed weights; call remove() on "
                                      "their handle first")
+                if getattr(module, "max_norm", None) is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                    # max_norm renormalises the weight in place: on a decoded copy it would be lost
+                    raise ValueError(f"module {mname!r} is an embedding with max_norm={module.max_norm}, which "
+                                     "rewrites its weight in place; leave it out (exclude=) or set max_norm=None")
                 holders[by_id[id(p)]].append((mname, module, local))
     del named
 
