@@ -17,6 +17,7 @@ from memfit.codec import IntFormat
 from memfit.codec.dynamic import get_map
 from memfit.codec.formats import NF4Format
 from memfit.codec.nf4 import NF4_VALUES, block_absmax, decode_nf4, encode_nf4
+from memfit.codec.rows import can_select_rows, select_rows
 from memfit.weights import CodedWeight, CompressedWeights
 
 pytestmark = pytest.mark.filterwarnings("ignore:memfit. fused CPU kernels unavailable:RuntimeWarning")
@@ -298,23 +299,65 @@ def test_a_module_bound_by_hooks_keeps_what_its_op_saves(monkeypatch):
     assert "weight" not in m[0].__dict__
 
 
-def test_embedding_and_norm_via_hooks_give_the_same_gradients():
+@pytest.mark.parametrize("fmt", [NF4Format(), NF4Format(double_quant=False), IntFormat(8, 256, "nearest"),
+                                 IntFormat(4, 64, "nearest")], ids=["nf4", "nf4-plain", "int8", "int4"])
+def test_select_rows_equals_rows_of_the_decoded_table(fmt):
+    x = torch.randn(50, 512)
+    enc = encode_nf4(x, fmt) if isinstance(fmt, NF4Format) else codec.encode(x, fmt)
+    dec = decode_nf4 if isinstance(fmt, NF4Format) else codec.decode
+    rows = torch.tensor([7, 0, 49, 7, 13])
+    assert can_select_rows(enc)
+    part = select_rows(enc, rows)
+    assert torch.equal(dec(part), dec(enc)[rows])
+    assert part.nbytes < enc.nbytes / 5
+    assert not can_select_rows(encode_nf4(torch.randn(50, 40)))  # a row is not whole blocks
+    with pytest.raises(ValueError, match="cannot take rows"):
+        select_rows(encode_nf4(torch.randn(50, 40)), rows)
+
+
+@pytest.mark.parametrize("width", [128, 40])  # rows of whole blocks, and not
+def test_embedding_decodes_only_the_rows_it_looks_up(width, monkeypatch):
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Embedding(30, 32), nn.LayerNorm(32), nn.Linear(32, 5))
+    m = nn.Sequential(nn.Embedding(300, width, padding_idx=0), nn.Linear(width, 5))
     m[0].requires_grad_(False)
+    ref = copy.deepcopy(m)
+    h = memfit.weights(m, bits="nf4", include="0.weight")
+    ref.load_state_dict(h.export_state_dict())
+    decoded_shapes = []
+    original = codec.nf4.decode_nf4
+
+    def spy(enc):
+        decoded_shapes.append(tuple(enc.shape))
+        return original(enc)
+
+    monkeypatch.setattr(memfit.weights.store, "decode_nf4", spy)
+    x = torch.tensor([[5, 9, 0, 5], [299, 9, 9, 1]])
+    out = m(x)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    assert decoded_shapes == ([(5, width)] if width % 64 == 0 else [(300, width)])
+    out.square().mean().backward()
+    ref(x).square().mean().backward()
+    g, rg = trainable_grads(m), trainable_grads(ref)
+    for n in g:
+        torch.testing.assert_close(g[n], rg[n], msg=n)
+
+
+def test_norm_via_hooks_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.Linear(32, 5))
     m[1].weight.requires_grad_(False)
     ref = copy.deepcopy(m)
-    h = memfit.weights(m, bits="nf4", include=["0.weight", "1.weight"])
-    assert h.names == ["0.weight", "1.weight"]
+    h = memfit.weights(m, bits="nf4", include=["1.weight"])
+    assert h.names == ["1.weight"]
     ref.load_state_dict(h.export_state_dict())
-    x = torch.randint(0, 30, (4, 6))
+    x = torch.randn(4, 6, 12)
     m(x).square().mean().backward()
     ref(x).square().mean().backward()
     g, rg = trainable_grads(m), trainable_grads(ref)
-    assert sorted(g) == ["1.bias", "2.bias", "2.weight"]
+    assert sorted(g) == ["0.bias", "0.weight", "1.bias", "2.bias", "2.weight"]
     for n in g:
         torch.testing.assert_close(g[n], rg[n], msg=n)
-    assert not hasattr(m[0], "weight") and not hasattr(m[1], "weight")  # outside forward
+    assert not hasattr(m[1], "weight")  # outside forward
 
 
 def test_with_the_activations_engine():

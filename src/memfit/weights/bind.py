@@ -6,11 +6,14 @@
   a frozen weight needs no gradient, and the input's gradient ``grad_out @ W`` needs
   only ``W``, which backward decodes again. The decoded weight lives only inside the
   forward and inside the backward.
-* Any other module (Embedding, Conv, norms, a Linear subclass or an already wrapped
+* ``nn.Embedding`` (plain forward): its forward decodes only the rows the input looks
+  up (all of them when a row is not whole blocks) and gathers from those; nothing of
+  the weight is saved for backward.
+* Any other module (Conv, norms, a Linear subclass or an already wrapped
   forward): a forward pre-hook sets each decoded parameter as a plain attribute and a
   forward hook removes it. Whatever the module's ops save for backward stays alive
-  until that backward, as for any tensor: an embedding saves only its indices (nothing
-  of the weight); a convolution or a norm saves its decoded weight (under
+  until that backward, as for any tensor: a convolution or a norm saves its decoded
+  weight (under
   ``memfit.activations`` that saved copy is compressed like any activation).
 
 Outside its forward, a compressed parameter is not an attribute of its module.
@@ -66,9 +69,36 @@ def binds_as_linear(module: nn.Module, coded: dict[str, CodedWeight]) -> bool:
             and "weight" in coded)
 
 
+def binds_as_embedding(module: nn.Module, coded: dict[str, CodedWeight]) -> bool:
+    """Whether ``module`` is a plain ``nn.Embedding`` whose only compressed parameter is
+    its weight (``max_norm`` embeddings are refused earlier: they write the weight)."""
+    return (type(module).forward is nn.Embedding.forward and "forward" not in module.__dict__
+            and set(coded) == {"weight"})
+
+
+def _override_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:
+    module.forward = forward
+
+    def unbind() -> None:
+        module.__dict__.pop("forward", None)
+
+    return unbind
+
+
 def bind(module: nn.Module, coded: dict[str, CodedWeight]) -> Callable[[], None]:
     """Make ``module`` decode the parameters in ``coded`` (name -> store) when it runs;
     returns the function that undoes it."""
+    if binds_as_embedding(module, coded):
+        table = coded["weight"]
+
+        def embedding_forward(input: torch.Tensor) -> torch.Tensor:
+            # padding_idx, scale_grad_by_freq and sparse only shape the weight's
+            # gradient, and a compressed weight has none.
+            rows, inverse = torch.unique(input, return_inverse=True)
+            return F.embedding(inverse, table.decode_rows(rows.reshape(-1)))
+
+        return _override_forward(module, embedding_forward)
+
     if binds_as_linear(module, coded):
         weight, bias_store = coded["weight"], coded.get("bias")
 
@@ -76,12 +106,7 @@ def bind(module: nn.Module, coded: dict[str, CodedWeight]) -> Callable[[], None]
             bias = bias_store.decode() if bias_store is not None else module.bias
             return CodedLinear.apply(input, bias, weight)
 
-        module.forward = forward
-
-        def unbind() -> None:
-            module.__dict__.pop("forward", None)
-
-        return unbind
+        return _override_forward(module, forward)
 
     def set_decoded(mod: nn.Module, args) -> None:
         for name, store in coded.items():

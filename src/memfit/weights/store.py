@@ -20,6 +20,7 @@ from .. import codec
 from ..codec import Encoded, IntFormat
 from ..codec.formats import NF4Format
 from ..codec.nf4 import NF4Encoded, decode_nf4, encode_nf4
+from ..codec.rows import can_select_rows, select_rows
 
 WeightFormat = Union[IntFormat, NF4Format]
 _Coded = Union[Encoded, NF4Encoded]
@@ -138,6 +139,15 @@ class CodedWeight:
     def decode(self) -> torch.Tensor:
         with torch.no_grad():
             return decode_weight(self.encoded())
+
+    def decode_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """``decode()[rows]`` for a 2-D parameter, decoding only those rows when each
+        row is whole blocks (see :mod:`memfit.codec.rows`)."""
+        with torch.no_grad():
+            enc = self.encoded()
+            if can_select_rows(enc):
+                return decode_weight(select_rows(enc, rows))
+            return decode_weight(enc).index_select(0, rows)
 
     def load_(self, value: torch.Tensor) -> None:
         """Re-encode ``value`` (same shape; cast to the stored dtype and device)."""
