@@ -55,6 +55,15 @@ def batch(seed: int = 2, vocab: int = 128, b: int = 2, t: int = 12):
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+def compressed_with_reference(model: nn.Module, bits="nf4", **kw) -> tuple[CompressedWeights, nn.Module]:
+    """Compress ``model``'s frozen weights; the reference is a copy of the model as it
+    was, loaded with the decoded values: what the compressed model must compute."""
+    ref = copy.deepcopy(model)
+    h = memfit.weights(model, bits=bits, **kw)
+    ref.load_state_dict(h.export_state_dict())
+    return h, ref
+
+
 def trainable_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -185,16 +194,15 @@ def test_bytes_against_bf16(bits, bar):
 @pytest.mark.parametrize("bits", ["nf4", 8, 4])
 def test_forward_equals_the_model_with_decoded_weights(bits):
     m = frozen_mlp()
-    ref = copy.deepcopy(m)
-    h = memfit.weights(m, bits=bits)
+    original = {n: p.detach().clone() for n, p in m.named_parameters()}
+    h, ref = compressed_with_reference(m, bits)
     fmt = memfit.weights.resolve_format(bits)
     assert sorted(h.names) == ["0.weight", "1.weight", "3.weight"]
     for name in h.names:
-        expected = ref.get_parameter(name).detach()
-        want = (decode_nf4(encode_nf4(expected, fmt)) if bits == "nf4"
-                else codec.decode(codec.encode(expected, fmt)))
+        want = (decode_nf4(encode_nf4(original[name], fmt)) if bits == "nf4"
+                else codec.decode(codec.encode(original[name], fmt)))
         assert torch.equal(h.decoded(name), want)
-    ref.load_state_dict(h.export_state_dict())
+        assert torch.equal(ref.get_parameter(name), want)
     x = torch.randint(0, 40, (3, 7))
     torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
     # only the chosen parameters left the module's parameters; the 1-D ones stayed
@@ -204,13 +212,11 @@ def test_forward_equals_the_model_with_decoded_weights(bits):
 
 def test_lora_grads_equal_the_decoded_model_on_a_tiny_llama():
     model = lora(tiny_llama())
-    ref = copy.deepcopy(model)
-    h = memfit.weights(model, bits="nf4")
+    h, ref = compressed_with_reference(model)
     names = h.names
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight" in names
     assert "base_model.model.model.embed_tokens.weight" in names and "base_model.model.lm_head.weight" in names
     assert not any("lora_" in n for n in names)
-    ref.load_state_dict(h.export_state_dict())
     data = batch()
     logits = step(model, data)
     ref_logits = step(ref, data)
@@ -320,9 +326,7 @@ def test_embedding_decodes_only_the_rows_it_looks_up(width, monkeypatch):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Embedding(300, width, padding_idx=0), nn.Linear(width, 5))
     m[0].requires_grad_(False)
-    ref = copy.deepcopy(m)
-    h = memfit.weights(m, bits="nf4", include="0.weight")
-    ref.load_state_dict(h.export_state_dict())
+    h, ref = compressed_with_reference(m, include="0.weight")
     decoded_shapes = []
     original = codec.nf4.decode_nf4
 
@@ -346,10 +350,8 @@ def test_norm_via_hooks_gives_the_same_gradients():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.Linear(32, 5))
     m[1].weight.requires_grad_(False)
-    ref = copy.deepcopy(m)
-    h = memfit.weights(m, bits="nf4", include=["1.weight"])
+    h, ref = compressed_with_reference(m, include=["1.weight"])
     assert h.names == ["1.weight"]
-    ref.load_state_dict(h.export_state_dict())
     x = torch.randn(4, 6, 12)
     m(x).square().mean().backward()
     ref(x).square().mean().backward()
@@ -362,9 +364,7 @@ def test_norm_via_hooks_gives_the_same_gradients():
 
 def test_with_the_activations_engine():
     model = lora(tiny_llama())
-    ref = copy.deepcopy(model)
-    h = memfit.weights(model, bits="nf4")
-    ref.load_state_dict(h.export_state_dict())
+    h, ref = compressed_with_reference(model)
     data = batch()
     mf = memfit.activations(model, bits=8, min_bytes=0)
     model.zero_grad()
@@ -384,9 +384,7 @@ def test_with_the_activations_engine():
 
 def test_autocast_bf16_matches_the_decoded_model():
     model = lora(tiny_llama())
-    ref = copy.deepcopy(model)
-    h = memfit.weights(model, bits="nf4")
-    ref.load_state_dict(h.export_state_dict())
+    h, ref = compressed_with_reference(model)
     data = batch()
     for m in (model, ref):
         m.zero_grad()
@@ -401,10 +399,8 @@ def test_autocast_bf16_matches_the_decoded_model():
 
 def test_bf16_weights():
     model = lora(tiny_llama(dtype=torch.bfloat16))
-    ref = copy.deepcopy(model)
-    h = memfit.weights(model, bits="nf4")
+    h, ref = compressed_with_reference(model)
     assert h.ratio <= 0.27
-    ref.load_state_dict(h.export_state_dict())
     data = batch()
     torch.testing.assert_close(step(model, data), step(ref, data))
     for n, g in trainable_grads(model).items():
@@ -421,13 +417,11 @@ def test_minilm_lora_on_the_real_weights():
     base = BertForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=3)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0,
                                             init_lora_weights=False, modules_to_save=["classifier"]))
-    ref = copy.deepcopy(model)
-    h = memfit.weights(model, bits="nf4")
+    h, ref = compressed_with_reference(model)
     assert h.ratio <= 0.135  # fp32 base: NF4 is about 4.13 / 32
     # the frozen copy peft keeps of the classifier is compressed; its trainable copy is not
     assert "base_model.model.classifier.original_module.weight" in h.names
     assert not any("modules_to_save" in n or "lora_" in n for n in h.names)
-    ref.load_state_dict(h.export_state_dict())
     g = torch.Generator().manual_seed(0)
     data = {"input_ids": torch.randint(1000, 5000, (2, 16), generator=g),
             "attention_mask": torch.ones(2, 16, dtype=torch.long), "labels": torch.tensor([0, 2])}

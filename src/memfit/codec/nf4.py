@@ -20,11 +20,13 @@ here knows about modules or autograd.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
 from . import dynamic
+from .blockwise import tensor_nbytes
 from .formats import NF4Format
 
 __all__ = ["NF4Encoded", "NF4_VALUES", "decode_nf4", "encode_nf4", "nf4_map"]
@@ -81,20 +83,14 @@ class NF4Encoded:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
         """Bytes actually held by this object's tensors."""
-        total = 0
-        for t in (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset,
-                  self.nonfinite_index, self.nonfinite_value):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
+        held = (self.codes, self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset,
+                self.nonfinite_index, self.nonfinite_value)
+        return sum(tensor_nbytes(t) for t in held if t is not None)
 
 
 def _blocks(flat: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor | None]:
