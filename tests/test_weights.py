@@ -346,6 +346,32 @@ def test_embedding_decodes_only_the_rows_it_looks_up(width, monkeypatch):
         torch.testing.assert_close(g[n], rg[n], msg=n)
 
 
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d-unbatched", "conv2d-reflect"])
+def test_convolutions_give_the_same_gradients_and_keep_no_decoded_weight(kind, monkeypatch):
+    torch.manual_seed(0)
+    if kind == "conv1d-unbatched":
+        m = nn.Sequential(nn.Conv1d(3, 8, 3), nn.Conv1d(8, 64, 5, stride=2, padding=2, groups=2))
+        x = torch.randn(3, 40)
+    else:
+        mode = "reflect" if kind.endswith("reflect") else "zeros"
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 64, 3, padding=1, dilation=2, padding_mode=mode))
+        x = torch.randn(2, 3, 12, 12)
+    m[1].weight.requires_grad_(False)  # frozen, compressed; its bias and the first conv train
+    h, ref = compressed_with_reference(m, bits=8)
+    assert h.names == ["1.weight"]
+    refs = _recording_decode(monkeypatch)
+    y = m(x)
+    gc.collect()
+    alive = [s for r, s in refs if r() is not None]
+    assert alive == ([(64, 8, 3, 3)] if kind == "conv2d-reflect" else [])  # reflect padding: bound by hooks
+    y.square().mean().backward()
+    ref(x).square().mean().backward()
+    g, rg = trainable_grads(m), trainable_grads(ref)
+    assert sorted(g) == ["0.bias", "0.weight", "1.bias"]
+    for n in g:
+        torch.testing.assert_close(g[n], rg[n], msg=n)
+
+
 def test_norm_via_hooks_gives_the_same_gradients():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(12, 32), nn.LayerNorm(32), nn.Linear(32, 5))

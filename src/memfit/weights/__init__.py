@@ -9,19 +9,21 @@ integer codes and decodes each one when its module runs; backward through an
 * :mod:`.store`: one compressed parameter (:class:`CodedWeight`), its codes held as
   buffers of its module; the format names.
 * :mod:`.bind`: how a module decodes its parameters (:class:`CodedLinear` for
-  ``nn.Linear``, forward hooks for other modules).
+  ``nn.Linear``, :class:`CodedConv` for convolutions, row lookups for embeddings,
+  forward hooks for other modules).
 * :mod:`.state`: ``state_dict`` holds decoded values, ``load_state_dict`` re-encodes.
 * :mod:`.compress`: :func:`compress_weights` and its handle :class:`CompressedWeights`.
 
 The NF4 code book and kernels are in :mod:`memfit.codec.nf4`.
 """
 
-from .bind import CodedLinear
+from .bind import CodedConv, CodedLinear
 from .compress import CompressedWeights, ModuleWeights, compress_weights
 from .store import FORMATS, CodedWeight, resolve_format
 
 __all__ = [
     "FORMATS",
+    "CodedConv",
     "CodedLinear",
     "CodedWeight",
     "CompressedWeights",
