@@ -187,6 +187,8 @@ def markdown(info: dict, results: dict) -> str:
         out += [f"Step time (forward + backward, peft LoRA r=8 on q/k/v/o, {t['shape']}, bf16): NF4 base / bf16 "
                 f"base = {t['ratio']:.2f}x (median of {t['rounds']} interleaved rounds, min-max {lo:.2f}-{hi:.2f}; "
                 f"bar <= {t['bar']}x {'PASS' if t['pass'] else 'FAIL'}).", ""]
+    else:
+        out += ["Step time: not measured in this run (`python bench/weights.py --parts time`).", ""]
     if "fidelity" in results:
         f = results["fidelity"]
         out += [f"Fidelity: `examples/qlora_minilm.py`'s LoRA fine-tune of the real all-MiniLM-L6-v2 "

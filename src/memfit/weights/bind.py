@@ -13,8 +13,8 @@
   up (all of them when a row is not whole blocks) and gathers from those; nothing of
   the weight is saved for backward.
 * Any other module (norms, transposed or padded-by-mode convolutions, a Linear
-  subclass or an already wrapped forward): a forward pre-hook sets each decoded parameter as a plain attribute and a
-  forward hook removes it. Whatever the module's ops save for backward stays alive
+  subclass or an already wrapped forward): a forward pre-hook sets each decoded
+  parameter as a plain attribute and a forward hook removes it. Whatever the module's ops save for backward stays alive
   until that backward, as for any tensor: a norm saves its decoded weight (under
   ``memfit.activations`` that saved copy is compressed like any activation).
 
