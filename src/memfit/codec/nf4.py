@@ -119,7 +119,10 @@ def quantize_absmax(absmax: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     if valid is not None:
         centred = centred.masked_fill(~valid, 0.0)
     q, scale = dynamic.quantize_blocks(centred, dynamic.get_map(_ABSMAX_MAP), valid)
-    return q.reshape(-1)[: absmax.numel()].contiguous(), scale, offset
+    codes = q.reshape(-1)
+    if codes.numel() != absmax.numel():  # a copy, so the padding's storage is not kept
+        codes = codes[: absmax.numel()].clone()
+    return codes, scale, offset
 
 
 def dequantize_absmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, block: int) -> torch.Tensor:

@@ -10,8 +10,8 @@
   :class:`CodedConv`; backward gets the input's gradient from ``torch.nn.grad``'s
   ``conv*d_input``, which needs the weight and only the input's shape.
 * ``nn.Embedding`` (plain forward): its forward decodes only the rows the input looks
-  up (all of them when a row is not whole blocks) and gathers from those; nothing of
-  the weight is saved for backward.
+  up, straight into its output (the whole table first when a row is not whole
+  blocks); nothing of the weight is saved for backward.
 * Any other module (norms, transposed or padded-by-mode convolutions, a Linear
   subclass or an already wrapped forward): a forward pre-hook sets each decoded
   parameter as a plain attribute and a forward hook removes it. Whatever the module's ops save for backward stays alive
@@ -140,10 +140,11 @@ def bind(module: nn.Module, coded: dict[str, CodedWeight]) -> Callable[[], None]
         table = coded["weight"]
 
         def embedding_forward(input: torch.Tensor) -> torch.Tensor:
-            # padding_idx, scale_grad_by_freq and sparse only shape the weight's
-            # gradient, and a compressed weight has none.
-            rows, inverse = torch.unique(input, return_inverse=True)
-            return F.embedding(inverse, table.decode_rows(rows.reshape(-1)))
+            # The looked-up rows, decoded straight into the output: one per position,
+            # repeats included, so that no shape depends on the values (fake-tensor
+            # estimates, torch.compile). padding_idx, scale_grad_by_freq and sparse only
+            # shape the weight's gradient, and a compressed weight has none.
+            return table.decode_rows(input.reshape(-1)).view(*input.shape, -1)
 
         return _override_forward(module, embedding_forward)
 
