@@ -106,8 +106,11 @@ class CompressedWeights:
                      format_bytes(self.bytes_after), f"{self.ratio:.3f}"))
         head = ("module", "format", "before", "after", "ratio")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-        return "\n".join([fmt(head)] + [fmt(r) for r in rows])
+
+        def line(r: tuple[str, ...]) -> str:
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+        return "\n".join([line(head)] + [line(r) for r in rows])
 
     def decoded(self, name: str) -> torch.Tensor:
         """The decoded value of the compressed parameter ``name`` (qualified)."""
@@ -219,7 +222,7 @@ def compress_weights(
         bits: ``"nf4"`` (QLoRA's NormalFloat, block 64, double-quantized absmaxes:
             about 4.13 bits per parameter), ``4`` (integer codes, block 64, per-block
             min and scale: 5 bits), ``8`` (integer codes, block 256: 8.25 bits), or a
-            :class:`memfit.codec.IntFormat` / :class:`memfit.codec.NF4Format`.
+            :class:`memfit.codec.IntFormat` / :class:`memfit.codec.formats.NF4Format`.
         include: glob(s) on qualified parameter names (``"*.q_proj.weight"``,
             ``"encoder.*"``). Default: every frozen (``requires_grad=False``)
             floating-point parameter with 2 or more dimensions (matrices, embeddings,
@@ -250,9 +253,10 @@ def compress_weights(
                 if _MARK in module.__dict__:
                     raise ValueError(f"module {mname!r} already has compressed weights; call remove() on "
                                      "their handle first")
-                if getattr(module, "max_norm", None) is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                renorm = getattr(module, "max_norm", None)
+                if renorm is not None and isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                     # max_norm renormalises the weight in place: on a decoded copy it would be lost
-                    raise ValueError(f"module {mname!r} is an embedding with max_norm={module.max_norm}, which "
+                    raise ValueError(f"module {mname!r} is an embedding with max_norm={renorm}, which "
                                      "rewrites its weight in place; leave it out (exclude=) or set max_norm=None")
                 holders[by_id[id(p)]].append((mname, module, local))
     del named

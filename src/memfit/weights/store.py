@@ -46,7 +46,7 @@ def resolve_format(bits: object) -> WeightFormat:
     if isinstance(key, bool) or key not in FORMATS:
         known = ", ".join(repr(k) for k in FORMATS)
         raise ValueError(f"unknown weight format bits={bits!r}; known: {known}, "
-                         "or a memfit.codec.IntFormat / NF4Format instance")
+                         "or a memfit.codec.IntFormat / memfit.codec.formats.NF4Format instance")
     return FORMATS[key]
 
 
