@@ -161,6 +161,8 @@ def test_nf4_format_validation():
         NF4Format(block_size=60)
     with pytest.raises(ValueError, match="absmax_block"):
         NF4Format(absmax_block=0)
+    with pytest.raises(TypeError, match="absmax_block"):
+        NF4Format(absmax_block=256.0)
     with pytest.raises(TypeError, match="double_quant"):
         NF4Format(double_quant=1)
     with pytest.raises(TypeError, match="floating-point"):
@@ -547,8 +549,11 @@ def test_codes_follow_device_moves_but_not_dtype_casts():
 
 
 def test_unknown_format_lists_the_known_ones():
-    for bad in (3, "fp4", True, None, IntFormat):
-        with pytest.raises(ValueError, match=r"known: 8, 4, 'nf4'"):
+    for bad in (3, "fp4", 16):
+        with pytest.raises(ValueError, match=r"unknown weight format.*known: 8, 4, 'nf4'"):
+            memfit.weights(frozen_mlp(), bits=bad)
+    for bad in (True, None, 8.0, IntFormat):
+        with pytest.raises(TypeError, match=r"known: 8, 4, 'nf4'"):
             memfit.weights(frozen_mlp(), bits=bad)
 
 

@@ -96,6 +96,9 @@ class RawFormat:
 Format = Union[IntFormat, FP8Format, BitMaskFormat, RawFormat]
 
 
+from .._validate import check_int  # noqa: E402  (kept beside NF4Format, its only user here)
+
+
 @dataclass(frozen=True)
 class NF4Format:
     """4-bit NormalFloat codes (QLoRA, Dettmers et al. 2023) for weights.
@@ -119,9 +122,7 @@ class NF4Format:
         _check_block_size(self.block_size)
         if not isinstance(self.double_quant, bool):
             raise TypeError(f"double_quant must be a bool, got {self.double_quant!r}")
-        if not isinstance(self.absmax_block, int) or isinstance(self.absmax_block, bool) \
-                or self.absmax_block < 8 or self.absmax_block % 8:
-            raise ValueError(f"absmax_block must be a positive multiple of 8, got {self.absmax_block!r}")
+        check_int(self.absmax_block, name="absmax_block", minimum=1)
 
     bits = 4
     rounding = "nearest"

@@ -39,14 +39,17 @@ _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def resolve_format(bits: object) -> WeightFormat:
     """The format ``bits`` names: ``8``, ``4``, ``"nf4"``, or an :class:`IntFormat` /
-    :class:`NF4Format` instance. Anything else raises ``ValueError`` listing them."""
+    :class:`NF4Format` instance. Another int or string raises ``ValueError``, another
+    type ``TypeError``; both list the known formats."""
     if isinstance(bits, (IntFormat, NF4Format)):
         return bits
+    known = (", ".join(repr(k) for k in FORMATS)
+             + ", or a memfit.codec.IntFormat / memfit.codec.formats.NF4Format instance")
+    if isinstance(bits, bool) or not isinstance(bits, (int, str)):
+        raise TypeError(f"bits must be a weight format; got {bits!r} ({type(bits).__name__}); known: {known}")
     key = bits.lower() if isinstance(bits, str) else bits
-    if isinstance(key, bool) or key not in FORMATS:
-        known = ", ".join(repr(k) for k in FORMATS)
-        raise ValueError(f"unknown weight format bits={bits!r}; known: {known}, "
-                         "or a memfit.codec.IntFormat / memfit.codec.formats.NF4Format instance")
+    if key not in FORMATS:
+        raise ValueError(f"unknown weight format bits={bits!r}; known: {known}")
     return FORMATS[key]
 
 
