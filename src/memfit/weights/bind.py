@@ -40,10 +40,7 @@ class CodedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: CodedWeight) -> torch.Tensor:
-        ctx.weight = weight
-        ctx.version = weight.version
-        ctx.x_dtype = x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _remember(ctx, x, bias, weight)
         return F.linear(x, weight.decode(), bias)
 
     @staticmethod
@@ -69,11 +66,8 @@ class CodedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: CodedWeight, conv: nn.Module) -> torch.Tensor:
-        ctx.weight = weight
-        ctx.version = weight.version
+        _remember(ctx, x, bias, weight)
         ctx.conv = conv
-        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return conv._conv_forward(x, weight.decode(), bias)
 
     @staticmethod
@@ -90,6 +84,15 @@ class CodedConv(torch.autograd.Function):
             dims = [0] + list(range(2, grad_out.dim()))
             grad_bias = grad_out.sum(dims).to(ctx.bias_dtype)
         return grad_x, grad_bias, None, None
+
+
+def _remember(ctx, x: torch.Tensor, bias: torch.Tensor | None, weight: CodedWeight) -> None:
+    """What a backward needs besides the weight: the codes' store and version, and the
+    input's shape and dtype and the bias's dtype (nothing of their values)."""
+    ctx.weight = weight
+    ctx.version = weight.version
+    ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _current(ctx) -> torch.Tensor:
