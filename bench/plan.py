@@ -658,7 +658,7 @@ def part_statebits(args, state: dict) -> None:
     import memfit
     from memfit.data import ByteBatches, load_text_bytes
     from memfit.plan import StepConfig
-    from memfit.plan._step import apply, make_optimizer, run_step
+    from memfit.step import apply, make_optimizer, run_step
 
     wait_quiet()
     n_layer, n_embd, bsz, seq, n = (2, 64, 2, 64, 6) if args.quick else (4, 384, 4, 256, 40)

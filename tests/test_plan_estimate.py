@@ -323,18 +323,18 @@ def test_in_backward_tied_weight_used_outside_its_modules():
 def test_in_backward_tied_weights_sum_with_one_tensor_fewer(monkeypatch):
     """Under MemTracker autograd sums a tied weight's two gradients out of place (three
     vocabulary-sized tensors at the end of backward); memfit's gathering adds in place (two)."""
-    from memfit.plan import _step
+    from memfit.optim import in_backward
 
     model, batch = tiny_tied_llama(vocab=32000, shape=(1, 4))  # few tokens: the peak is at the end of backward
     cfg = StepConfig(optimizer_in_backward=True, state_bits=4)
     ours = measure_peak(model, batch, cfg)
 
-    class NoGathering(_step._TiedGradients):
+    class NoGathering(in_backward._TiedGradients):
         def __init__(self, model, params):
             super().__init__(model, params)
             self.params = {}
 
-    monkeypatch.setattr(_step, "_TiedGradients", NoGathering)
+    monkeypatch.setattr(in_backward, "_TiedGradients", NoGathering)
     autograds = measure_peak(model, batch, cfg)
     embedding_bytes = model.lm_head.weight.numel() * 4
     assert autograds.peak_bytes - ours.peak_bytes >= 0.9 * embedding_bytes

@@ -1,10 +1,9 @@
 """memfit.plan: what a training step costs, and how to make it fit.
 
-This folder owns the step mechanics and the measurements the planner builds on:
+This folder owns the measurements the planner builds on (the step mechanics they
+run, :class:`StepConfig`, :func:`apply`, :func:`run_step`, ..., live in
+:mod:`memfit.step` and are re-exported here):
 
-* :mod:`._step`: :class:`StepConfig` (activation policy, checkpointed modules,
-  optimizer and state bits, optimizer-in-backward), :func:`resolve_loss_fn`,
-  :func:`make_optimizer`, :func:`apply`, :func:`run_step`, :func:`preserved_state`.
 * :mod:`.estimate`: :func:`estimate` -> :class:`Estimate`, the peak of a step from
   fake tensors (nothing computed or allocated).
 * :mod:`.measure`: :func:`measure_peak` -> :class:`MeasuredPeak`, the same on real
@@ -15,7 +14,7 @@ This folder owns the step mechanics and the measurements the planner builds on:
 The planner (``plan.py``, ``solver.py``, ``budget.py``) builds on these.
 """
 
-from ._step import (
+from ..step import (
     InBackwardOptimizer,
     SavedCounter,
     StepConfig,

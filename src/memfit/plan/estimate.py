@@ -41,7 +41,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ._step import (
+from ..step import (
     Loss,
     StepConfig,
     as_config,
@@ -179,7 +179,7 @@ def breakdown(res: dict) -> dict[str, int]:
 
 
 def fill(result: Estimate, res: dict, config: StepConfig) -> Estimate:
-    """Fill ``result``'s fields from :func:`~memfit.plan._step.tracked_steps`' dict."""
+    """Fill ``result``'s fields from :func:`~memfit.step.tracked_steps`' dict."""
     start = res["start"]
     result.param_bytes = int(start.get("PARAM", 0))
     result.buffer_bytes = int(start.get("BUFFER", 0))
@@ -435,9 +435,9 @@ def estimate(
                 try:
                     res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
                 except Exception as exc:
-                    from ._step import _is_fake_limitation
+                    from ..step.loss import is_fake_limitation
 
-                    if _is_fake_limitation(exc):
+                    if is_fake_limitation(exc):
                         raise RuntimeError(
                             "memfit.plan.estimate: the step depends on tensor values (e.g. .item(), "
                             "nonzero, boolean masks), which cannot be estimated without data: "

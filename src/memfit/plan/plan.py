@@ -47,7 +47,7 @@ import torch
 
 from ..activations.policy import main_blocks
 from . import solver as S
-from ._step import Loss, StepConfig, apply, make_optimizer, preserved_state, resolve_loss_fn
+from ..step import Loss, StepConfig, apply, make_optimizer, preserved_state, resolve_loss_fn
 from .budget import format_bytes, parse_budget
 from .estimate import Estimate, estimate
 

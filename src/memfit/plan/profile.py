@@ -35,15 +35,15 @@ from typing import Any, Mapping
 
 import torch
 
-from ._step import (
+from ..step import (
     Loss,
     StepConfig,
-    _tensors_in,
     apply,
     make_optimizer,
     preserved_state,
     resolve_loss_fn,
     run_step,
+    tensors_in,
 )
 
 _MB = 2**20
@@ -208,7 +208,7 @@ class _StepTimer:
     def _pre(self, name: str):
         def hook(module, args, kwargs):
             if torch.is_grad_enabled():
-                ins = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
+                ins = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
                 if ins:
                     self._grad_handles.append(
                         torch.autograd.graph.register_multi_grad_hook(ins, self._bwd_end(name), mode="all")
@@ -225,7 +225,7 @@ class _StepTimer:
                 self.fwd[name] += now - starts.pop()
                 self.calls[name] += 1
             if torch.is_grad_enabled():
-                outs = [t for t in _tensors_in(output) if t.requires_grad and t.grad_fn is not None]
+                outs = [t for t in tensors_in(output) if t.requires_grad and t.grad_fn is not None]
                 if outs:
                     self._grad_handles.append(
                         torch.autograd.graph.register_multi_grad_hook(outs, self._bwd_start(name), mode="any")
@@ -309,7 +309,7 @@ def profile(
         timer = _StepTimer(model)
         with apply(model, cfg, opt, count_saved=True) as ctx:
             if ctx.counter is not None:
-                ctx.counter.exclude = _tensors_in(batch)
+                ctx.counter.exclude = tensors_in(batch)
             timer.install()
             try:
                 for i in range(steps):
