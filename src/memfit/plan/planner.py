@@ -165,34 +165,8 @@ def plan(
         :class:`Plan`. Raises :class:`BudgetTooSmall` (a ``ValueError``) with the
         smallest reachable peak when nothing fits.
     """
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(grad_accumulation, bool) or not isinstance(grad_accumulation, int) or grad_accumulation < 1:
-        raise ValueError(f"grad_accumulation must be a positive int, got {grad_accumulation!r}")
-    if clip_grad_norm is not None and not float(clip_grad_norm) > 0:
-        raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
-    needs_all_grads = grad_accumulation > 1 or clip_grad_norm is not None
-    if optimizer_in_backward and needs_all_grads:
-        why = (f"grad_accumulation={grad_accumulation}" if grad_accumulation > 1
-               else f"clip_grad_norm={clip_grad_norm}")
-        raise ValueError(
-            f"optimizer_in_backward=True cannot be combined with {why}: stepping inside backward applies and "
-            "frees each gradient as soon as it exists, so gradients are never accumulated over micro-batches "
-            "and there is no global norm to clip"
-        )
-    optimizer = str(optimizer).lower()
-    StepConfig(optimizer=optimizer)  # validates the name
-    widths = _state_widths(state_bits)
-    bits = tuple(int(b) for b in bits)
-    for b in bits:
-        if b not in (8, 4, 2):
-            raise ValueError(f"bits must be among 8, 4, 2; got {b!r}")
-    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
-    if optimizer_in_backward is None:
-        in_bwd_opts = (False,) if needs_all_grads else (False, True)
-    else:
-        in_bwd_opts = (bool(optimizer_in_backward),)
+    optimizer, widths, bits, in_bwd_opts = _checked_options(
+        model, optimizer, state_bits, bits, optimizer_in_backward, grad_accumulation, clip_grad_norm, max_rounds)
     log = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     activation_kwargs = dict(activation_kwargs or {})
@@ -238,20 +212,9 @@ def plan(
     # 4. Optimizer options, and the peak model calibrated on the traced plain step.
     P = trace.start_bytes or (plain.param_bytes + plain.buffer_bytes + plain.input_bytes)
     G = sum(grads_by_unit.values()) or plain.grad_bytes
-    largest = max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad), default=0)
     c_opt32 = max(0.0, plain.phase_peaks.get("optimizer", 0) - (P + G + plain.optimizer_bytes))
-    options = []
-    for w in widths:
-        for ib in in_bwd_opts:
-            sb = plain.optimizer_bytes if w == 32 else state_bytes(model, optimizer, w)
-            extra = step32 * (opt_speed[w] / opt_speed[32] - 1.0)
-            if ib:
-                extra += 30e-6 * len(trainable)
-            temp = min(c_opt32, 3 * largest) if (ib and w == 32) else 0
-            options.append(S.OptimizerOption(
-                state_bits=w, in_backward=ib, state_bytes=sb, temp_bytes=int(temp),
-                seconds=max(0.0, extra), fidelity=STATE_FIDELITY[w] * fidelity_weight,
-            ))
+    options = _optimizer_options(model, optimizer, widths, in_bwd_opts, plain.optimizer_bytes, c_opt32, step32,
+                                 opt_speed, fidelity_weight)
     peaks = PeakModel.calibrated(units, trace, options, param_bytes=P, grad_bytes=G, span_grad_bytes=span,
                                  optimizer_temp_bytes=c_opt32)
 
@@ -291,23 +254,89 @@ def plan(
               "codec_seconds_per_byte": codec, "optimizer_seconds_per_param": opt_speed,
               "plain_step_seconds": cost.step_seconds}
     if best is None:
-        lean_est = verifier.leanest[1]
-        bd = lean_est.peak_breakdown
-        dom = dominant_part(bd)
-        extra = ""
-        if needs_all_grads and in_bwd_opts == (False,):
-            extra = (" (optimizer-in-backward, which would free the gradients, is ruled out by "
-                     + ("gradient accumulation" if grad_accumulation > 1 else "gradient clipping") + ")")
-        raise BudgetTooSmall(
-            f"no plan fits {format_bytes(budget_bytes)}: the smallest peak memfit can reach for "
-            f"{type(model).__name__} on this batch is {format_bytes(lean_est.peak_bytes)} "
-            f"(with every activation recomputed or at the fewest bits, {optimizer} state at "
-            f"{min(widths)} bits), dominated by {dom}{extra}{_logits_hint(model, batch, loss_fn, lean_est.peak_bytes)}",
-            budget_bytes=budget_bytes, min_peak_bytes=lean_est.peak_bytes, dominant=dom, breakdown=bd,
-        )
+        raise _too_small(model, batch, loss_fn, verifier.leanest[1], budget_bytes, optimizer, widths,
+                         grad_accumulation, ruled_out_in_backward=in_bwd_opts == (False,) and (
+                             grad_accumulation > 1 or clip_grad_norm is not None))
     sol, est = best
     return _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
                       clip_grad_norm, role_of, search, activation_kwargs, peaks.overrides)
+
+
+def _checked_options(model, optimizer, state_bits, bits, optimizer_in_backward, grad_accumulation,
+                     clip_grad_norm, max_rounds):
+    """``plan()``'s arguments checked: ``(optimizer name, state widths, activation
+    widths, optimizer-in-backward settings to consider)``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(grad_accumulation, bool) or not isinstance(grad_accumulation, int) or grad_accumulation < 1:
+        raise ValueError(f"grad_accumulation must be a positive int, got {grad_accumulation!r}")
+    if clip_grad_norm is not None and not float(clip_grad_norm) > 0:
+        raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm!r}")
+    needs_all_grads = grad_accumulation > 1 or clip_grad_norm is not None
+    if optimizer_in_backward and needs_all_grads:
+        why = (f"grad_accumulation={grad_accumulation}" if grad_accumulation > 1
+               else f"clip_grad_norm={clip_grad_norm}")
+        raise ValueError(
+            f"optimizer_in_backward=True cannot be combined with {why}: stepping inside backward applies and "
+            "frees each gradient as soon as it exists, so gradients are never accumulated over micro-batches "
+            "and there is no global norm to clip"
+        )
+    optimizer = str(optimizer).lower()
+    StepConfig(optimizer=optimizer)  # validates the name
+    widths = _state_widths(state_bits)
+    bits = tuple(int(b) for b in bits)
+    for b in bits:
+        if b not in (8, 4, 2):
+            raise ValueError(f"bits must be among 8, 4, 2; got {b!r}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
+    if optimizer_in_backward is None:
+        in_bwd_opts = (False,) if needs_all_grads else (False, True)
+    else:
+        in_bwd_opts = (bool(optimizer_in_backward),)
+    return optimizer, widths, bits, in_bwd_opts
+
+
+def _optimizer_options(model, optimizer: str, widths, in_bwd_opts, plain_state_bytes: int, c_opt32: float,
+                       step32: float, opt_speed: Mapping[int, float], fidelity_weight: float):
+    """One :class:`~memfit.plan.solver.OptimizerOption` per state width and
+    in-backward setting: its state bytes, the temporaries of its step (``c_opt32``,
+    what the plain fp32 step holds beyond parameters, gradients and state, bounded
+    by three times the largest parameter when stepping inside backward), its extra
+    seconds per step and its fidelity cost."""
+    trainable = {id(p): p for p in model.parameters() if p.requires_grad}
+    largest = max((p.numel() * p.element_size() for p in trainable.values()), default=0)
+    options = []
+    for w in widths:
+        for ib in in_bwd_opts:
+            sb = plain_state_bytes if w == 32 else state_bytes(model, optimizer, w)
+            extra = step32 * (opt_speed[w] / opt_speed[32] - 1.0)
+            if ib:
+                extra += 30e-6 * len(trainable)
+            temp = min(c_opt32, 3 * largest) if (ib and w == 32) else 0
+            options.append(S.OptimizerOption(
+                state_bits=w, in_backward=ib, state_bytes=sb, temp_bytes=int(temp),
+                seconds=max(0.0, extra), fidelity=STATE_FIDELITY[w] * fidelity_weight,
+            ))
+    return options
+
+
+def _too_small(model, batch, loss_fn, lean_est, budget_bytes: int, optimizer: str, widths, grad_accumulation: int,
+               *, ruled_out_in_backward: bool) -> BudgetTooSmall:
+    """The error when no verified plan fits: the smallest estimated peak, and what dominates it."""
+    bd = lean_est.peak_breakdown
+    dom = dominant_part(bd)
+    extra = ""
+    if ruled_out_in_backward:
+        extra = (" (optimizer-in-backward, which would free the gradients, is ruled out by "
+                 + ("gradient accumulation" if grad_accumulation > 1 else "gradient clipping") + ")")
+    return BudgetTooSmall(
+        f"no plan fits {format_bytes(budget_bytes)}: the smallest peak memfit can reach for "
+        f"{type(model).__name__} on this batch is {format_bytes(lean_est.peak_bytes)} "
+        f"(with every activation recomputed or at the fewest bits, {optimizer} state at "
+        f"{min(widths)} bits), dominated by {dom}{extra}{_logits_hint(model, batch, loss_fn, lean_est.peak_bytes)}",
+        budget_bytes=budget_bytes, min_peak_bytes=lean_est.peak_bytes, dominant=dom, breakdown=bd,
+    )
 
 
 def _state_widths(state_bits: int | Sequence[int] | None) -> tuple[int, ...]:
