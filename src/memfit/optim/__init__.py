@@ -34,7 +34,8 @@ gradient clipping and accumulation behave as with torch's own), and
 from ._base import QuantizedOptimizer, keep_fp32
 from ._kernels import backend_name
 from .adamw import AdamW
+from .in_backward import InBackwardOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["SGD", "AdamW", "Lion", "QuantizedOptimizer", "backend_name", "keep_fp32"]
+__all__ = ["SGD", "AdamW", "InBackwardOptimizer", "Lion", "QuantizedOptimizer", "backend_name", "keep_fp32"]
