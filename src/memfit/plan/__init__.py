@@ -28,12 +28,9 @@ they are re-exported here so that ``memfit.plan.StepConfig`` etc. keep working.
 **Calling the package.** ``memfit.plan(model, batch, budget)`` calls :func:`plan`
 while ``memfit.plan`` stays this package (``memfit.plan.estimate``,
 ``memfit.plan.StepConfig``, ...): the package's module object is given a class whose
-``__call__`` is :func:`plan` (:class:`_CallablePackage`, below). That is the whole
-mechanism; no submodule is named ``plan``.
+``__call__`` is :func:`plan` (:func:`memfit._callable.make_callable`). That is the
+whole mechanism; no submodule is named ``plan``.
 """
-
-import sys
-import types
 
 from ..step import (
     InBackwardOptimizer,
@@ -80,11 +77,6 @@ __all__ = [
 ]
 
 
-class _CallablePackage(types.ModuleType):
-    """This package's module type: calling it calls :func:`plan`."""
+from .._callable import make_callable  # noqa: E402
 
-    def __call__(self, *args, **kwargs) -> Plan:
-        return plan(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+make_callable(__name__, plan)

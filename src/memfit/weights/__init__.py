@@ -33,17 +33,6 @@ __all__ = [
 ]
 
 
-def _make_callable() -> None:
-    """``memfit.weights(model, bits)`` calls :func:`compress_weights` while
-    ``memfit.weights`` stays this package (``memfit.weights.CompressedWeights``, ...)."""
-    import sys
-    import types
+from .._callable import make_callable  # noqa: E402
 
-    class _CallablePackage(types.ModuleType):
-        def __call__(self, *args, **kwargs):
-            return compress_weights(*args, **kwargs)
-
-    sys.modules[__name__].__class__ = _CallablePackage
-
-
-_make_callable()
+make_callable(__name__, compress_weights)
