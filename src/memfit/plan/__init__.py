@@ -79,4 +79,4 @@ __all__ = [
 
 from .._callable import make_callable  # noqa: E402
 
-make_callable(__name__, plan)
+make_callable(__name__, "plan")

@@ -35,4 +35,4 @@ __all__ = [
 
 from .._callable import make_callable  # noqa: E402
 
-make_callable(__name__, compress_weights)
+make_callable(__name__, "compress_weights")
