@@ -359,3 +359,54 @@ def test_a_glob_matching_nothing_warns_once_and_strict_raises():
 def test_op_kinds_are_documented():
     for kind in ops.OP_KINDS:
         assert f"``{kind}``" in ops.__doc__
+
+
+# --------------------------------------------------------------------------- few-bit derivatives
+
+
+@pytest.mark.parametrize(
+    "act,kind",
+    [(F.gelu, "gelu"), (lambda x: F.gelu(x, approximate="tanh"), "gelu"), (F.silu, "silu"), (nn.GELU(), "gelu")],
+    ids=["gelu", "gelu_tanh", "silu", "nn.GELU"],
+)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_few_bit_derivatives_beat_plain_codes_at_the_same_bytes(act, kind, bits):
+    x = torch.randn(32, 1024, generator=torch.Generator().manual_seed(0)) * 2
+    w = torch.randn(32, 1024, generator=torch.Generator().manual_seed(1))
+    xx = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((act(xx) * w).sum(), xx)
+
+    def run(policy):
+        xx = x.clone().requires_grad_()
+        mf = memfit.activations(bits=bits, min_bytes=0, policy=policy)
+        with mf:
+            y = act(xx * 1)
+        (g,) = torch.autograd.grad((y * w).sum(), xx)
+        return rel(g, ref), mf.stats
+
+    table, stats = run(None)
+    plain, plain_stats = run({f"op:{kind}": bits})
+    assert stats.counts[f"op-fewbit{bits}"] == 1
+    assert stats.stored_bytes == plain_stats.stored_bytes
+    assert table < plain / 2.5
+
+
+def test_few_bit_levels_decode_to_inputs_with_that_derivative():
+    from memfit.activations import fewbit
+
+    for function, derivative in fewbit.FUNCTIONS.items():
+        bounds, levels, reps = fewbit.levels(function, 2)
+        assert len(levels) == 4 and torch.all(levels[1:] > levels[:-1])
+        assert torch.allclose(derivative(reps), levels, atol=1e-6)
+        x = torch.linspace(-8, 8, 1001)
+        idx = fewbit.bucket(function, 2, x).long()
+        nearest = (derivative(x)[:, None] - levels[None, :]).abs().argmin(dim=1)
+        assert torch.equal(idx, nearest)
+
+
+def test_few_bit_is_not_used_at_8_bits():
+    x = torch.randn(32, 1024, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        F.gelu(x * 1)
+    assert mf.stats.counts["int8"] == 1 and not any("fewbit" in k for k in mf.stats.counts)

@@ -9,7 +9,8 @@ backward pass goes through :meth:`ActivationCompressor._pack` (a
 changes: no module is swapped, so HF transformers, CNNs and hand-written code all
 work, including ``F.*`` calls that module-swapping tools miss.
 
-What each saved tensor becomes:
+What each saved tensor becomes (what it *is* is decided once, for every pack hook of
+memfit, by :func:`memfit.activations.saved.classify`):
 
 * parameters, views of parameters and other leaves that require grad: kept by
   reference (they are alive anyway, a copy would only cost memory);
@@ -17,7 +18,13 @@ What each saved tensor becomes:
   tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
 * bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
 * float tensors: the format of the module that saved them (8/4/2-bit block-wise
-  integer codes, fp8, or kept).
+  integer codes, fp8, or kept), unless the op that saves them is in the op table
+  (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
+  statistics), which says how that op's tensors are stored.
+
+Rounding noise comes from one stream per compressor, seeded by ``seed``;
+:meth:`ActivationCompressor.state_dict` saves its position so a resumed run draws the
+same noise as an uninterrupted one.
 
 The loss head stays precise. Tensors saved after the model's last block has run (the
 final norm, the output projection, the loss; the blocks are the largest
@@ -28,11 +35,21 @@ through the loss gradient: on the demo's GPT, 2 bits everywhere ends 18% above f
 names keep that rule.
 
 A saved tensor is attributed to the innermost module of ``model`` running when it is
-saved. Several ops often save the same storage (a linear's input is the previous
-op's output; q, k and v are strided views of one projection). Plain autograd keeps
-such a storage once, and so does memfit: the first save encodes the whole storage,
-later saves of any view of it reuse that encoding, and unpack rebuilds each view with
-``as_strided`` over one shared decoded buffer.
+saved (without a model there are no modules: everything gets ``bits``). Several ops
+often save the same storage (a linear's input is the previous op's output; q, k and
+v are strided views of one projection). Plain autograd keeps such a storage once,
+and so does memfit, per representation (codes of one format, or a mask):
+
+* a view of every element of its storage (the tensor itself, a transpose) encodes
+  the whole storage once; later saves of any view of it reuse that encoding, and
+  unpack rebuilds each view with ``as_strided`` over one shared decoded buffer;
+* a view of part of a storage (q of a fused projection, a slice) encodes only its own
+  elements, so elements that no op saved never share a quantization block with saved
+  ones (they may hold anything, even values near the float limits); the same view
+  saved again reuses it.
+
+A mask and codes of the same storage are different representations: a ReLU's mask
+never stands in for the values the next linear needs.
 
 Modifying a saved tensor in place before backward raises the same ``RuntimeError``
 as plain PyTorch. Hooks normally disable that check, so the engine keeps, per saved
@@ -70,6 +87,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from .._units import MB
 from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
+from . import fewbit
 from .ops import EXACT, SDPA_INPUT, SDPA_LSE, SDPA_OUT, OpCall, OpTracker, Treatment, consistent_attention
 from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
 from .saved import MASK as MASK_KIND
@@ -184,15 +202,17 @@ class _Kept:
 
 class _StorageEntry:
     """One encoding: of a whole storage (shared by every saved view of it), of one
-    view, or of one view's mask (decoded to ``mask_values``: the values a true and a
-    false element become)."""
+    view, of one view's mask (decoded to ``mask_values``: the values a true and a
+    false element become), or of one view's few-bit derivative levels (decoded
+    through ``lookup``)."""
 
-    __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "view", "_decoded",
-                 "__weakref__")
+    __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
+                 "_decoded", "__weakref__")
 
     def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
-                 mask_values: tuple[float, float] | None = None):
+                 mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
         self.encoded = encoded
+        self.lookup = lookup  # few-bit levels: codes are indices into this table
         # (size, stride) of the one view this encodes, in its element order, when the
         # view is not laid out contiguously: decoding rebuilds that layout, which
         # compiled backward graphs check.
@@ -218,6 +238,8 @@ class _StorageEntry:
     def decode_uncached(self) -> torch.Tensor:
         """The buffer the saved views are rebuilt from, decoded now."""
         flat = decode(self.encoded)
+        if self.lookup is not None:
+            flat = self.lookup[flat.round().long()]
         if flat.dtype is not self.dtype and flat.dtype is not torch.bool:
             flat = flat.to(self.dtype)  # a cast representation (bf16 q and k)
         if self.mask_values is not None:
@@ -506,22 +528,24 @@ class ActivationCompressor:
                     return self._pack_attention_output(call, t, treatment, fmt, key, module, op)
         packed = self._pack_as(t, fmt, treatment, key, module, op)
         if treatment is SDPA_INPUT:
-            call.saved[call.role(t)] = packed
+            for role in call.roles(t):  # q and k may be one tensor
+                call.saved[role] = packed
         return packed
 
     def _pack_as(self, t, fmt: Format | str, treatment: Treatment | None, key, module: str, op: str):
-        if fmt is BF16:
-            if t.dtype in (torch.bfloat16, torch.float16):
-                fmt = RAW  # no narrower exact-enough cast
-            else:
-                return self._compress_cast(t, torch.bfloat16, key, module, op)
+        if fmt is BF16 and t.dtype in (torch.bfloat16, torch.float16):
+            fmt = RAW  # no narrower cast that is precise enough
         if isinstance(fmt, RawFormat):
             return self._keep(t, module, op, "op-kept" if treatment is EXACT else "kept", key)
         storage = t.untyped_storage()
         if storage.nbytes() < self.min_bytes:
             return self._keep(t, module, op, "small", key)
+        if fmt is BF16:
+            return self._compress_cast(t, torch.bfloat16, key, module, op)
         if treatment is not None and treatment.how == "mask":
             return self._compress_mask(t, storage, key, treatment, module, op)
+        if treatment is not None and treatment.how == "fewbit":
+            return self._compress_fewbit(t, storage, key, fmt, treatment.function, module, op)
         whole_key = (key, t.dtype, fmt)
         entry = self._entries.get(whole_key)
         if entry is not None and entry.storage_ref() is storage and entry.version == t._version:
@@ -553,6 +577,10 @@ class ActivationCompressor:
             return fmt, treatment
         if how == "mask" and _mask_values_hold(treatment, t.dtype):
             return MASK, treatment
+        if how == "fewbit":
+            if isinstance(fmt, IntFormat) and fmt.bits <= 4:
+                return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
+            return fmt, None
         if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
             query_key = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
             if query_key and not (isinstance(fmt, IntFormat) and fmt.bits < 8):
@@ -601,7 +629,7 @@ class ActivationCompressor:
         call.broken = True
         for role, packed in call.saved.items():
             if isinstance(packed, _Compressed):
-                arg = call._arg(("q", "k", "v").index(role), ("query", "key", "value")[("q", "k", "v").index(role)])
+                arg = call.input(role)
                 packed.entry = _StorageEntry(encode(arg, RAW), weakref.ref(arg.untyped_storage()), arg._version,
                                              arg.dtype, packed.entry.stats)
                 packed.offset, packed.stride = arg.storage_offset(), arg.stride()
@@ -669,6 +697,19 @@ class ActivationCompressor:
         self._count_original(storage, key, stats)
         for s in stats:
             s.counts["op-" + str(dtype).replace("torch.", "")] += 1
+            s.stored_bytes += encoded.nbytes
+        return _per_view(entry, t)
+
+    def _compress_fewbit(self, t, storage, key, fmt: IntFormat, function: str, module: str, op: str) -> _Compressed:
+        stats = self._tally(module, op)
+        levels = fewbit.bucket(function, fmt.bits, t.detach()).contiguous()
+        # Level indices are small integers: nearest-rounded codes store them exactly.
+        encoded = self._encode(levels, fmt, stats[0])
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0],
+                              lookup=fewbit.representatives(function, fmt.bits).to(t.device))
+        self._count_original(storage, key, stats)
+        for s in stats:
+            s.counts[f"op-fewbit{fmt.bits}"] += 1
             s.stored_bytes += encoded.nbytes
         return _per_view(entry, t)
 

@@ -22,6 +22,12 @@ op kind        ops                                         how their saved tenso
                                                            ReLU6)
 ``leaky_relu`` ``F.leaky_relu``, ``nn.LeakyReLU``          a 1-bit mask of ``x > 0``
 ``threshold``  ``F.threshold``, ``nn.Threshold``           a 1-bit mask of ``x > threshold``
+``gelu``       ``F.gelu``, ``nn.GELU`` (exact and tanh)    at 4 and 2 bits: a few-bit
+                                                           derivative (the level of
+                                                           ``f'(x)``, decoded to an ``x``
+                                                           with that derivative); at 8
+                                                           bits: the module's format
+``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
 ``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: the module's format;
                ``F.batch_norm``, ``F.instance_norm``,      the statistics (mean, rstd):
                ``F.rms_norm``                              exact
@@ -39,7 +45,7 @@ Why:
   and logsumexp, replaces them with the attention recomputed at the decoded q, k, v
   (one extra attention forward per call, without grad): the backward is then the
   exact gradient at the decoded inputs, like an explicit softmax without its
-  quantized probabilities. Measured figures are in ``docs/benchmarks.md``
+  quantized probabilities. Measured figures are in ``docs/guide-plain.md``
   ("Op-aware formats").
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
@@ -47,6 +53,12 @@ Why:
   ``max + 1``), so the op's own backward runs unchanged. The same storage is often
   also saved by the next op (a linear's input) which needs the real values: masks and
   values are different representations and are never shared (see the engine).
+* **GELU and SiLU** save their input only for ``f'(x)``. Storing which of ``2**bits``
+  derivative levels each element is nearest to (:mod:`memfit.activations.fewbit`)
+  gives a 4 to 5 times smaller gradient error than codes of ``x`` at the same bits
+  (figures in ``docs/guide-plain.md``). Activations written as elementwise formulas
+  (GPT-2's ``gelu_new``, ``tanh``, ``sigmoid``) are separate ops each; their tensors
+  keep the module's format.
 * **Normalisation statistics** are small and their errors scale every element of the
   row.
 
@@ -84,15 +96,17 @@ class Treatment:
     """How one saved tensor of a table op is stored.
 
     ``how`` is ``"default"`` (the module's format), ``"at_least_8"``, ``"exact"`` or
-    ``"mask"``; for masks, ``predicate(t) -> bool tensor`` and the two values a true
-    and a false element decode to (checked at encode time to satisfy the predicate in
-    the tensor's dtype; otherwise the module's format is used).
+    ``"mask"`` or ``"fewbit"``; for masks, ``predicate(t) -> bool tensor`` and the two
+    values a true and a false element decode to (checked at encode time to satisfy
+    the predicate in the tensor's dtype; otherwise the module's format is used); for
+    few-bit derivatives, the ``function`` (see :mod:`memfit.activations.fewbit`).
     """
 
     how: str
     predicate: Callable[[torch.Tensor], torch.Tensor] | None = None
     true_value: float = 1.0
     false_value: float = 0.0
+    function: str | None = None  # for "fewbit": a name in memfit.activations.fewbit.FUNCTIONS
 
 
 DEFAULT = Treatment("default")
@@ -116,7 +130,7 @@ class OpCall:
         self._treater = treater
         self.args = args
         self.kwargs = kwargs
-        self._inputs: dict[tuple, str] | None = None
+        self._inputs: dict[tuple, list[str]] | None = None
         # Fused attention only: which kernel runs, the packed q, k, v (by role), their
         # recomputed output and logsumexp, and whether the save order defeated that.
         self.fused: str | None = None
@@ -132,18 +146,34 @@ class OpCall:
     def treatment(self, t: torch.Tensor) -> Treatment:
         return self._treater(self, t)
 
-    def role(self, t: torch.Tensor) -> str | None:
-        """The argument ``t`` is (``"q"``, ``"k"``, ``"v"``, ``"input"``), matched by
-        storage position and geometry; None for anything else (outputs, statistics)."""
+    def input(self, role: str) -> torch.Tensor | None:
+        """The argument of role ``role`` (``"q"``, ``"k"``, ``"v"`` or ``"input"``)."""
+        names = _ROLES[self.kind] if self.kind in _ROLES else _ROLES[None]
+        for i, (name, param) in enumerate(names):
+            if name == role:
+                a = self._arg(i, param)
+                return a if isinstance(a, torch.Tensor) else None
+        return None
+
+    def roles(self, t: torch.Tensor) -> list[str]:
+        """The arguments ``t`` is (``"q"``, ``"k"``, ``"v"``, ``"input"``), matched by
+        storage position and geometry; empty for anything else (outputs, statistics)."""
         if self._inputs is None:
-            names = ("q", "k", "v") if self.kind == "sdpa" else ("input",)
-            params = ("query", "key", "value") if self.kind == "sdpa" else ("input",)
             self._inputs = {}
-            for i, (role, pname) in enumerate(zip(names, params)):
-                a = self._arg(i, pname)
+            names = _ROLES[self.kind] if self.kind in _ROLES else _ROLES[None]
+            for i, (role, param) in enumerate(names):
+                a = self._arg(i, param)
                 if isinstance(a, torch.Tensor):
-                    self._inputs.setdefault(_geometry(a), role)
-        return self._inputs.get(_geometry(t))
+                    self._inputs.setdefault(_geometry(a), []).append(role)
+        return self._inputs.get(_geometry(t), [])
+
+    def role(self, t: torch.Tensor) -> str | None:
+        """The first of :meth:`roles`, or None."""
+        found = self.roles(t)
+        return found[0] if found else None
+
+
+_ROLES = {"sdpa": (("q", "query"), ("k", "key"), ("v", "value")), None: (("input", "input"),)}
 
 
 def _geometry(t: torch.Tensor) -> tuple:
@@ -253,6 +283,15 @@ def _threshold(call: OpCall, t: torch.Tensor) -> Treatment:
     return Treatment("mask", lambda x: x > th, th + max(1.0, abs(th)), th)
 
 
+def _gelu(call: OpCall, t: torch.Tensor) -> Treatment:
+    approximate = call._arg(1, "approximate", "none")
+    return Treatment("fewbit", function="gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+def _silu(call: OpCall, t: torch.Tensor) -> Treatment:
+    return Treatment("fewbit", function="silu")
+
+
 def _norm(call: OpCall, t: torch.Tensor) -> Treatment:
     return DEFAULT if call.role(t) == "input" else EXACT
 
@@ -273,6 +312,8 @@ def _functions() -> dict[Callable, tuple[str, Treater]]:
     for f in (F.threshold, F.threshold_, torch.threshold, getattr(torch, "threshold_", None)):
         if f is not None:
             table[f] = ("threshold", _threshold)
+    table[F.gelu] = ("gelu", _gelu)
+    table[F.silu] = ("silu", _silu)
     for f in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, getattr(F, "rms_norm", None)):
         if f is not None:
             table[f] = ("norm", _norm)
