@@ -277,7 +277,7 @@ def test_head_without_module_list_is_code_outside_submodules():
         loss = torch.log_softmax(model(x), dim=-1).exp().sum()  # saved outside every submodule
     loss.backward()
     assert _int_kinds(mf.stats, "") == {"int8"}
-    assert _int_kinds(mf.stats, "1") == {"int2"}
+    assert _int_kinds(mf.stats, "2") == {"int2"}  # (module "1", the GELU, stores few-bit levels)
 
 
 def test_invalid_head_bits_raise():
