@@ -76,11 +76,11 @@ def test_compressed_gradients_are_close(make, bits, tol, min_ratio):
     loss1, g1 = grads_of(model, data, mf)
     assert torch.equal(loss0, loss1), "the forward pass must be untouched"
     assert rel_err(g1, g0) < tol
-    if make is tiny_bert and bits in (4, 2):
+    if make is tiny_bert:
         # Without dropout BERT's attention runs as a fused kernel, whose q, k and output
-        # the op table keeps at 8 bits (memfit.activations.ops); in this tiny model
-        # attention is about half of what is saved.
-        min_ratio = {4: 5.0, 2: 6.3}[bits]
+        # the op table keeps at 8 bits, or bf16 at 8-bit settings (memfit.activations.ops);
+        # in this tiny model attention is about half of what is saved.
+        min_ratio = {8: 3.2, "fp8": 3.2, 4: 5.0, 2: 6.3}[bits]
     assert mf.stats.ratio >= min_ratio * 0.9  # tiny model: int64 ids and tiny stats dilute it
 
 

@@ -81,7 +81,8 @@ def test_fused_attention_stats_say_what_the_table_did():
     mf = memfit.activations(bits=8, min_bytes=0)
     with mf:
         F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
-    assert mf.stats.by_op["sdpa"].counts["op-bfloat16"] == 2  # q and k at 8-bit settings
+    counts = mf.stats.by_op["sdpa"].counts
+    assert counts["op-bfloat16"] == 3 and counts["int8"] == 1  # q, k, output in bf16; v at 8 bits
     assert "sdpa" in mf.stats.table(by="op")
 
 

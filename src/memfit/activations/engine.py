@@ -582,12 +582,15 @@ class ActivationCompressor:
                 return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
             return fmt, None
         if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
-            query_key = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
-            if query_key and not (isinstance(fmt, IntFormat) and fmt.bits < 8):
-                return BF16, treatment  # 8-bit q and k alone cost more than 8-bit everything else
-            if (treatment is SDPA_OUT or query_key) and isinstance(fmt, IntFormat) and fmt.bits < 8:
-                fmt = IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding)
-            return fmt, treatment
+            # q, k and the output: 8 bits below 8 bits, bf16 at 8 bits and fp8, where
+            # 8-bit codes of these alone would cost more than 8 bits everywhere else
+            # (docs/guide-plain.md, "Op-aware formats").
+            precise = treatment is SDPA_OUT or (treatment is SDPA_INPUT and call.role(t) in ("q", "k"))
+            if not precise:
+                return fmt, treatment
+            if isinstance(fmt, IntFormat) and fmt.bits < 8:
+                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+            return BF16, treatment
         return fmt, None
 
     def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
@@ -611,15 +614,19 @@ class ActivationCompressor:
             if fitted is None:
                 self._make_exact(call)
                 return self._pack_as(t, RAW, EXACT, key, module, op)
-            replacement, fmt = fitted, RAW
+            replacement, fmt, label = fitted, RAW, "op-kept"
+        elif fmt is BF16 and t.dtype not in (torch.bfloat16, torch.float16):
+            replacement, fmt, label = out.to(torch.bfloat16), RAW, "op-bfloat16"
+        elif fmt is BF16 or isinstance(fmt, RawFormat):
+            replacement, fmt, label = out.to(t.dtype), RAW, "op-kept"
         else:
-            replacement = out.to(t.dtype)
+            replacement, label = out.to(t.dtype), _kind(fmt)
         stats = self._tally(module, op)
         encoded = self._encode(replacement.contiguous(), fmt, stats[0])
         entry = _StorageEntry(encoded, weakref.ref(t.untyped_storage()), t._version, t.dtype, stats[0])
         self._count_original(t.untyped_storage(), key, stats)
         for s in stats:
-            s.counts["op-kept" if fmt is RAW else _kind(fmt)] += 1
+            s.counts[label] += 1
             s.stored_bytes += encoded.nbytes
         return _per_view(entry, t)
 
