@@ -872,17 +872,23 @@ def activations(
 
     Args:
         model: the model, needed for per-module ``policy`` rules and per-module
-            stats; without it every tensor gets ``bits`` and stats go to ``""``.
+            stats; without it every tensor gets ``bits`` (no loss head either) and
+            stats go to ``""``.
         bits: the default setting: 8, 4 or 2 (block-wise integer codes), ``"fp8"``
             (e4m3), ``None`` (keep everything; gradients are then bit-identical to
             plain PyTorch), or a :mod:`memfit.codec` format.
         policy: per-module rules, ``{glob: setting}`` on qualified module names, e.g.
             ``{"transformer.h.*.attn": 8, "*.mlp": 2, "lm_head": None}``. The first
-            matching rule wins; modules no rule matches inherit their parent's.
+            matching rule wins; modules no rule matches inherit their parent's; a glob
+            that matches no module warns once. Keys ``"op:<kind>"`` (a kind of
+            :data:`memfit.activations.OP_KINDS`) replace the op table's entry for that
+            op, e.g. ``{"op:sdpa": None}`` keeps fused attention exact. Must be a
+            mapping (``ValueError`` otherwise).
         min_bytes: storages smaller than this are kept as they are.
         block_size: elements per quantization block.
         rounding: ``"stochastic"`` (unbiased; default) or ``"nearest"``.
-        strict: raise ``ValueError`` if a policy glob matches no module.
+        strict: raise ``ValueError`` if a policy glob matches no module (instead of
+            warning).
         seed: seeds the stochastic-rounding noise (never the global RNG).
         head_bits: the setting for the loss head: tensors saved after the last block
             of the model's largest ``nn.ModuleList`` has run (final norm, output
@@ -894,6 +900,10 @@ def activations(
             own rounding noise (rank 0 uses ``seed`` as is). None (default): the
             torch.distributed rank when the context is first entered, 0 without a
             process group. Pass it to reproduce one rank's noise in a single process.
+
+    The op that saves a tensor can change its format (fused attention, ReLU-like ops,
+    GELU/SiLU, normalisation statistics): see :mod:`memfit.activations.ops`. For an
+    exact resume, save :meth:`ActivationCompressor.state_dict` with the checkpoint.
 
     ``model`` may be a ``DistributedDataParallel`` wrapper: the module it wraps is
     used (same names for policy rules and stats). Under FSDP2 pass the model after
