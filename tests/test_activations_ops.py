@@ -3,6 +3,7 @@ former silent wrongs, exact resume and bad policies."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -411,3 +412,25 @@ def test_few_bit_is_not_used_at_8_bits():
     with mf:
         F.gelu(x * 1)
     assert mf.stats.counts["int8"] == 1 and not any("fewbit" in k for k in mf.stats.counts)
+
+
+def test_attention_under_autocast_with_mixed_inputs_stays_exact():
+    # LLaMA under bf16 autocast: rotary embeddings leave q, k in fp32 while v is bf16;
+    # autocast casts them inside the call, after the op was seen, so the copies it
+    # saves cannot be matched to q, k, v: the table keeps that call exact.
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = (torch.randn(1, 4, 64, 32, generator=g) * 3 for _ in range(2))
+    v0 = torch.randn(1, 2, 64, 32, generator=g).bfloat16()
+
+    def run(mf):
+        q, k = (t.clone().requires_grad_() for t in (q0, k0))
+        v = v0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), mf if mf is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q * 1, k[:, :2] * 1, v * 1, is_causal=True, enable_gqa=True)
+        out.float().square().sum().backward()
+        return torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.float().flatten()])
+
+    ref = run(None)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    assert torch.equal(run(mf), ref)
+    assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes

@@ -203,11 +203,17 @@ def _sdpa(call: OpCall, t: torch.Tensor) -> Treatment:
 def _fused_kind(call: OpCall) -> str:
     """``"math"`` when SDPA runs as composed ops, ``"fused"`` for a fused kernel whose
     output and logsumexp can be recomputed from the decoded inputs, ``"exact"`` when
-    they cannot (dropout in a fused kernel: its mask cannot be redrawn)."""
+    they cannot (dropout in a fused kernel, or inputs that autocast copies)."""
     q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
     mask = call._arg(3, "attn_mask")
     dropout = float(call._arg(4, "dropout_p", 0.0))
     causal = bool(call._arg(5, "is_causal", False))
+    device = q.device.type
+    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if cast is not None and any(t.dtype is not cast for t in (q, k, v)):
+        # Autocast runs attention on copies in its dtype: probe the kernel choice for
+        # those (empty stand-ins of the same layout, nothing is copied).
+        q, k, v = (torch.empty_strided(t.shape, t.stride(), dtype=cast, device=t.device) for t in (q, k, v))
     try:
         choice = int(torch._fused_sdp_choice(
             q, k, v, mask, dropout, causal, scale=call.kwargs.get("scale"),
@@ -217,7 +223,12 @@ def _fused_kind(call: OpCall) -> str:
         return "exact"
     if choice == 0:
         return "math"
-    return "exact" if dropout > 0 else "fused"
+    if dropout > 0 or (cast is not None and any(call._arg(i, n).dtype is not cast
+                                                 for i, n in enumerate(("query", "key", "value")))):
+        # The dropout mask cannot be redrawn; autocast's copies cannot be told apart
+        # from the output by their geometry: keep this call's tensors exact.
+        return "exact"
+    return "fused"
 
 
 def consistent_attention(call: OpCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +241,10 @@ def consistent_attention(call: OpCall, q: torch.Tensor, k: torch.Tensor, v: torc
     causal = bool(call._arg(5, "is_causal", False))
     scale = call.kwargs.get("scale")
     gqa = bool(call.kwargs.get("enable_gqa", False))
-    with torch.no_grad():
+    # Autocast would run the score matmul below in bf16/fp16: the logsumexp must be
+    # computed as precisely as the kernel's own (fp32), and the attention itself
+    # runs on the decoded tensors' dtype, as the original call did after its casts.
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         kwargs = {"scale": scale} if scale is not None else {}
         if gqa:
             kwargs["enable_gqa"] = True
@@ -351,6 +365,10 @@ class OpTracker(TorchFunctionMode):
             return func(*args, **kwargs)
         previous = self.current
         self.current = OpCall(entry[0], entry[1], args, kwargs)
+        if entry[0] == "sdpa":
+            # Decided before the call: inside it, autocast has already cast the inputs
+            # and no longer reports itself as enabled.
+            self.current.fused = _fused_kind(self.current)
         try:
             return func(*args, **kwargs)
         finally:
