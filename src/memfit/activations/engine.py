@@ -85,8 +85,11 @@ from typing import Mapping
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
 from .._units import MB
 from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
+from ..codec.blockwise import is_fake
 from . import fewbit
 from .ops import EXACT, SDPA_INPUT, SDPA_LSE, SDPA_OUT, OpCall, OpTracker, Treatment, consistent_attention
 from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
@@ -709,11 +712,14 @@ class ActivationCompressor:
 
     def _compress_fewbit(self, t, storage, key, fmt: IntFormat, function: str, module: str, op: str) -> _Compressed:
         stats = self._tally(module, op)
-        levels = fewbit.bucket(function, fmt.bits, t.detach()).contiguous()
+        if is_fake(t):  # a memory estimate: only the size of the codes matters
+            levels, lookup = torch.empty(t.shape, dtype=torch.float32, device=t.device), None
+        else:
+            levels = fewbit.bucket(function, fmt.bits, t.detach()).contiguous()
+            lookup = fewbit.representatives(function, fmt.bits).to(t.device)
         # Level indices are small integers: nearest-rounded codes store them exactly.
         encoded = self._encode(levels, fmt, stats[0])
-        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0],
-                              lookup=fewbit.representatives(function, fmt.bits).to(t.device))
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0], lookup=lookup)
         self._count_original(storage, key, stats)
         for s in stats:
             s.counts[f"op-fewbit{fmt.bits}"] += 1
@@ -779,9 +785,10 @@ def _fit_lse(lse: torch.Tensor, saved: torch.Tensor) -> torch.Tensor | None:
 
 def _mask_values_hold(treatment: Treatment, dtype: torch.dtype) -> bool:
     """Whether the values a mask decodes to, in ``dtype``, give the predicate back."""
-    values = torch.tensor([treatment.true_value, treatment.false_value], dtype=dtype)
-    got = treatment.predicate(values)
-    return bool(got[0]) and not bool(got[1])
+    with unset_fake_temporarily():  # also inside a memory estimate: two real numbers
+        values = torch.tensor([treatment.true_value, treatment.false_value], dtype=dtype)
+        got = treatment.predicate(values)
+        return bool(got[0]) and not bool(got[1])
 
 
 def _covers_storage(t: torch.Tensor, storage) -> bool:

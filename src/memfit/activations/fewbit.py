@@ -18,6 +18,7 @@ import math
 from functools import lru_cache
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -48,6 +49,11 @@ def levels(function: str, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     """``(boundaries, derivative_levels, representatives)`` for ``function`` at ``bits``:
     an element whose derivative lies between ``boundaries[i-1]`` and ``boundaries[i]``
     gets level ``i``, decoded to ``representatives[i]`` (fp32, on the CPU)."""
+    with unset_fake_temporarily():  # first use may come inside a memory estimate
+        return _levels(function, bits)
+
+
+def _levels(function: str, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     derivative = FUNCTIONS[function]
     grid = torch.linspace(-6.0, 6.0, 120_001)
     on_grid = derivative(grid)

@@ -177,7 +177,8 @@ _ROLES = {"sdpa": (("q", "query"), ("k", "key"), ("v", "value")), None: (("input
 
 
 def _geometry(t: torch.Tensor) -> tuple:
-    return (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+    # the storage's _cdata, not data_ptr(): FakeTensors (memory estimates) have none
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
 
 
 # --------------------------------------------------------------------------- per kind
@@ -236,7 +237,8 @@ def consistent_attention(call: OpCall, q: torch.Tensor, k: torch.Tensor, v: torc
     ``v`` (the decoded inputs): what a fused backward must be given so that the
     softmax it rebuilds, ``exp(q kᵀ scale - lse)``, is normalised and matches
     ``rowsum(dO * O)``. The logsumexp is taken row chunk by row chunk, so no more than
-    about 16 MB of scores exist at once."""
+    about 1 MB of fp32 scores exist at once (plus the decoded inputs and the output:
+    a transient that memory estimates do not see)."""
     mask = call._arg(3, "attn_mask")
     causal = bool(call._arg(5, "is_causal", False))
     scale = call.kwargs.get("scale")
@@ -253,7 +255,7 @@ def consistent_attention(call: OpCall, q: torch.Tensor, k: torch.Tensor, v: torc
             k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
         factor = scale if scale is not None else q.shape[-1] ** -0.5
         L, S = q.shape[-2], k.shape[-2]
-        rows = max(1, (1 << 22) // max(1, S * (q.numel() // (L * q.shape[-1]))))
+        rows = max(1, (1 << 18) // max(1, S * (q.numel() // (L * q.shape[-1]))))
         kt = k.transpose(-1, -2).to(torch.float32)
         parts = []
         for r0 in range(0, L, rows):
