@@ -74,6 +74,7 @@ are handled by checkpoint's own hooks, not memfit's.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -91,7 +92,17 @@ from .._units import MB
 from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
 from ..codec.blockwise import is_fake
 from . import fewbit
-from .ops import EXACT, SDPA_INPUT, SDPA_LSE, SDPA_OUT, OpCall, OpTracker, Treatment, consistent_attention
+from .ops import (
+    EXACT,
+    SDPA_INPUT,
+    SDPA_LSE,
+    SDPA_OUT,
+    AttentionParams,
+    OpCall,
+    OpTracker,
+    Treatment,
+    consistent_attention,
+)
 from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
 from .saved import MASK as MASK_KIND
 
@@ -254,6 +265,57 @@ class _StorageEntry:
             laid_out.copy_(flat.view(size))
             flat = laid_out
         return flat
+
+
+class _AttentionRecompute:
+    """A fused attention call's output and logsumexp, computed again from its packed
+    q, k, v the first time backward asks for either, and held until the call's
+    backward node lets go of its saved tensors."""
+
+    __slots__ = ("inputs", "params", "stats", "_result")
+
+    def __init__(self, inputs: tuple, params: AttentionParams, stats: ModuleStats):
+        self.inputs = inputs  # the packed q, k, v: held by the node anyway
+        self.params = params
+        self.stats = stats
+        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._result is None:
+            t0 = time.perf_counter()
+            q, k, v = (_unpack(p) for p in self.inputs)
+            self._result = consistent_attention(self.params, q, k, v)
+            self.stats.decode_seconds += time.perf_counter() - t0
+        return self._result
+
+
+class _Recomputed:
+    """A fused attention's output or logsumexp, stored as nothing (see
+    :class:`_AttentionRecompute`), with the layout the kernel saved it in."""
+
+    __slots__ = ("source", "is_lse", "size", "stride", "dtype", "sentinel", "version", "type_name")
+
+    def __init__(self, source: _AttentionRecompute, is_lse: bool, t: torch.Tensor):
+        self.source = source
+        self.is_lse = is_lse
+        self.size = t.size()
+        self.stride = t.stride()
+        self.dtype = t.dtype
+        self.version = t._version
+        self.sentinel = _version_sentinel(t)
+        self.type_name = t.type()
+
+    def value(self) -> torch.Tensor:
+        current = self.sentinel._version
+        if current != self.version:
+            raise _inplace_error(self.type_name, self.size, current, self.version)
+        out, lse = self.source.result()
+        if self.is_lse:
+            value = _fit_lse(lse, self.size, self.dtype)
+        else:
+            value = out.to(self.dtype)
+        laid_out = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=value.device)
+        return laid_out.copy_(value.view(self.size))
 
 
 class _Compressed:
@@ -585,10 +647,11 @@ class ActivationCompressor:
                 return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
             return fmt, None
         if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
-            # q, k and the output: 8 bits below 8 bits, bf16 at 8 bits and fp8, where
-            # 8-bit codes of these alone would cost more than 8 bits everywhere else
-            # (docs/guide-plain.md, "Op-aware formats").
-            precise = treatment is SDPA_OUT or (treatment is SDPA_INPUT and call.role(t) in ("q", "k"))
+            # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
+            # of these alone would cost more than 8 bits everywhere else
+            # (docs/guide-plain.md, "Op-aware formats"). The output and logsumexp are
+            # not stored at all (_pack_attention_output).
+            precise = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
             if not precise:
                 return fmt, treatment
             if isinstance(fmt, IntFormat) and fmt.bits < 8:
@@ -597,41 +660,25 @@ class ActivationCompressor:
         return fmt, None
 
     def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
-        """Store the fused attention's output or logsumexp as recomputed at the decoded
-        q, k, v (see :mod:`memfit.activations.ops`), so its backward is consistent."""
-        if call.recomputed is None and not call.broken:
-            if all(role in call.saved for role in ("q", "k", "v")):
-                t0 = time.perf_counter()
-                q, k, v = (_decoded_now(call.saved[role]) for role in ("q", "k", "v"))
-                call.recomputed = consistent_attention(call, q, k, v)
-                del q, k, v
-                # part of storing the attention, so it counts as encoding (forward) time
-                self._tally(module, op)[0].encode_seconds += time.perf_counter() - t0
-            else:  # saved before its inputs: nothing to be consistent with; keep all exact
-                self._make_exact(call)
+        """Store nothing for the fused attention's output or logsumexp: both are
+        recomputed in backward from the decoded q, k, v (see :mod:`.ops`), so the
+        kernel's backward gets values consistent with the inputs it is given."""
+        if not call.broken and not all(role in call.saved for role in ("q", "k", "v")):
+            self._make_exact(call)  # saved before its inputs: nothing to be consistent with
+        if not call.broken and treatment is SDPA_LSE and _lse_layout(t, call.input("q")) is None:
+            self._make_exact(call)
         if call.broken:
             return self._pack_as(t, RAW, EXACT, key, module, op)
-        out, lse = call.recomputed
-        if treatment is SDPA_LSE:
-            fitted = _fit_lse(lse, t)
-            if fitted is None:
-                self._make_exact(call)
-                return self._pack_as(t, RAW, EXACT, key, module, op)
-            replacement, fmt, label = fitted, RAW, "op-kept"
-        elif fmt is BF16 and t.dtype not in (torch.bfloat16, torch.float16):
-            replacement, fmt, label = out.to(torch.bfloat16), RAW, "op-bfloat16"
-        elif fmt is BF16 or isinstance(fmt, RawFormat):
-            replacement, fmt, label = out.to(t.dtype), RAW, "op-kept"
-        else:
-            replacement, label = out.to(t.dtype), _kind(fmt)
+        if call.recomputed is None:
+            call.recomputed = _AttentionRecompute(
+                tuple(call.saved[role] for role in ("q", "k", "v")), AttentionParams.of(call),
+                self._tally(module, op)[0],
+            )
         stats = self._tally(module, op)
-        encoded = self._encode(replacement.contiguous(), fmt, stats[0])
-        entry = _StorageEntry(encoded, weakref.ref(t.untyped_storage()), t._version, t.dtype, stats[0])
         self._count_original(t.untyped_storage(), key, stats)
         for s in stats:
-            s.counts[label] += 1
-            s.stored_bytes += encoded.nbytes
-        return _per_view(entry, t)
+            s.counts["op-recomputed"] += 1
+        return _Recomputed(call.recomputed, treatment is SDPA_LSE, t)
 
     def _make_exact(self, call: OpCall) -> None:
         """Give up on consistency for one attention call: its inputs packed so far point
@@ -740,16 +787,23 @@ class ActivationCompressor:
         return _per_view(entry, t)
 
     def _unpack(self, packed) -> torch.Tensor:
-        if isinstance(packed, _Kept):
-            t = packed.tensor
-            if t._version != packed.version:
-                raise _inplace_error(t.type(), t.size(), t._version, packed.version)
-            return t
-        current = packed.sentinel._version
-        if current != packed.version:
-            raise _inplace_error(packed.type_name, packed.size, current, packed.version)
-        flat = packed.entry.decoded()
-        return flat.as_strided(packed.size, packed.stride, packed.offset)
+        return _unpack(packed)
+
+
+def _unpack(packed) -> torch.Tensor:
+    """The tensor a packed object stands for (the engine's unpack hook)."""
+    if isinstance(packed, _Recomputed):
+        return packed.value()
+    if isinstance(packed, _Kept):
+        t = packed.tensor
+        if t._version != packed.version:
+            raise _inplace_error(t.type(), t.size(), t._version, packed.version)
+        return t
+    current = packed.sentinel._version
+    if current != packed.version:
+        raise _inplace_error(packed.type_name, packed.size, current, packed.version)
+    flat = packed.entry.decoded()
+    return flat.as_strided(packed.size, packed.stride, packed.offset)
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:
@@ -759,28 +813,33 @@ def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:
     return _Compressed(entry, t, 0)
 
 
-def _decoded_now(packed) -> torch.Tensor:
-    """What ``packed`` stands for, decoded in forward without touching the decode
-    statistics or the shared decode cache (those describe backward)."""
-    if isinstance(packed, _Kept):
-        return packed.tensor
-    return packed.entry.decode_uncached().as_strided(packed.size, packed.stride, packed.offset)
+def _lse_layout(saved: torch.Tensor, q: torch.Tensor | None) -> str | None:
+    """How a kernel's saved logsumexp relates to the rows of ``q`` (``[..., L, D]``):
+    ``"same"`` shape, ``"padded"`` along the last dimension, ``"reshaped"`` (the same
+    elements), or None when it is none of these (the call is then kept exact)."""
+    if q is None:
+        return None
+    rows = tuple(q.shape[:-1])
+    if tuple(saved.shape) == rows:
+        return "same"
+    if saved.dim() == len(rows) and tuple(saved.shape[:-1]) == rows[:-1] and saved.shape[-1] > rows[-1]:
+        return "padded"
+    if saved.numel() == math.prod(rows):
+        return "reshaped"
+    return None
 
 
-def _fit_lse(lse: torch.Tensor, saved: torch.Tensor) -> torch.Tensor | None:
-    """``lse`` (``[..., L]``) in the shape of the logsumexp the kernel saved: the same,
-    padded along the last dimension (the rest copied from the saved one), or the same
-    elements in another shape; None if it is none of these."""
-    lse = lse.to(saved.dtype)
-    if saved.shape == lse.shape:
+def _fit_lse(lse: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
+    """``lse`` (``[..., L]``) in the kernel's own logsumexp shape ``size`` (see
+    :func:`_lse_layout`; padding rows, which kernels never read, are zero)."""
+    lse = lse.to(dtype)
+    if tuple(size) == tuple(lse.shape):
         return lse
-    if saved.dim() == lse.dim() and saved.shape[:-1] == lse.shape[:-1] and saved.shape[-1] > lse.shape[-1]:
-        padded = saved.detach().clone()
+    if len(size) == lse.dim() and tuple(size[:-1]) == tuple(lse.shape[:-1]):
+        padded = lse.new_zeros(size)
         padded[..., : lse.shape[-1]] = lse
         return padded
-    if saved.numel() == lse.numel():
-        return lse.reshape(saved.shape)
-    return None
+    return lse.reshape(size)
 
 
 def _mask_values_hold(treatment: Treatment, dtype: torch.dtype) -> bool:

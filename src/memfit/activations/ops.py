@@ -8,13 +8,15 @@ names those ops; every other saved tensor gets the module's format (the user's
 =============  ==========================================  ================================
 op kind        ops                                         how their saved tensors are kept
 =============  ==========================================  ================================
-``sdpa``       ``F.scaled_dot_product_attention`` (fused   q, k, v: the module's format; the
-               kernels: flash, efficient, cuDNN; CPU and   output and logsumexp: replaced
-               CUDA)                                       by those of the attention at the
-                                                           decoded q, k, v (output at least
-                                                           8 bits, logsumexp exact); fused
-                                                           with dropout: all exact; the
-                                                           math backend: the module's format
+``sdpa``       ``F.scaled_dot_product_attention`` (fused   q, k: at least 8 bits (bf16 when
+               kernels: flash, efficient, cuDNN; CPU and   the module's format is 8 bits or
+               CUDA)                                       fp8); v: the module's format;
+                                                           the output and logsumexp: not
+                                                           stored, recomputed in backward
+                                                           from the decoded q, k, v; fused
+                                                           with dropout or on autocast's
+                                                           copies: all exact; the math
+                                                           backend: the module's format
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
                ``Tensor.relu(_)``, ``nn.ReLU``
 ``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
@@ -39,14 +41,13 @@ Why:
   with the saved logsumexp, and uses ``rowsum(dO * O)`` with the saved output. With
   q and k quantized but the logsumexp exact, the rebuilt softmax is no longer
   normalised and the error grows with ``|q kᵀ|``; with v quantized but the output
-  exact, ``rowsum(dO * O)`` no longer matches the rebuilt ``dO vᵀ``. Keeping q, k and
-  the output at 8 bits is not enough on trained-like scales (q, k of std 3). So the
-  engine stores q, k and v at the module's format and, when the op saves its output
-  and logsumexp, replaces them with the attention recomputed at the decoded q, k, v
-  (one extra attention forward per call, without grad): the backward is then the
-  exact gradient at the decoded inputs, like an explicit softmax without its
-  quantized probabilities. Measured figures are in ``docs/guide-plain.md``
-  ("Op-aware formats").
+  exact, ``rowsum(dO * O)`` no longer matches the rebuilt ``dO vᵀ``. So the engine
+  stores q, k (precisely: a small error in them moves sharp softmaxes a lot) and v,
+  and stores nothing for the output and logsumexp: when backward asks for them, they
+  are computed again from the decoded q, k, v (one attention forward, without grad,
+  per call; :func:`consistent_attention`). The backward is then the exact gradient at
+  the decoded inputs, like an explicit softmax without its quantized probabilities.
+  Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
   mask decodes to values on the same side (ReLU: 1 and 0; hardtanh: the midpoint and
@@ -71,6 +72,8 @@ How ops are seen: while the engine is active, a ``TorchFunctionMode`` notes whic
 the functions above is running (an O(1) dict lookup per torch call). A function called
 from inside another overridable Python function (``F.multi_head_attention_forward``
 calling attention) is attributed to the outer one, which the table does not name.
+Inside ``torch.compile``'d code the table does not apply: compiled graphs save their
+tensors at run time, outside any op.
 
 Users override the table per op kind with policy keys ``"op:<kind>"``, e.g.
 ``policy={"op:sdpa": None}`` (keep attention's tensors exact) or ``{"op:relu": 4}``
@@ -136,7 +139,7 @@ class OpCall:
         self.fused: str | None = None
         self.broken = False
         self.saved: dict[str, object] = {}
-        self.recomputed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.recomputed: object | None = None  # the engine's recompute, shared by output and lse
 
     def _arg(self, i: int, name: str, default: Any = None) -> Any:
         if len(self.args) > i:
@@ -232,17 +235,30 @@ def _fused_kind(call: OpCall) -> str:
     return "fused"
 
 
-def consistent_attention(call: OpCall, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and logsumexp of the attention ``call`` computes, at ``q``, ``k``,
+@dataclass(frozen=True)
+class AttentionParams:
+    """What an attention call needs, besides q, k and v, to be computed again."""
+
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float | None
+    gqa: bool
+
+    @classmethod
+    def of(cls, call: "OpCall") -> "AttentionParams":
+        return cls(call._arg(3, "attn_mask"), bool(call._arg(5, "is_causal", False)),
+                   call.kwargs.get("scale"), bool(call.kwargs.get("enable_gqa", False)))
+
+
+def consistent_attention(params: AttentionParams, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and logsumexp of the attention ``params`` describe, at ``q``, ``k``,
     ``v`` (the decoded inputs): what a fused backward must be given so that the
     softmax it rebuilds, ``exp(q kᵀ scale - lse)``, is normalised and matches
-    ``rowsum(dO * O)``. The logsumexp is taken row chunk by row chunk, so no more than
-    about 1 MB of fp32 scores exist at once (plus the decoded inputs and the output:
-    a transient that memory estimates do not see)."""
-    mask = call._arg(3, "attn_mask")
-    causal = bool(call._arg(5, "is_causal", False))
-    scale = call.kwargs.get("scale")
-    gqa = bool(call.kwargs.get("enable_gqa", False))
+    ``rowsum(dO * O)``. The engine calls it in backward, when the kernel's backward
+    asks for its saved output. The logsumexp is taken row chunk by row chunk, so no
+    more than about 1 MB of fp32 scores exist at once."""
+    mask, causal, scale, gqa = params.mask, params.causal, params.scale, params.gqa
     # Autocast would run the score matmul below in bf16/fp16: the logsumexp must be
     # computed as precisely as the kernel's own (fp32), and the attention itself
     # runs on the decoded tensors' dtype, as the original call did after its casts.
@@ -363,7 +379,8 @@ class OpTracker(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         entry = _KIND_OF.get(func)
-        if entry is None:
+        if entry is None or torch.compiler.is_compiling():
+            # (a compiled graph saves its own tensors, at run time, outside any op)
             return func(*args, **kwargs)
         previous = self.current
         self.current = OpCall(entry[0], entry[1], args, kwargs)
