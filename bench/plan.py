@@ -654,11 +654,11 @@ def part_fitloss(args, state: dict) -> None:
 
 def part_statebits(args, state: dict) -> None:
     """Early-training loss of compressed optimizer state and activations against fp32
-    (the evidence behind memfit.plan.plan.STATE_FIDELITY)."""
+    (the evidence behind memfit.plan.planner.STATE_FIDELITY)."""
     import memfit
     from memfit.data import ByteBatches, load_text_bytes
     from memfit.plan import StepConfig
-    from memfit.plan._step import apply, make_optimizer, run_step
+    from memfit.step import apply, make_optimizer, run_step
 
     wait_quiet()
     n_layer, n_embd, bsz, seq, n = (2, 64, 2, 64, 6) if args.quick else (4, 384, 4, 256, 40)
@@ -1014,7 +1014,7 @@ def report(state: dict, args) -> tuple[str, list[tuple[str, bool, str]]]:
         lines.append(f"Same initialisation and batches (the demo's text), `memfit.causal_lm_loss()` for every "
                      f"run, lr {sb['lr']:g} with {sb['warmup']} warm-up steps of a 300-step cosine schedule "
                      "(fitloss's). The planner prices 4-bit state above recomputing every block "
-                     "(`memfit.plan.plan.STATE_FIDELITY`) because of this table: it uses 4 bits only when the "
+                     "(`memfit.plan.planner.STATE_FIDELITY`) because of this table: it uses 4 bits only when the "
                      "budget needs them." + (f" Run {sb['machine'].get('date', '')}: "
                                              f"`{sb['machine'].get('command', '')}`." if sb.get("machine") else ""))
         lines.append("")

@@ -15,6 +15,7 @@ import memfit.integrations.lightning
 import memfit.integrations.transformers
 import memfit.optim
 import memfit.plan
+import memfit.step
 
 SECTIONS = [
     ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats",
@@ -22,8 +23,9 @@ SECTIONS = [
                         "max_batch_size", "StepConfig", "causal_lm_loss"]),
     ("memfit.optim", memfit.optim, list(getattr(memfit.optim, "__all__", []))),
     ("memfit.codec", memfit.codec, list(getattr(memfit.codec, "__all__", []))),
-    ("memfit.plan", memfit.plan, ["measure_peak", "MeasuredPeak", "parse_budget", "make_optimizer",
-                                  "apply", "run_step", "preserved_state", "resolve_loss_fn"]),
+    ("memfit.step", memfit.step, ["make_optimizer", "apply", "run_step", "StepContext", "preserved_state",
+                                  "resolve_loss_fn", "SavedCounter", "tracked_steps", "peak_tracker_class"]),
+    ("memfit.plan", memfit.plan, ["measure_peak", "MeasuredPeak", "parse_budget", "UnitChoice"]),
     ("memfit.integrations.transformers", memfit.integrations.transformers, ["MemfitCallback", "MemfitTrainer"]),
     ("memfit.integrations.lightning", memfit.integrations.lightning, ["MemfitCallback"]),
 ]

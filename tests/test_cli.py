@@ -80,6 +80,43 @@ def test_bad_inputs(capsys):
     assert main(["estimate", "--model", MODEL, "--batch", "2xq"]) == 2
     assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "1GB",
                  "--grad-accumulation", "0"]) == 2
+    capsys.readouterr()
+    for widths in ("8.0", "16", "8,x"):
+        assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "1GB", "--state-bits", widths]) == 2
+        err = capsys.readouterr().err
+        assert "--state-bits" in err and "32, 8" in err, err
+    assert main(["plan", "--model", MODEL, "--batch", "2x32", "--budget", "6G"]) == 2
+    assert "'6GB'" in capsys.readouterr().err
+
+
+def test_unknown_config_key_is_refused_with_close_matches(capsys):
+    assert main(["estimate", "--model", "gpt2:n_layers=2", "--batch", "2x32"]) == 2
+    err = capsys.readouterr().err
+    assert "GPT2Config has no key 'n_layers'" in err and "did you mean n_layer" in err
+    assert main(["estimate", "--model", "llama:hidden_sise=64", "--batch", "2x32"]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaConfig has no key 'hidden_sise'" in err and "hidden_size" in err
+
+
+def test_memory_plot_legend_beside_the_bars_and_totals_in_decimal_units():
+    pytest.importorskip("matplotlib")
+    from memfit._units import MB, format_bytes
+    from memfit.cli import memory_figure
+
+    plain = dict(params=496e6, grads=496e6, optimizer=992e6, activations=1718e6, temporaries=200e6)
+    planned = dict(params=496e6, grads=10e6, optimizer=248e6, activations=300e6, temporaries=100e6)
+    fig = memory_figure([("plain", plain), ("plan", planned)], budget=1_150_000_000)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    axes_box, legend_box = ax.get_window_extent(renderer), ax.get_legend().get_window_extent(renderer)
+    assert legend_box.x0 >= axes_box.x1  # beside the axes: it cannot hide a bar or its label
+    labels = [t.get_text() for t in ax.texts]
+    assert labels == [format_bytes(sum(plain.values())), format_bytes(sum(planned.values()))] == ["3.90 GB", "1.15 GB"]
+    tops = sorted(sum(p.get_height() for p in ax.patches if abs(p.get_x() + p.get_width() / 2 - x) < 0.1)
+                  for x in (0, 1))
+    assert tops == pytest.approx(sorted([sum(plain.values()) / MB, sum(planned.values()) / MB]))
+    assert "10^6 bytes" in ax.get_ylabel()
 
 
 def test_factory_spec(tmp_path, capsys):

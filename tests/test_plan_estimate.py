@@ -323,18 +323,18 @@ def test_in_backward_tied_weight_used_outside_its_modules():
 def test_in_backward_tied_weights_sum_with_one_tensor_fewer(monkeypatch):
     """Under MemTracker autograd sums a tied weight's two gradients out of place (three
     vocabulary-sized tensors at the end of backward); memfit's gathering adds in place (two)."""
-    from memfit.plan import _step
+    from memfit.optim import in_backward
 
     model, batch = tiny_tied_llama(vocab=32000, shape=(1, 4))  # few tokens: the peak is at the end of backward
     cfg = StepConfig(optimizer_in_backward=True, state_bits=4)
     ours = measure_peak(model, batch, cfg)
 
-    class NoGathering(_step._TiedGradients):
+    class NoGathering(in_backward._TiedGradients):
         def __init__(self, model, params):
             super().__init__(model, params)
             self.params = {}
 
-    monkeypatch.setattr(_step, "_TiedGradients", NoGathering)
+    monkeypatch.setattr(in_backward, "_TiedGradients", NoGathering)
     autograds = measure_peak(model, batch, cfg)
     embedding_bytes = model.lm_head.weight.numel() * 4
     assert autograds.peak_bytes - ours.peak_bytes >= 0.9 * embedding_bytes
@@ -449,3 +449,44 @@ def test_estimate_with_gradient_accumulation_equals_the_measured_step():
     assert abs(est.peak_bytes - real.peak_bytes) <= 0.01 * real.peak_bytes
     # the second micro-batch runs its forward and backward with the first one's gradients alive
     assert est.peak_bytes > estimate(model, batch).peak_bytes
+
+
+def test_tables_print_decimal_megabytes():
+    """memfit's MB are 10**6 bytes everywhere: the peak estimate's table agrees with
+    format_bytes, measure_peak's and the plan's figures."""
+    from memfit._units import format_bytes
+    from memfit.plan import Estimate, ModuleProfile, Profile
+
+    est = Estimate(peak_bytes=415_140_472, peak_phase="backward", param_bytes=2_500_000)
+    rows = dict(est.rows())
+    assert rows["peak"] == "415.1 MB  (in backward)" and format_bytes(415_140_472) == "415 MB"
+    assert rows["parameters"] == "2.5 MB"
+    prof = Profile(modules={"": ModuleProfile("", "GPT", 0, saved_bytes=3_000_000, saved_inclusive_bytes=3_000_000)},
+                   saved_bytes=3_000_000, steps=1)
+    t = prof.table()
+    assert t.title.endswith("3.0 MB saved for backward")
+    assert list(t.columns[3]._cells) == ["3.00"]
+
+
+def test_profile_table_shows_full_names_wrapped():
+    """Two ``mlp`` rows stay apart: the module column holds qualified names, folded
+    onto several lines when the console is narrow, never cut."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from memfit.plan import ModuleProfile, Profile
+
+    names = ["", "transformer", "transformer.h.0.mlp", "transformer.h.1.mlp"]
+    prof = Profile(modules={n: ModuleProfile(n, "Module", n.count(".") + bool(n), saved_inclusive_bytes=1)
+                            for n in names}, steps=1)
+    t = prof.table()
+    module = t.columns[0]
+    assert module.overflow == "fold"
+    assert list(module._cells) == ["<root>", "transformer", "transformer.h.0.mlp", "transformer.h.1.mlp"]
+    buf = StringIO()
+    Console(file=buf, width=100).print(t)
+    column = "".join(line.split("│")[1].strip() for line in buf.getvalue().splitlines() if line.count("│") > 2)
+    assert "…" not in column
+    assert column == "<root>transformertransformer.h.0.mlptransformer.h.1.mlp"  # the folds, joined
+    assert max(len(line.split("│")[1].strip()) for line in buf.getvalue().splitlines() if line.count("│") > 2) < 19

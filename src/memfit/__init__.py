@@ -4,6 +4,9 @@
   1-bit masks) on any model, through saved-tensor hooks.
 * :mod:`memfit.optim` has AdamW, SGD and Lion with 8- and 4-bit block-wise state.
 * :mod:`memfit.codec` is the block-wise codec underneath.
+* :mod:`memfit.step` holds the mechanics of one training step (:class:`StepConfig`,
+  ``apply``, ``run_step``, peak tracking) that the estimator, the planner and the
+  integrations share.
 * :mod:`memfit.plan`: :func:`estimate` gives the peak memory of a training step from
   fake tensors (nothing computed or allocated); :func:`profile` measures per-module
   saved bytes and times; ``memfit.plan(model, batch, budget)`` picks compression,
@@ -25,21 +28,24 @@ __all__ = [
     "optim",
 ]
 
+from . import step  # noqa: E402
+from .step import StepConfig  # noqa: E402
+
+__all__ += ["StepConfig", "step"]
+
+# memfit.plan(model, batch, budget) -> Plan: memfit.plan is the package holding
+# estimate, measure_peak, profile, ...; calling it plans (see its docstring).
 from . import plan  # noqa: E402
-from .plan import Estimate, StepConfig, estimate  # noqa: E402
+from .plan import BudgetTooSmall, Estimate, Plan, Profile, estimate, max_batch_size, profile  # noqa: E402
 
-__all__ += ["Estimate", "StepConfig", "estimate", "plan"]
-
-from .plan import Profile, profile  # noqa: E402
-
-__all__ += ["Profile", "profile"]
-
-# The planner: memfit.plan(model, batch, budget) -> Plan (memfit.plan stays the
-# package holding estimate, measure_peak, StepConfig, ...; calling it plans).
-from .plan import BudgetTooSmall, Plan, max_batch_size  # noqa: E402
-
-__all__ += ["BudgetTooSmall", "Plan", "max_batch_size"]
+__all__ += ["BudgetTooSmall", "Estimate", "Plan", "Profile", "estimate", "max_batch_size", "plan", "profile"]
 
 from .loss import causal_lm_loss  # noqa: E402
 
 __all__ += ["causal_lm_loss"]
+
+# memfit.weights(model, bits="nf4") compresses frozen parameters (the package is callable).
+from . import weights  # noqa: E402
+from .weights import CompressedWeights  # noqa: E402
+
+__all__ += ["CompressedWeights", "weights"]

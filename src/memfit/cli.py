@@ -157,6 +157,23 @@ def _parse_batch(text: str | None) -> tuple[int, ...]:
     return dims
 
 
+def _check_config_keys(key: str, cfg_cls, overrides: dict) -> None:
+    """Refuse override keys the config class does not know: transformers configs take
+    any keyword and keep it as an attribute, so a typo (``n_layers`` for ``n_layer``)
+    would otherwise be silently ignored."""
+    import difflib
+    import inspect
+
+    known = set(inspect.signature(cfg_cls.__init__).parameters) - {"self", "kwargs"}
+    known |= set(getattr(cfg_cls, "attribute_map", {}))
+    known |= {k for k in vars(cfg_cls()) if not k.startswith("_")}
+    for name in overrides:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise _SpecError(f"--model {key}: {cfg_cls.__name__} has no key {name!r}{hint}")
+
+
 def _hf_model(key: str, overrides: dict, batch: tuple[int, ...], device: str):
     import torch
     import transformers
@@ -166,6 +183,7 @@ def _hf_model(key: str, overrides: dict, batch: tuple[int, ...], device: str):
     model_cls = getattr(transformers, model_name, None)
     if cfg_cls is None or model_cls is None:
         raise _SpecError(f"--model {key}: this transformers ({transformers.__version__}) has no {cfg_name}")
+    _check_config_keys(key, cfg_cls, overrides)
     defaults = {"use_cache": False} if kind == "tokens" and key not in ("bert", "roberta", "distilbert") else {}
     try:
         config = cfg_cls(**{**defaults, **overrides})
@@ -285,6 +303,16 @@ def _add_model_args(p, *, budget: bool = False) -> None:
         p.add_argument("--state-bits", type=int, default=32, choices=[32, 8, 4], help="optimizer state bits (default 32)")
 
 
+def _parse_widths(text: str) -> tuple[int, ...]:
+    """``--state-bits 32,8``: optimizer state widths, each 32, 8 or 4."""
+    from ._validate import check_bits
+
+    parts = [x.strip() for x in str(text).split(",") if x.strip()]
+    if not parts or not all(x.isdigit() for x in parts):
+        raise _SpecError(f"--state-bits {text!r}: expected widths among 32, 8 and 4 joined by commas, e.g. 32,8")
+    return tuple(check_bits(int(x), (32, 8, 4), name="--state-bits") for x in parts)
+
+
 def _load(args, device: str = "cpu"):
     return build_model_spec(args.model, args.batch, device=device)
 
@@ -314,35 +342,49 @@ def _bar_parts(breakdown: dict) -> dict:
 
 
 def save_memory_plot(path, bars: "list[tuple[str, dict]]", *, budget: int | None = None, title: str = "") -> str:
-    """Stacked bars (MB) of parameters, gradients, optimizer state, activations and
-    temporaries at the peak, one bar per ``(label, breakdown)``; a dashed budget line."""
+    """Write :func:`memory_figure` to ``path`` (PNG); returns the path."""
+    memory_figure(bars, budget=budget, title=title).savefig(str(path))
+    return str(path)
+
+
+def memory_figure(bars: "list[tuple[str, dict]]", *, budget: int | None = None, title: str = ""):
+    """Stacked bars of parameters, gradients, optimizer state, activations and
+    temporaries at the peak, one bar per ``(label, breakdown)``, in decimal MB
+    (:mod:`memfit._units`, as every table memfit prints); each bar's total written on
+    top of it, a dashed budget line, the legend beside the bars (never over them)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(2.2 + 1.8 * len(bars), 5), dpi=110)
+    from ._units import MB, format_bytes
+
+    fig = Figure(figsize=(3.6 + 1.6 * len(bars), 4.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     colors = {"parameters": "tab:blue", "gradients": "tab:orange", "optimizer state": "tab:green",
               "activations": "tab:red", "temporaries": "tab:gray"}
     xs = list(range(len(bars)))
     bottoms = [0.0] * len(bars)
+    totals = [sum(_bar_parts(bd).values()) for _, bd in bars]
     for part, color in colors.items():
-        vals = [_bar_parts(bd)[part] / 1e6 for _, bd in bars]
+        vals = [_bar_parts(bd)[part] / MB for _, bd in bars]
         ax.bar(xs, vals, 0.6, bottom=bottoms, color=color, label=part)
         bottoms = [b + v for b, v in zip(bottoms, vals)]
-    for x, top in zip(xs, bottoms):
-        ax.text(x, top, f"{top:,.0f}", ha="center", va="bottom", fontsize=8)
+    for x, top, total in zip(xs, bottoms, totals):
+        ax.annotate(format_bytes(total), (x, top), xytext=(0, 3), textcoords="offset points", ha="center",
+                    va="bottom", fontsize=8, zorder=5,
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none"))
     if budget is not None:
-        ax.axhline(budget / 1e6, color="black", linestyle="--", linewidth=1, label=f"budget {budget / 1e6:,.0f} MB")
+        ax.axhline(budget / MB, color="black", linestyle="--", linewidth=1, label=f"budget {format_bytes(budget)}")
     ax.set_xticks(xs)
     ax.set_xticklabels([label for label, _ in bars], fontsize=8)
-    ax.set_ylabel("MB at the peak of a step")
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+    ax.set_ylim(0, max(bottoms + [budget / MB if budget else 0.0]) * 1.12 or 1.0)
+    ax.set_ylabel("MB (10^6 bytes) at the peak of a step")
     ax.set_title(title or "memory at the peak", fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(str(path))
-    return str(path)
+    return fig
 
 
 # --------------------------------------------------------------------------- estimate
@@ -359,7 +401,8 @@ def _add_estimate(subparsers) -> None:
         ),
     )
     _add_model_args(p)
-    p.add_argument("--bits", default=None, help="compress activations: 8, 4, 2 or fp8 (default: keep)")
+    p.add_argument("--bits", default=None, choices=["8", "4", "2", "fp8"],
+                   help="compress activations: 8, 4, 2 or fp8 (default: keep)")
     p.add_argument("--checkpoint", default=None, help="comma-separated module names to recompute in backward")
     p.add_argument("--optimizer-in-backward", action="store_true", help="step each parameter inside backward")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked bar of the peak's breakdown")
@@ -461,7 +504,7 @@ def _run_plan(args) -> int:
     try:
         widths = None
         if args.state_bits:
-            widths = tuple(int(x) for x in str(args.state_bits).split(",") if x.strip())
+            widths = _parse_widths(args.state_bits)
         model, batch, loss_fn = _load(args)
         result = plan(
             model, batch, args.budget, args.optimizer, loss_fn, state_bits=widths,

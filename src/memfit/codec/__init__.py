@@ -4,8 +4,10 @@ Formats: :class:`IntFormat` (8/4/2-bit codes with a per-block scale and offset,
 stochastic or nearest rounding), :class:`FP8Format` (e4m3 with a per-block scale),
 :class:`BitMaskFormat` (lossless 1 bit per element for masks) and :class:`RawFormat`
 (kept as is). :func:`encode` and :func:`decode` convert; :class:`Encoded` holds the
-result and knows its size. Kernels: fused C++ on CPU, Triton on CUDA, eager PyTorch
-as the always-correct fallback (see :mod:`memfit.codec.kernels`).
+result and knows its size. Kernels: fused C++ on CPU (built on first use), eager
+PyTorch everywhere else (CUDA included) and as the always-correct fallback; a Triton
+backend for CUDA is loaded when its module is installed. :func:`backend_name` says
+which runs for a device; :mod:`memfit._backends` chooses (``MEMFIT_KERNELS``).
 """
 
 from .blockwise import Encoded, can_encode, decode, encode, is_plain_dense, tensor_nbytes

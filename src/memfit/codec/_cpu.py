@@ -1,7 +1,7 @@
 """Fused C++/OpenMP codec kernels for CPU tensors, JIT-built from ``csrc/blockwise.cpp``.
 
-:func:`load` builds the extension once per machine with ``torch.utils.cpp_extension``
-(ninja and a C++ compiler needed; torch caches the build under
+:func:`load` builds the extension once per Python environment through
+:mod:`memfit._jit` (ninja and a C++ compiler needed; the build is kept under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) and returns this
 module, whose functions have exactly the signatures and results of
 :mod:`memfit.codec._eager` (for round-to-nearest, bit for bit).
@@ -13,73 +13,30 @@ numbers as the eager reference's ``torch.rand``.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
 import sys
-import threading
 from pathlib import Path
 
 import torch
 
-NAME = "cpp"
+from .._jit import Extension
 
-_SOURCE = Path(__file__).with_name("csrc") / "blockwise.cpp"
+NAME = "cpu"
 
-# -O3 for auto-vectorization; -ffp-contract=off keeps a*b+c as two rounded operations,
-# as in the eager reference (an FMA would change codes). -march=native: the loops are
-# written to vectorize, and AVX2/AVX-512 and F16C (hardware fp16 conversion) make them
-# several times faster than the SSE2 baseline. The binary then only runs on CPUs like
-# the one that built it, so the cache key below includes the CPU's model and feature
-# flags: a home directory shared between different machines gets one build per CPU kind.
-_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
-_LDFLAGS = ["-fopenmp"]
+EXTENSION = Extension(
+    name="memfit_codec_cpu",
+    sources=(Path(__file__).with_name("csrc") / "blockwise.cpp",),
+    what="the fused CPU codec kernels",
+)
 
 _ext = None
-_lock = threading.Lock()
-
-
-def _machine_key() -> str:
-    parts = [platform.machine(), platform.system(), sys.version.split()[0], torch.__version__]
-    try:
-        with open("/proc/cpuinfo") as f:
-            seen = set()
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("model name", "flags", "Features", "CPU part") and key not in seen:
-                    seen.add(key)
-                    parts.append(line.strip())
-    except OSError:
-        parts.append(platform.processor())
-    return "\n".join(parts)
-
-
-def _build():
-    from torch.utils import cpp_extension
-
-    src = _SOURCE.read_bytes()
-    h = hashlib.sha256()
-    h.update(src)
-    h.update(repr((_CFLAGS, _LDFLAGS)).encode())
-    h.update(_machine_key().encode())
-    name = f"memfit_codec_cpu_{h.hexdigest()[:16]}"
-    return cpp_extension.load(
-        name=name,
-        sources=[str(_SOURCE)],
-        extra_cflags=_CFLAGS,
-        extra_ldflags=_LDFLAGS,
-        verbose=False,
-    )
 
 
 def load():
-    """Build (first time on this machine) or load the extension; returns this module.
-    Raises if it cannot be built (no compiler, no ninja, ...)."""
+    """Build (first time in this environment) or load the extension; returns this
+    module. Raises if it cannot be built (no compiler, no ninja, a build lock held by
+    another process past its timeout, ...)."""
     global _ext
-    if _ext is None:
-        with _lock:
-            if _ext is None:
-                _ext = _build()
+    _ext = EXTENSION.load()
     return sys.modules[__name__]
 
 

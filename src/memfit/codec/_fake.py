@@ -117,7 +117,7 @@ def _scratch(op: str, like: torch.Tensor, n: int, dtype: torch.dtype, block: int
         real = _real_backend(device)
     except Exception:  # pragma: no cover
         return
-    if getattr(real, "NAME", "eager") == "cpp":
+    if getattr(real, "NAME", "eager") == "cpu":
         return  # the fused C++ kernels allocate their outputs only
     key = (op, device.type, dtype, block, args, getattr(real, "NAME", "eager"))
     coef = _SCRATCH.get(key)

@@ -299,13 +299,6 @@ def unpack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- block-wise
 
 
-def finite_absmax(xb: torch.Tensor) -> torch.Tensor:
-    """Per-row max |x| over the finite elements of a [nb, block] fp32 tensor (0 if none)."""
-    a = xb.abs()
-    a = torch.where(torch.isfinite(a), a, torch.zeros((), dtype=a.dtype))
-    return a.amax(dim=1)
-
-
 def inv_scale(absmax: torch.Tensor) -> torch.Tensor:
     """``1 / absmax`` in fp32, 0 where absmax is 0 (the kernels compute the same)."""
     one = torch.ones((), dtype=torch.float32)

@@ -14,8 +14,10 @@ gradient clipping and accumulation behave as with torch's own), and
   over the whole tensor (an FSDP2 DTensor's global size, never its shard), for complex
   parameters, and for those marked with :func:`keep_fp32`.
 * On CPU one fused C++/OpenMP pass per block dequantizes, updates and requantizes
-  (``csrc/step.cpp``, JIT-built); ``MEMFIT_KERNELS=eager`` (or a failed build, with a
-  warning) selects the pure-PyTorch path, which gives identical results.
+  (``csrc/step.cpp``, built once per environment); ``MEMFIT_KERNELS=eager`` (or a
+  failed build, with a warning) selects the pure-PyTorch path, which gives identical
+  results. :func:`backend_name` says which runs for a device; :mod:`memfit._backends`
+  chooses, as for the codec.
 * Non-finite gradients give the offending elements torch's outcome; their state is
   kept exactly in a per-parameter side table, so the rest of the block is untouched.
 * ``state_dict()``/``load_state_dict()`` round-trip exactly and only hold tensors,
@@ -32,7 +34,8 @@ gradient clipping and accumulation behave as with torch's own), and
 from ._base import QuantizedOptimizer, keep_fp32
 from ._kernels import backend_name
 from .adamw import AdamW
+from .in_backward import InBackwardOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["SGD", "AdamW", "Lion", "QuantizedOptimizer", "backend_name", "keep_fp32"]
+__all__ = ["SGD", "AdamW", "InBackwardOptimizer", "Lion", "QuantizedOptimizer", "backend_name", "keep_fp32"]

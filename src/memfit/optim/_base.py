@@ -1,6 +1,6 @@
 """What memfit's optimizers share: the per-parameter choice between fp32 and quantized
-state, the quantized step (fused C++ on CPU, eager elsewhere), checkpoints and
-conversion to and from torch's own state format."""
+state, the quantized step (on the backend :mod:`memfit._backends` chooses for the
+parameter's device), checkpoints and conversion to and from torch's own state format."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from typing import Any, Iterable
 import torch
 
 from . import _qstate as Q
-from ._kernels import fused_step
+from .._backends import backend
+from .._validate import check_bits, check_int
 
 _KEEP_ATTR = "_memfit_keep_fp32"
 MEMFIT_GROUP_KEYS = ("state_bits", "block_size", "min_quantized_numel")
+STATE_BITS = (32, 8, 4)
 
 
 def keep_fp32(*objs: Any):
@@ -191,34 +193,39 @@ def _as_step_tensor(step: Any) -> torch.Tensor:
 
 
 class QuantizedOptimizer(torch.optim.Optimizer):
-    """Base class. Subclasses set ``_ALGO``, ``_STATE_NAMES``, ``_NAME`` and implement
-    ``_maps``, ``_hparams``, ``_fp32_step``, ``_has_state`` and ``_torch_group``."""
+    """Base class. Subclasses set ``_ALGO`` and ``_STATE_NAMES`` and implement
+    ``_maps``, ``_check_hparams``, ``_hparams``, ``_fp32_step``, ``_has_state`` and
+    ``_torch_group``."""
 
     _ALGO: int
     _STATE_NAMES: tuple[str, ...]
-    _NAME: str
     _SPARSE_MSG: str
     _SPARSE_OK_FP32 = False  # True: sparse gradients allowed where the state is fp32
 
     # ---------------------------------------------------------------- construction
 
     def add_param_group(self, param_group: dict) -> None:
-        bits = param_group.get("state_bits", self.defaults.get("state_bits"))
-        if isinstance(bits, bool) or bits not in (32, 8, 4):
-            raise ValueError(f"state_bits must be 32, 8 or 4, got {bits!r}")
-        block = param_group.get("block_size", self.defaults.get("block_size"))
-        if block is not None and (
-            isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 2 or block > Q.MAX_BLOCK
-        ):
-            raise ValueError(f"block_size must be None or an even int in [2, {Q.MAX_BLOCK}], got {block!r}")
-        mq = param_group.get("min_quantized_numel", self.defaults.get("min_quantized_numel"))
-        if isinstance(mq, bool) or not isinstance(mq, int) or mq < 0:
-            raise ValueError(f"min_quantized_numel must be a non-negative int, got {mq!r}")
+        self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+
+    def _check_group(self, group: dict) -> None:
+        """Raise TypeError/ValueError, naming the option, unless ``group``'s options (the
+        defaults filled in) are valid: memfit's here, the algorithm's in ``_check_hparams``."""
+        check_bits(group.get("state_bits"), STATE_BITS, name="state_bits")
+        block = group.get("block_size")
+        if block is not None:
+            check_int(block, name="block_size", minimum=2)
+            if block % 2 or block > Q.MAX_BLOCK:
+                raise ValueError(f"block_size must be None or an even int in [2, {Q.MAX_BLOCK}], got {block!r}")
+        check_int(group.get("min_quantized_numel"), name="min_quantized_numel", minimum=0)
+        self._check_hparams(group)
 
     # ---------------------------------------------------------------- subclass API
 
     def _maps(self, bits: int) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _check_hparams(self, group: dict) -> None:
         raise NotImplementedError
 
     def _has_state(self, group: dict) -> bool:
@@ -297,6 +304,13 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 layout = self.layout_for(p, group)
+                if layout is not None and p.device.type == "meta":
+                    raise ValueError(
+                        f"{type(self).__name__}.step: a parameter of shape {tuple(p.shape)} is on the meta device; "
+                        "quantized state needs real values (which elements are non-finite decides its layout). "
+                        "Materialize the model first (model.to_empty(device=...)), or keep this parameter's state "
+                        "in fp32 (state_bits=32 or memfit.optim.keep_fp32)"
+                    )
                 if p.grad.is_sparse and (layout is not None or not self._SPARSE_OK_FP32):
                     raise RuntimeError(self._SPARSE_MSG)
                 state = self.state[p]
@@ -327,14 +341,14 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if g32.numel() != p32.numel():
             raise RuntimeError(f"gradient has {g32.numel()} elements, parameter {p32.numel()}")
         names = self._STATE_NAMES
-        fn = fused_step() if p32.device.type == "cpu" else None
-        if fn is not None:
+        chosen = backend("optim", p32.device)
+        if chosen.name != "eager":
             nb = Q.n_blocks(state["numel"], state["block"])
-            redo = torch.zeros(nb, dtype=torch.uint8)
+            redo = torch.zeros(nb, dtype=torch.uint8, device=p32.device)
             if state["nf_idx"].numel():
                 redo[state["nf_idx"] // state["block"]] = 1
             codes, absmax, values, table, mids, tparams = Q.fused_args(state, names)
-            fn(self._ALGO, p32, g32, codes, absmax, values, table, mids, tparams, state["qbits"], state["block"], redo, hp)
+            chosen.kernels.step(self._ALGO, p32, g32, codes, absmax, values, table, mids, tparams, state["qbits"], state["block"], redo, hp)
             ids = torch.nonzero(redo).reshape(-1)
             if ids.numel():
                 Q.eager_step(self._ALGO, p32, g32, state, names, hp, ids)
@@ -396,11 +410,11 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             if "param_names" in g and "param_names" not in sg:
                 ng["param_names"] = g["param_names"]
             new_groups.append(ng)
-        # validate the new group options the same way as at construction
-        for ng in new_groups:
-            bits = ng.get("state_bits")
-            if isinstance(bits, bool) or bits not in (32, 8, 4):
-                raise ValueError(f"loaded state dict has state_bits={bits!r}; must be 32, 8 or 4")
+        for i, ng in enumerate(new_groups):  # checked as at construction
+            try:
+                self._check_group(ng)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"loaded state dict, parameter group {i}: {exc}") from None
         group_of = {id(p): ng for ng in new_groups for p in ng["params"]}
         new_state: dict = defaultdict(dict)
         for key, entry in state_dict["state"].items():

@@ -94,13 +94,6 @@ def new_entry(names: tuple[str, ...], layout: Layout, numel: int, shape, step: f
     return entry
 
 
-def entry_tensors(entry: dict, names: tuple[str, ...]) -> list[torch.Tensor]:
-    out = [entry["nf_idx"]]
-    for name in names:
-        out += [entry[f"{name}_codes"], entry[f"{name}_absmax"], entry[f"{name}_nf"]]
-    return out
-
-
 def validate_entry(entry: dict, names: tuple[str, ...], what: str) -> None:
     """Raise ValueError unless ``entry`` is a well-formed quantized state."""
     try:
@@ -119,6 +112,12 @@ def validate_entry(entry: dict, names: tuple[str, ...], what: str) -> None:
             raise ValueError(f"{what}: {name}_codes missing or of the wrong size/dtype")
         if not isinstance(absmax, torch.Tensor) or absmax.numel() != nb:
             raise ValueError(f"{what}: {name}_absmax missing or of the wrong size")
+        if not absmax.is_floating_point():
+            raise ValueError(f"{what}: {name}_absmax must be floating point, got {absmax.dtype}")
+        if absmax.device.type != "meta" and not bool((torch.isfinite(absmax) & (absmax >= 0)).all()):
+            # a scale is a block's largest |state|: NaN, inf or a negative one decodes the
+            # whole block wrongly (non-finite state elements live in the side table)
+            raise ValueError(f"{what}: {name}_absmax holds NaN, infinite or negative scales; the state is corrupt")
         nf = entry.get(f"{name}_nf")
         if not isinstance(nf, torch.Tensor) or nf.numel() != entry["nf_idx"].numel():
             raise ValueError(f"{what}: {name}_nf missing or of the wrong size")

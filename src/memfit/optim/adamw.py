@@ -8,21 +8,8 @@ import torch
 from torch.optim import adam as _torch_adam
 
 from . import _qstate as Q
+from .._validate import check_betas, check_lr, check_nonnegative
 from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
-
-
-def _check_common(lr, eps, betas, weight_decay) -> None:
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not 0.0 <= float(lr):
-        raise ValueError(f"Invalid learning rate: {lr}")
-    if eps is not None and not 0.0 <= eps:
-        raise ValueError(f"Invalid epsilon value: {eps}")
-    for i, b in enumerate(betas):
-        if not 0.0 <= float(b) < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-    if not 0.0 <= float(weight_decay):
-        raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
 
 class AdamW(QuantizedOptimizer):
@@ -54,7 +41,6 @@ class AdamW(QuantizedOptimizer):
 
     _ALGO = Q.ALGO_ADAMW
     _STATE_NAMES = ("exp_avg", "exp_avg_sq")
-    _NAME = "AdamW"
     _SPARSE_MSG = "Adam does not support sparse gradients, please consider SparseAdam instead"
 
     def __init__(
@@ -75,7 +61,6 @@ class AdamW(QuantizedOptimizer):
         capturable: bool = False,
         differentiable: bool = False,
     ):
-        _check_common(lr, eps, betas, weight_decay)
         if amsgrad:
             raise ValueError("memfit.optim.AdamW does not support amsgrad")
         if capturable or differentiable:
@@ -85,6 +70,12 @@ class AdamW(QuantizedOptimizer):
             min_quantized_numel=min_quantized_numel, maximize=maximize, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative(group["eps"], name="eps")
+        check_nonnegative(group["weight_decay"], name="weight_decay")
 
     def _maps(self, bits: int) -> tuple[str, ...]:
         return ("float8_e4m3_signed", "float8_e5m3_unsigned") if bits == 8 else ("dynamic4_signed", "linear4_unsigned_nozero")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import _qstate as Q
+from .._validate import check_betas, check_lr, check_nonnegative
 from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
 
 
@@ -19,7 +20,6 @@ class Lion(QuantizedOptimizer):
 
     _ALGO = Q.ALGO_LION
     _STATE_NAMES = ("exp_avg",)
-    _NAME = "Lion"
     _SPARSE_MSG = "Lion does not support sparse gradients"
 
     def __init__(
@@ -34,18 +34,16 @@ class Lion(QuantizedOptimizer):
         min_quantized_numel: int = 4096,
         maximize: bool = False,
     ):
-        if float(lr) < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        for i, b in enumerate(betas):
-            if not 0.0 <= float(b) <= 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, state_bits=state_bits, block_size=block_size,
             min_quantized_numel=min_quantized_numel, maximize=maximize,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group):
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_nonnegative(group["weight_decay"], name="weight_decay")
 
     def _maps(self, bits):
         return ("float8_e4m3_signed",) if bits == 8 else ("dynamic4_signed",)

@@ -6,6 +6,7 @@ import torch
 from torch.optim import sgd as _torch_sgd
 
 from . import _qstate as Q
+from .._validate import check_lr, check_nonnegative
 from ._base import MEMFIT_GROUP_KEYS, QuantizedOptimizer, _local, like_param
 
 
@@ -21,7 +22,6 @@ class SGD(QuantizedOptimizer):
 
     _ALGO = Q.ALGO_SGD
     _STATE_NAMES = ("momentum_buffer",)
-    _NAME = "SGD"
     _SPARSE_MSG = "memfit.optim.SGD does not support sparse gradients for parameters with quantized momentum"
     _SPARSE_OK_FP32 = True
 
@@ -42,14 +42,6 @@ class SGD(QuantizedOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
     ):
-        if float(lr) < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if momentum < 0.0:
-            raise ValueError(f"Invalid momentum value: {momentum}")
-        if weight_decay < 0.0:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         if differentiable:
             raise ValueError("memfit.optim.SGD does not support differentiable")
         defaults = dict(
@@ -58,6 +50,14 @@ class SGD(QuantizedOptimizer):
             maximize=maximize, foreach=foreach, fused=fused,
         )
         super().__init__(params, defaults)
+
+    def _check_hparams(self, group):
+        check_lr(group["lr"])
+        momentum = check_nonnegative(group["momentum"], name="momentum")
+        dampening = check_nonnegative(group["dampening"], name="dampening")
+        check_nonnegative(group["weight_decay"], name="weight_decay")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("nesterov=True needs momentum > 0 and dampening = 0")
 
     def _has_state(self, group):
         return group["momentum"] != 0

@@ -41,7 +41,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from ._step import (
+from .._units import MB
+from ..step import (
     Loss,
     StepConfig,
     as_config,
@@ -53,7 +54,6 @@ from ._step import (
     tracked_steps,
 )
 
-_MB = 2**20
 
 
 @dataclass
@@ -115,21 +115,21 @@ class Estimate:
     def rows(self) -> list[tuple[str, str]]:
         bd = self.peak_breakdown
         out = [
-            ("peak", f"{self.peak_bytes / _MB:,.1f} MB  (in {self.peak_phase})"),
-            ("  params at peak", f"{bd.get('params', 0) / _MB:,.1f} MB"),
-            ("  buffers + inputs at peak", f"{(bd.get('buffers', 0) + bd.get('inputs', 0)) / _MB:,.1f} MB"),
-            ("  grads at peak", f"{bd.get('grads', 0) / _MB:,.1f} MB"),
-            ("  optimizer state at peak", f"{bd.get('optimizer', 0) / _MB:,.1f} MB"),
-            ("  activations at peak", f"{bd.get('activations', 0) / _MB:,.1f} MB"),
-            ("  temporaries at peak", f"{bd.get('temporaries', 0) / _MB:,.1f} MB"),
-            ("parameters", f"{self.param_bytes / _MB:,.1f} MB"),
-            ("gradients (max alive)", f"{self.grad_bytes / _MB:,.1f} MB"),
-            ("optimizer state", f"{self.optimizer_bytes / _MB:,.1f} MB"),
-            ("kept for backward", f"{self.activation_bytes / _MB:,.1f} MB"),
+            ("peak", f"{self.peak_bytes / MB:,.1f} MB  (in {self.peak_phase})"),
+            ("  params at peak", f"{bd.get('params', 0) / MB:,.1f} MB"),
+            ("  buffers + inputs at peak", f"{(bd.get('buffers', 0) + bd.get('inputs', 0)) / MB:,.1f} MB"),
+            ("  grads at peak", f"{bd.get('grads', 0) / MB:,.1f} MB"),
+            ("  optimizer state at peak", f"{bd.get('optimizer', 0) / MB:,.1f} MB"),
+            ("  activations at peak", f"{bd.get('activations', 0) / MB:,.1f} MB"),
+            ("  temporaries at peak", f"{bd.get('temporaries', 0) / MB:,.1f} MB"),
+            ("parameters", f"{self.param_bytes / MB:,.1f} MB"),
+            ("gradients (max alive)", f"{self.grad_bytes / MB:,.1f} MB"),
+            ("optimizer state", f"{self.optimizer_bytes / MB:,.1f} MB"),
+            ("kept for backward", f"{self.activation_bytes / MB:,.1f} MB"),
         ]
         for ph in ("forward", "backward", "optimizer"):
             if ph in self.phase_peaks:
-                out.append((f"peak within {ph}", f"{self.phase_peaks[ph] / _MB:,.1f} MB"))
+                out.append((f"peak within {ph}", f"{self.phase_peaks[ph] / MB:,.1f} MB"))
         return out
 
     def table(self, top: int = 8):
@@ -147,7 +147,7 @@ class Estimate:
         if mods:
             t.add_section()
             for name, b in mods:
-                t.add_row(f"  held by {name or '<root>'}", f"{b / _MB:,.2f} MB")
+                t.add_row(f"  held by {name or '<root>'}", f"{b / MB:,.2f} MB")
         return t
 
     def __str__(self) -> str:
@@ -179,7 +179,7 @@ def breakdown(res: dict) -> dict[str, int]:
 
 
 def fill(result: Estimate, res: dict, config: StepConfig) -> Estimate:
-    """Fill ``result``'s fields from :func:`~memfit.plan._step.tracked_steps`' dict."""
+    """Fill ``result``'s fields from :func:`~memfit.step.tracked_steps`' dict."""
     start = res["start"]
     result.param_bytes = int(start.get("PARAM", 0))
     result.buffer_bytes = int(start.get("BUFFER", 0))
@@ -435,9 +435,9 @@ def estimate(
                 try:
                     res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
                 except Exception as exc:
-                    from ._step import _is_fake_limitation
+                    from ..step.loss import is_fake_limitation
 
-                    if _is_fake_limitation(exc):
+                    if is_fake_limitation(exc):
                         raise RuntimeError(
                             "memfit.plan.estimate: the step depends on tensor values (e.g. .item(), "
                             "nonzero, boolean masks), which cannot be estimated without data: "

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ._step import Loss, StepConfig, main_device, make_optimizer, preserved_state, resolve_loss_fn, tracked_steps
+from ..step import Loss, StepConfig, main_device, make_optimizer, preserved_state, resolve_loss_fn, tracked_steps
 from .estimate import Estimate, fill
 
 

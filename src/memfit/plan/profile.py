@@ -35,18 +35,18 @@ from typing import Any, Mapping
 
 import torch
 
-from ._step import (
+from .._units import MB
+from ..step import (
     Loss,
     StepConfig,
-    _tensors_in,
     apply,
     make_optimizer,
     preserved_state,
     resolve_loss_fn,
     run_step,
+    tensors_in,
 )
 
-_MB = 2**20
 
 
 @dataclass
@@ -130,19 +130,21 @@ class Profile:
                    f"{self.forward_seconds:.3f}s, backward {self.backward_seconds:.3f}s, optimizer "
                    f"{self.optimizer_seconds:.3f}s"
                    + (f"; codec {self.codec_seconds:.3f}s of them" if self.codec_seconds else "")
-                   + f"), {self.saved_bytes / _MB:,.1f} MB saved for backward"),
+                   + f"), {self.saved_bytes / MB:,.1f} MB saved for backward"),
             title_justify="left",
         )
         recomputed = any(m.recompute_seconds for m in rows)  # a column only under checkpointing
         cols = ("module", "type", "calls", "saved MB (self)", "saved MB (incl.)", "by dtype (self)",
                 "fwd ms (incl.)", "fwd ms (self)", "bwd ms (incl.)", "bwd ms (self)")
         for col in cols + (("recompute ms",) if recomputed else ()):
-            t.add_column(col, justify="left" if col in ("module", "type", "by dtype (self)") else "right")
+            # full qualified names, wrapped rather than cut: two "mlp" rows stay apart
+            t.add_column(col, justify="left" if col in ("module", "type", "by dtype (self)") else "right",
+                         overflow="fold" if col == "module" else "ellipsis")
         for m in rows:
-            kinds = ", ".join(f"{k} {v / _MB:.1f}" for k, v in sorted(m.saved_by_dtype.items(), key=lambda kv: -kv[1]))
+            kinds = ", ".join(f"{k} {v / MB:.1f}" for k, v in sorted(m.saved_by_dtype.items(), key=lambda kv: -kv[1]))
             t.add_row(
-                "  " * m.depth + (m.name.rsplit(".", 1)[-1] if m.name else "<root>"), m.type, str(m.calls),
-                f"{m.saved_bytes / _MB:,.2f}", f"{m.saved_inclusive_bytes / _MB:,.2f}", kinds,
+                m.name or "<root>", m.type, str(m.calls),
+                f"{m.saved_bytes / MB:,.2f}", f"{m.saved_inclusive_bytes / MB:,.2f}", kinds,
                 f"{m.forward_seconds * 1e3:,.2f}", f"{m.forward_self_seconds * 1e3:,.2f}",
                 f"{m.backward_seconds * 1e3:,.2f}", f"{m.backward_self_seconds * 1e3:,.2f}",
                 *((f"{m.recompute_seconds * 1e3:,.2f}" if m.recompute_seconds else "",) if recomputed else ()),
@@ -208,7 +210,7 @@ class _StepTimer:
     def _pre(self, name: str):
         def hook(module, args, kwargs):
             if torch.is_grad_enabled():
-                ins = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
+                ins = [t for t in tensors_in((args, kwargs)) if t.requires_grad]
                 if ins:
                     self._grad_handles.append(
                         torch.autograd.graph.register_multi_grad_hook(ins, self._bwd_end(name), mode="all")
@@ -225,7 +227,7 @@ class _StepTimer:
                 self.fwd[name] += now - starts.pop()
                 self.calls[name] += 1
             if torch.is_grad_enabled():
-                outs = [t for t in _tensors_in(output) if t.requires_grad and t.grad_fn is not None]
+                outs = [t for t in tensors_in(output) if t.requires_grad and t.grad_fn is not None]
                 if outs:
                     self._grad_handles.append(
                         torch.autograd.graph.register_multi_grad_hook(outs, self._bwd_start(name), mode="any")
@@ -309,7 +311,7 @@ def profile(
         timer = _StepTimer(model)
         with apply(model, cfg, opt, count_saved=True) as ctx:
             if ctx.counter is not None:
-                ctx.counter.exclude = _tensors_in(batch)
+                ctx.counter.exclude = tensors_in(batch)
             timer.install()
             try:
                 for i in range(steps):

@@ -1,15 +1,21 @@
 """The planner's search: an analytic peak model and a cost-driven search over choices.
 
-Nothing here runs a model. :mod:`memfit.plan.plan` measures what the model needs
+Nothing here runs a model. :mod:`memfit.plan.planner` measures what the model needs
 (one plain :func:`~memfit.plan.estimate`, a fake forward counting what each unit saves,
 a :func:`~memfit.plan.profile`, a codec and optimizer throughput probe), builds
 :class:`Unit` s and one :class:`OptimizerOption` per optimizer setting, and asks
 :func:`search` for the cheapest assignment whose *modelled* peak fits. It then checks
-the pick with a real ``estimate(...)``, corrects the model (calibration offsets per
-optimizer option and branch, per-unit held bytes) and searches again.
+the pick with a real ``estimate(...)`` (:mod:`memfit.plan.verifier`), corrects the
+model (:class:`memfit.plan.peak_model.PeakModel`: calibration offsets per optimizer
+option and branch, per-unit held bytes) and searches again.
+
+This module is where a new per-unit lever goes: a new entry in :data:`CHOICES`, what
+a unit holds under it (:meth:`Unit.stored`), what it costs (:meth:`CostModel.unit_cost`),
+which units may use it (:func:`options_for`) and its live bytes in
+:func:`unit_profiles`.
 
 The memory model of one training step (steady state: the optimizer state exists),
-:func:`branch_models`:
+:func:`unit_profiles`:
 
 * forward, at the end of unit ``u`` (forward order):
   ``P + S + sum(stored[v] for v < u) + forward_working[u]``;
@@ -130,10 +136,9 @@ class CostModel:
     fidelity_weight: float = 1.0
     # Costs within this of the cheapest are ties, broken toward the larger modelled
     # peak: the plan that keeps more. Time costs come from one profiled step each, so
-    # differences below about 1% of a step are noise; without this, 8-bit optimizer
-    # state with every activation kept and fp32 state with six blocks at 8 bits (0.05
-    # against 0.04-0.06 on GPT-2-small) swapped between runs, and the first left 15%
-    # of the budget unused.
+    # differences below about 1% of a step are noise; without this, near ties swapped
+    # between runs and the leaner pick left part of the budget unused (the case is in
+    # docs/benchmarks.md, "Notes on the plan figures").
     tie: float = 0.01
 
     def unit_cost(self, unit: Unit, choice) -> tuple[float, float]:

@@ -14,10 +14,8 @@
 // float-map codes (memfit's 8-bit AdamW layout) decoded and encoded by integer arithmetic
 // on fp32 bits (FMap), 4-bit ones decoded with vpshufb and encoded by a binary search in
 // registers, absmax by integer max of fp32 bits; these blocks are pipelined (update of
-// one block with the requantization of the previous). 8-bit dynamic-tree maps (states
-// converted from older checkpoints are requantized onto the float maps, so only direct
-// kernel callers reach them) take scalar code book loads and a certified
-// piecewise-affine quantizer (Q8F), one block after the other. Other blocks, SGD and Lion use the generic per-block code, which rounds
+// one block with the requantization of the previous). Other blocks (other maps included),
+// SGD and Lion use the generic per-block code, which rounds
 // with a lookup table (sign/exponent/top-mantissa bits -> code of the cell's lower end and
 // the one midpoint inside it; see memfit/codec/dynamic.py).
 //
@@ -531,218 +529,18 @@ QTab make_tab(const torch::Tensor& values, const torch::Tensor& table, const tor
 }
 
 // ===================================================================== fast AdamW blocks
-// Full blocks of AdamW (block % 32 == 0) take three passes over the block, each with few
-// live constants so that they stay in registers:
-//   A. 8-bit only: code book lookups, scalar loads inserted into vectors (on Zen-class
-//      CPUs 8 scalar loads beat one vpgatherdd by ~2x);
-//   B. the fp32 update into stack buffers (4-bit: decoded 32 at a time with vpshufb on the
-//      4 bytes of the 16 fp32 code values); absmax from integer max of the fp32 bits, which
-//      also catches NaN/Inf (their bits are the largest);
+// Full blocks of AdamW (block % 32 == 0) on 4-bit maps or on the 8-bit float maps take two
+// passes over the block, each with few live constants so that they stay in registers:
+//   B. the fp32 update into stack buffers (decoded 32 at a time: 4-bit with vpshufb on the
+//      4 bytes of the 16 fp32 code values, 8-bit float maps by integer arithmetic); absmax
+//      from integer max of the fp32 bits, which also catches NaN/Inf (their bits are the
+//      largest);
 //   C. requantization without table lookups (below), packing and the parameter store.
-// 4-bit and 8-bit float-map blocks run B of one block and C of the previous in the same
-// loop (the sqrt and division, B's bottleneck, overlap C's vector work); 8-bit blocks on
-// the dynamic maps run A, B and C one after the other.
+// B of one block and C of the previous run in the same loop (the sqrt and division, B's
+// bottleneck, overlap C's vector work).
 // The results are bit-identical to the eager path (memfit/optim/_qstate.py).
 
-// ---- certified 8-bit quantizer
-// A 256-code map whose codes on the non-negative side fall into at most 8 runs of equally
-// spaced values (the dynamic maps: the zero code and one run per decade), possibly mirrored
-// to the negative side around a zero code (values[2z - c] == -values[c]), plus at most one
-// extra top code (the dynamic maps' 1.0). For |x| in run r (found exactly, see
-// q8f_estimate), F = A[r] |x| + B[r] is an affine function whose value
-// at each midpoint inside the run is (code below) + 1/2 up to a small error e, clamped to
-// hi[r] = (last code of the run) + 1/4 above. round(F) is trusted only when F is further
-// than e plus the fp32 rounding from a half-integer, i.e. when no midpoint can lie between
-// x and the code F rounds to; other lanes (exact ties included) are flagged and redone
-// with quant_exact. So the codes always equal quant_exact's. build_q8f checks every
-// assumption; a map that does not fit (ok == false) takes the lookup-table path.
-struct Q8F {
-  bool ok = false;
-  bool sym = false;      // mirrored around code mirror / 2
-  float mirror = 0.0f;   // 2 * zero code
-  float thr = 0.0f;      // |F - round(F)| < thr: certified
-  float top = INFINITY;  // x > top: the extra top code
-  float bnd[8], A[8], B[8], hi[8];
-  int32_t est_c = 0, est_k = 0;  // run estimate, see q8f_estimate
-};
-
-// Estimate of the run of |x| (fp32 bits u) from its exponent and top 7 mantissa bits (a
-// piecewise linear log2): ((max(u >> 16) - c, 0) * k) >> 16, which build_q8f makes equal
-// to r or r - 1 for every u in run r (the estimate is monotone in u, so checking both ends
-// of every run suffices); one compare with run r - 1's upper boundary then gives r.
-inline int q8f_estimate(uint32_t u, int32_t c, int32_t k) {
-  const int32_t h = (int32_t)(u >> 16) - c;
-  return ((h > 0 ? h : 0) * k) >> 16;
-}
-
-inline Q8F build_q8f(const float* v, const float* mids, int n) {
-  Q8F q;
-  if (n != 256) return q;
-  for (int c = 0; c + 1 < n; ++c)
-    if (!(v[c] < v[c + 1]) || !(std::fabs(v[c]) <= 1.0f)) return q;
-  int lo = 0;  // first code of the non-negative side
-  if (v[0] < 0.0f) {
-    int z = -1;
-    for (int c = 0; c < n; ++c)
-      if (v[c] == 0.0f) z = c;
-    if (z < 0 || 2 * z != n - 2) return q;
-    for (int k = 1; k <= z; ++k)
-      if (v[z - k] != -v[z + k]) return q;
-    for (int k = 0; k < z; ++k)
-      if (mids[z - 1 - k] != -mids[z + k]) return q;
-    q.sym = true;
-    q.mirror = (float)(2 * z);
-    lo = z;
-  }
-  for (int with_top = 0; with_top < 2; ++with_top) {
-    if (q.sym && !with_top) continue;  // the mirror leaves code n-1 without a partner
-    const int last = with_top ? n - 2 : n - 1;
-    // fewest runs of equally spaced codes covering [lo, last]
-    std::vector<int> ext(n), best(n + 1, 1 << 20), from(n + 1, -1);
-    for (int i = lo; i <= last; ++i) {
-      int j = i;
-      if (i < last) {
-        const double s = (double)v[i + 1] - v[i];
-        j = i + 1;
-        while (j < last && std::fabs(((double)v[j + 1] - v[j]) - s) <= 1e-3 * s) ++j;
-      }
-      ext[i] = j;
-    }
-    best[lo] = 0;
-    for (int i = lo; i <= last; ++i)
-      for (int j = i; j <= ext[i]; ++j)
-        if (best[i] + 1 < best[j + 1]) {
-          best[j + 1] = best[i] + 1;
-          from[j + 1] = i;
-        }
-    const int R = best[last + 1];
-    if (R > 8) continue;
-    std::vector<std::pair<int, int>> runs;
-    for (int e = last + 1; e > lo; e = from[e]) runs.insert(runs.begin(), {from[e], e - 1});
-    double err = 0.0;
-    for (int r = 0; r < 8; ++r) {
-      const int rr = r < R ? r : R - 1;
-      const int c = runs[rr].first, d = runs[rr].second;
-      float A = 0.0f, B = (float)c;
-      if (d > c) {
-        A = (float)((double)(d - c) / ((double)v[d] - v[c]));
-        B = (float)((double)c - (double)A * v[c]);
-        for (int j = c; j < d; ++j) err = std::max(err, std::fabs((double)A * mids[j] + B - (j + 0.5)));
-        // F at the lowest |x| of the run (the midpoint below it, or 0) must not fall below c - 1/2
-        const double xl = c > lo ? (double)mids[c - 1] : 0.0;
-        err = std::max(err, (c - 0.5) - ((double)A * xl + B));
-      }
-      q.A[r] = A;
-      q.B[r] = B;
-      q.hi[r] = (float)d + 0.25f;
-      q.bnd[r] = r < R - 1 ? mids[d] : INFINITY;
-    }
-    // e plus one fp32 rounding of F (the fixed-point fma below), with margin
-    const double delta = err + std::ldexp(1.0, -16) + 1e-6;
-    if (!(delta < 0.01)) continue;
-    q.thr = (float)(0.5 - delta);
-    q.top = with_top ? mids[n - 2] : INFINITY;
-    // run estimate: the middle of the widest range of c that works, for the first k with one
-    const uint32_t umax = f2u(1.0000005f);  // x * (1 / absmax) may round a little past 1
-    for (int32_t k = 148; k <= 162 && !q.ok; ++k) {
-      int32_t best_c = 0, best_len = 0, cur = 0;
-      for (int32_t c = 0x3000; c <= 0x3f80; ++c) {
-        bool good = q8f_estimate(umax, c, k) <= R - 1;
-        for (int r = 0; good && r < R; ++r) {
-          if (r > 0 && q8f_estimate(f2u(q.bnd[r - 1]) + 1, c, k) < r - 1) good = false;  // lowest |x| of run r
-          if (r < R - 1 && q8f_estimate(f2u(q.bnd[r]), c, k) > r) good = false;          // highest
-        }
-        cur = good ? cur + 1 : 0;
-        if (cur > best_len) {
-          best_len = cur;
-          best_c = c - cur / 2;
-        }
-      }
-      if (best_len >= 8) {
-        q.est_c = best_c;
-        q.est_k = k;
-        q.ok = true;
-      }
-    }
-    if (q.ok) return q;
-  }
-  q.ok = false;
-  return q;
-}
-
-// build_q8f once per code book (the maps are few and fixed)
-inline const Q8F& q8f_cached(const float* v, const float* mids) {
-  static std::mutex mu;
-  static std::vector<std::pair<std::vector<float>, std::unique_ptr<Q8F>>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  for (const auto& e : cache)
-    if (std::memcmp(e.first.data(), v, 256 * 4) == 0 && std::memcmp(e.first.data() + 256, mids, 255 * 4) == 0)
-      return *e.second;
-  std::vector<float> key(v, v + 256);
-  key.insert(key.end(), mids, mids + 255);
-  cache.emplace_back(std::move(key), std::unique_ptr<Q8F>(new Q8F(build_q8f(v, mids, 256))));
-  return *cache.back().second;
-}
-
 #if defined(__AVX2__)
-// F in fixed point: G = (F + 1/2) 2^15 + 2^23 lies in [2^23, 2^24), where fp32 values are
-// the integers, so one fma rounds (F + 1/2) 2^15 to an integer t = bits(G) - bits(2^23):
-// the code is t >> 15 and t's low 15 bits tell how far F is from a half-integer.
-struct Q8GV {
-  __m256i bnd, ec, ek;
-  __m256 A, B, H;
-  __m256 M;  // sym: (mirror + 1) 2^15 + 2^24, so that M - G is G of mirror - F
-  __m256i D, D2, m15, top, absm, c96;
-  Q8GV() = default;
-  explicit Q8GV(const Q8F& q) {
-    alignas(32) float a[8], bb[8], h[8];
-    alignas(32) int32_t bn[8];
-    for (int r = 0; r < 8; ++r) {
-      a[r] = q.A[r] * 32768.0f;
-      bb[r] = (float)(((double)q.B[r] + 0.5) * 32768.0 + 8388608.0);
-      h[r] = (float)(((double)q.hi[r] + 0.5) * 32768.0 + 8388608.0);
-      bn[r] = q.bnd[r] < INFINITY ? (int32_t)f2u(q.bnd[r]) : 0x7f800000;
-    }
-    A = _mm256_load_ps(a);
-    B = _mm256_load_ps(bb);
-    H = _mm256_load_ps(h);
-    bnd = _mm256_load_si256((const __m256i*)bn);
-    ec = _mm256_set1_epi32(q.est_c);
-    ek = _mm256_set1_epi32(q.est_k);
-    M = _mm256_set1_ps((float)(((double)q.mirror + 1.0) * 32768.0 + 16777216.0));
-    const int d = (int)std::ceil((0.5 - (double)q.thr) * 32768.0) + 2;
-    D = _mm256_set1_epi32(d);
-    D2 = _mm256_set1_epi32(2 * d);
-    m15 = _mm256_set1_epi32(0x7fff);
-    top = _mm256_set1_epi32(q.top < INFINITY ? (int32_t)f2u(q.top) : 0x7f800000);
-    absm = _mm256_set1_epi32(0x7fffffff);
-    c96 = _mm256_set1_epi32(0x4b000000 >> 15);
-  }
-};
-
-// codes of x (finite, |x| <= 1 up to rounding); lanes that are not certified get flagged
-// (their code is then wrong by at most one)
-template <bool SYM>
-inline __m256i q8g(__m256 x, const Q8GV& q, __m256i& flag) {
-  const __m256i xi = _mm256_castps_si256(x);
-  __m256 a = x;
-  __m256i ai = xi;
-  if (SYM) {
-    a = _mm256_and_ps(x, _mm256_castsi256_ps(q.absm));
-    // x < 0: run boundaries tie the other way round, so find the run of nextafter(|x|)
-    ai = _mm256_sub_epi32(_mm256_castps_si256(a), _mm256_srai_epi32(xi, 31));
-  }
-  // q8f_estimate in 16-bit lanes (the high halves stay 0), then the boundary compare
-  const __m256i re = _mm256_mulhi_epu16(_mm256_subs_epu16(_mm256_srli_epi32(ai, 16), q.ec), q.ek);
-  const __m256i r = _mm256_sub_epi32(re, _mm256_cmpgt_epi32(ai, _mm256_permutevar8x32_epi32(q.bnd, re)));
-  __m256 g = _mm256_fmadd_ps(a, _mm256_permutevar8x32_ps(q.A, r), _mm256_permutevar8x32_ps(q.B, r));
-  g = _mm256_min_ps(g, _mm256_permutevar8x32_ps(q.H, r));
-  if (SYM) g = _mm256_blendv_ps(g, _mm256_sub_ps(q.M, g), x);
-  const __m256i gi = _mm256_castps_si256(g);
-  flag = _mm256_or_si256(flag, _mm256_cmpgt_epi32(q.D2, _mm256_and_si256(_mm256_add_epi32(gi, q.D), q.m15)));
-  return _mm256_sub_epi32(_mm256_srli_epi32(gi, 15), _mm256_add_epi32(q.c96, _mm256_cmpgt_epi32(xi, q.top)));
-}
-
 // ---- 16-code maps: branchless binary search over the 15 midpoints held in registers
 struct Q4V {
   __m256 t1, t2, t3, t4, one, mone;
@@ -806,21 +604,6 @@ inline void d4x32(const uint8_t* c, const D4V& d, __m256 out[4]) {
   out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
   out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
   out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
-}
-
-// 8 code book values for 8 byte codes: scalar loads and inserts
-inline __m256 d8v_scalar(const uint8_t* c, const float* vals) {
-  uint64_t w;
-  std::memcpy(&w, c, 8);
-  __m128 lo = _mm_load_ss(vals + (w & 255));
-  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 8) & 255)), 0x10);
-  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 16) & 255)), 0x20);
-  lo = _mm_insert_ps(lo, _mm_load_ss(vals + ((w >> 24) & 255)), 0x30);
-  __m128 hi = _mm_load_ss(vals + ((w >> 32) & 255));
-  hi = _mm_insert_ps(hi, _mm_load_ss(vals + ((w >> 40) & 255)), 0x10);
-  hi = _mm_insert_ps(hi, _mm_load_ss(vals + ((w >> 48) & 255)), 0x20);
-  hi = _mm_insert_ps(hi, _mm_load_ss(vals + (w >> 56)), 0x30);
-  return _mm256_set_m128(hi, lo);
 }
 
 // 4 x 8 codes (int32, < 256) -> 32 bytes in order
@@ -984,31 +767,19 @@ struct Slot {
 
 template <int BITS>
 struct AdamWFast {
-  const float* vals0;
-  const float* vals1;
   const float* mids0;
   const float* mids1;
-  bool sym0 = false, sym1 = false;
-  bool f8 = false;  // 8-bit states on float maps: decode and encode in registers
-  Q8GV qa, qb;
-  F8V fa, fb;
+  F8V fa, fb;  // 8-bit: the float maps, decoded and encoded in registers
   const Q4V q40, q41;
   const D4V d40, d41;
   __m256 vdecay, vb1, vomb1, vb2, vomb2, vibc2, veps, vss, vgs;
 
-  AdamWFast(const QTab& t0, const QTab& t1, const Q8F* f0, const Q8F* f1, const FMap* g0, const FMap* g1,
-            const float* h)
-      : vals0(t0.values), vals1(t1.values), mids0(t0.mids), mids1(t1.mids), q40(t0.mids), q41(t1.mids),
+  AdamWFast(const QTab& t0, const QTab& t1, const FMap* g0, const FMap* g1, const float* h)
+      : mids0(t0.mids), mids1(t1.mids), q40(t0.mids), q41(t1.mids),
         d40(t0.values), d41(t1.values) {
-    if (BITS == 8 && g0 != nullptr && g0->ok && g0->sym && g1 != nullptr && g1->ok && !g1->sym) {
-      f8 = true;
+    if (BITS == 8) {  // run() checked that both are float maps
       fa = F8V(*g0);
       fb = F8V(*g1);
-    } else if (BITS == 8) {
-      qa = Q8GV(*f0);
-      qb = Q8GV(*f1);
-      sym0 = f0->sym;
-      sym1 = f1->sym;
     }
     vdecay = _mm256_set1_ps(h[0]);
     vb1 = _mm256_set1_ps(h[1]);
@@ -1117,40 +888,17 @@ struct AdamWFast {
     }
   }
 
-  template <bool SYM>
-  static void quant8(const float* s, int64_t block, float inv, const Q8GV& q, const float* mids, uint8_t* c) {
-    const __m256 iv = _mm256_set1_ps(inv);
-    for (int64_t i = 0; i < block; i += FUNIT) {
-      __m256i fl = _mm256_setzero_si256(), r[4];
-      for (int k = 0; k < 4; ++k) r[k] = q8g<SYM>(_mm256_mul_ps(_mm256_load_ps(s + i + 8 * k), iv), q, fl);
-      pack8x32(c + i, r[0], r[1], r[2], r[3]);
-      if (__builtin_expect(!_mm256_testz_si256(fl, fl), 0)) requant_exact(s + i, FUNIT, inv, mids, 8, c, i);
-    }
-  }
-
   static float inv_of(float am) { return am > 0.0f ? 1.0f / am : 0.0f; }
 
-  // Update of one block into o (8-bit: with the code book lookups first, into l0 and l1).
-  // Returns false when a new state element is non-finite (o then holds garbage).
+  // Update of one block into o. Returns false when a new state element is non-finite
+  // (o then holds garbage).
   bool update(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
-              int64_t block, Slot& o, float* l0, float* l1) const {
-    if (BITS == 8 && !f8)
-      for (int64_t i = 0; i < block; i += 8) {
-        _mm256_store_ps(l0 + i, d8v_scalar(c0 + i, vals0));
-        _mm256_store_ps(l1 + i, d8v_scalar(c1 + i, vals1));
-      }
+              int64_t block, Slot& o) const {
     const __m256 a0 = _mm256_set1_ps(am0), a1 = _mm256_set1_ps(am1);
     __m256i mx0 = _mm256_setzero_si256(), mx1 = _mm256_setzero_si256();
     for (int64_t i = 0; i < block; i += FUNIT) {
       __m256 m0[4], v0[4];
-      if (BITS == 8 && !f8) {
-        for (int k = 0; k < 4; ++k) {
-          m0[k] = _mm256_load_ps(l0 + i + 8 * k);
-          v0[k] = _mm256_load_ps(l1 + i + 8 * k);
-        }
-      } else {
-        decode_unit(i, c0, c1, m0, v0);
-      }
+      decode_unit(i, c0, c1, m0, v0);
       update_unit(i, m0, v0, a0, a1, g, P, o, mx0, mx1);
     }
     return finish_absmax(mx0, mx1, o);
@@ -1163,12 +911,6 @@ struct AdamWFast {
       requant_exact(o.s0, block, inv0, mids0, BITS, c0, 0);
       requant_exact(o.s1, block, inv1, mids1, BITS, c1, 0);
       std::memcpy(P, o.sp, sizeof(float) * block);
-    } else if (BITS == 8 && !f8) {
-      if (sym0) quant8<true>(o.s0, block, inv0, qa, mids0, c0);
-      else quant8<false>(o.s0, block, inv0, qa, mids0, c0);
-      if (sym1) quant8<true>(o.s1, block, inv1, qb, mids1, c1);
-      else quant8<false>(o.s1, block, inv1, qb, mids1, c1);
-      for (int64_t i = 0; i < block; i += 8) _mm256_storeu_ps(P + i, _mm256_load_ps(o.sp + i));
     } else {
       const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
       for (int64_t i = 0; i < block; i += FUNIT) commit_unit(i, o, iv0, iv1, c0, c1, P);
@@ -1181,12 +923,12 @@ struct AdamWFast {
   // commit of another (from q): the sqrt and the division run in their own unit, the
   // requantization on the vector pipes, so the two overlap.
   bool update_commit(const float* g, const float* P, const uint8_t* c0, const uint8_t* c1, float am0, float am1,
-                     int64_t block, Slot& o, float* l0, float* l1, float* qP, uint8_t* qc0, uint8_t* qc1,
+                     int64_t block, Slot& o, float* qP, uint8_t* qc0, uint8_t* qc1,
                      float* qam0p, float* qam1p, const Slot& q) const {
     const float inv0 = inv_of(q.am[0]), inv1 = inv_of(q.am[1]);
-    if ((BITS == 8 && !f8) || !(inv0 < INFINITY && inv1 < INFINITY)) {
+    if (!(inv0 < INFINITY && inv1 < INFINITY)) {
       commit(qP, qc0, qc1, qam0p, qam1p, block, q);
-      return update(g, P, c0, c1, am0, am1, block, o, l0, l1);
+      return update(g, P, c0, c1, am0, am1, block, o);
     }
     const __m256 iv0 = _mm256_set1_ps(inv0), iv1 = _mm256_set1_ps(inv1);
     const __m256 a0 = _mm256_set1_ps(am0), a1 = _mm256_set1_ps(am1);
@@ -1218,15 +960,14 @@ enum Algo { ADAMW = 0, SGD = 1, LION = 2 };
 template <int BITS>
 void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::vector<uint8_t*> codes,
          std::vector<float*> absmax, std::vector<QTab> tabs, uint8_t* redo, const std::vector<double>& hp,
-         const Q8F* f0, const Q8F* f1, const FMap* g0, const FMap* g1) {
+         const FMap* g0, const FMap* g1) {
   const int64_t nb = (n + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, 16384 / block);
   float hf[16] = {0};
   for (size_t k = 0; k < hp.size() && k < 16; ++k) hf[k] = (float)hp[k];
 #if defined(__AVX2__)
   const bool fast_ok = algo == ADAMW && block % FUNIT == 0 &&
-                       (BITS == 4 || (f0 != nullptr && f0->ok && f1 != nullptr && f1->ok) ||
-                        (g0 != nullptr && g0->ok && g0->sym && g1 != nullptr && g1->ok && !g1->sym));
+                       (BITS == 4 || (g0 != nullptr && g0->ok && g0->sym && g1 != nullptr && g1->ok && !g1->sym));
 #endif
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
     // block buffers, spaced so that equal indices do not share their low 12 address bits
@@ -1239,15 +980,11 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
     float* const np = buf + 2 * STRIDE;
 #if defined(__AVX2__)
     std::unique_ptr<AdamWFast<BITS>> fast;
-    if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], f0, f1, g0, g1, hf));
-    // 4-bit and 8-bit float-map blocks of a chunk are pipelined, the update of block b
-    // together with the requantization of the previous one (`pend`, in the other slot);
-    // 8-bit dynamic-map blocks are updated and requantized one after the other (slot 0;
-    // l0, l1 hold the lookups)
+    if (fast_ok) fast.reset(new AdamWFast<BITS>(tabs[0], tabs[1], g0, g1, hf));
+    // the blocks of a chunk are pipelined, the update of block b together with the
+    // requantization of the previous one (`pend`, in the other slot)
     Slot slots[2] = {{buf, buf + STRIDE, buf + 2 * STRIDE, {0, 0}},
                      {buf + 3 * STRIDE, buf + 4 * STRIDE, buf + 5 * STRIDE, {0, 0}}};
-    float* const l0 = buf + 3 * STRIDE;
-    float* const l1 = buf + 4 * STRIDE;
     int64_t pend = -1;  // block whose new state waits in slots[pend_slot]
     int pend_slot = 0;
     auto flush = [&]() {
@@ -1286,18 +1023,13 @@ void run(int64_t algo, float* P, const float* G, int64_t n, int64_t block, std::
       if (fast && cnt == block) {
         uint8_t* c0 = codes[0] + start * BITS / 8;
         uint8_t* c1 = codes[1] + start * BITS / 8;
-        if (BITS == 8 && !fast->f8) {
-          if (!fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[0], l0, l1)) redo[b] = 1;
-          else fast->commit(P + start, c0, c1, absmax[0] + b, absmax[1] + b, block, slots[0]);
-          continue;
-        }
         const int sl = pend < 0 ? 0 : 1 - pend_slot;
         bool ok;
         if (pend < 0) {
-          ok = fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl], l0, l1);
+          ok = fast->update(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl]);
         } else {
           const int64_t qs = pend * block;
-          ok = fast->update_commit(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl], l0, l1, P + qs,
+          ok = fast->update_commit(g, p, c0, c1, absmax[0][b], absmax[1][b], block, slots[sl], P + qs,
                                    codes[0] + qs * BITS / 8, codes[1] + qs * BITS / 8, absmax[0] + pend,
                                    absmax[1] + pend, slots[pend_slot]);
           pend = -1;
@@ -1457,24 +1189,18 @@ void step(int64_t algo, torch::Tensor p, torch::Tensor g, std::vector<torch::Ten
     tabs.push_back(make_tab(values[k], table[k], mids[k], tparams, k));
   }
   if (n == 0) return;
-  const Q8F* f0 = nullptr;
-  const Q8F* f1 = nullptr;
   const FMap* g0 = nullptr;
   const FMap* g1 = nullptr;
   if (bits == 8 && algo == ADAMW) {
     g0 = &fmap_cached(tabs[0].values);
     g1 = &fmap_cached(tabs[1].values);
-    if (!(g0->ok && g0->sym && g1->ok && !g1->sym)) {
-      f0 = &q8f_cached(tabs[0].values, tabs[0].mids);
-      f1 = &q8f_cached(tabs[1].values, tabs[1].mids);
-    }
   }
   if (bits == 8)
-    run<8>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
-           f1, g0, g1);
+    run<8>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, g0,
+           g1);
   else
-    run<4>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, f0,
-           f1, g0, g1);
+    run<4>(algo, p.data_ptr<float>(), g.data_ptr<float>(), n, block, cp, ap, tabs, redo.data_ptr<uint8_t>(), hp, g0,
+           g1);
 }
 
 // The float-map codec on its own, for tests: codes (int32) of normalised x, or -1 for all
