@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from _dist import Pool, needs_fsdp2, needs_gloo
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -367,3 +368,81 @@ def test_non_contiguous_parameter():
         low, high = neighbours(r.detach().contiguous())
         qf = q.detach().float()
         assert bool(((qf == low) | (qf == high)).all())
+
+
+# --------------------------------------------------------------------------- FSDP2 (2 gloo processes)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    mo.backend_name()  # build (or load) the fused kernel once, before the workers race for it
+    with Pool() as p:
+        yield p
+
+
+def _fsdp_bf16_resume(rank: int, root: str) -> None:
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from _dist import fully_shard, mesh
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def make(mode):
+        torch.manual_seed(0)  # weight 0: 6000 elements, quantized state; weight 1 and biases: fp32 state
+        model = torch.nn.Sequential(torch.nn.Linear(30, 200), torch.nn.Tanh(), torch.nn.Linear(200, 4))
+        model = model.to(torch.bfloat16)
+        fully_shard()(model, mesh=mesh())
+        return model, mo.AdamW(model.parameters(), lr=1e-3, state_bits=8, bf16=mode)
+
+    def step(model, opt, x):
+        model(x[4 * rank: 4 * rank + 4]).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    def checkpoint(model, opt):
+        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(8, 30, generator=g).to(torch.bfloat16) for _ in range(6)]
+    for mode in ("master", "stochastic"):
+        what = f"bf16={mode} rank {rank}"
+        model, opt = make(mode)
+        for x in xs[:3]:
+            step(model, opt, x)
+        for p in model.parameters():
+            m = opt.state[p].get(B.MASTER_KEY)
+            if mode == "master":
+                assert m.placements == p.placements and m.to_local().dtype == torch.float32, what
+                assert torch.equal(m.to_local().to(torch.bfloat16), p.to_local()), what
+            else:
+                assert m is None, what
+        path = os.path.join(root, mode)
+        dcp.save(checkpoint(model, opt), checkpoint_id=path)
+        for x in xs[3:]:
+            step(model, opt, x)
+
+        model2, opt2 = make(mode)  # a fresh run, resumed from the checkpoint
+        sd = checkpoint(model2, opt2)
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(model2, sd["model"])
+        set_optimizer_state_dict(model2, opt2, sd["optim"])
+        for x in xs[3:]:
+            step(model2, opt2, x)
+        for p, q in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(p.to_local(), q.to_local()), what
+            if mode == "master":
+                assert torch.equal(opt.state[p][B.MASTER_KEY].to_local(), opt2.state[q][B.MASTER_KEY].to_local()), what
+
+
+@needs_gloo
+@needs_fsdp2
+def test_fsdp2_bf16_master_and_stochastic_resume_bit_identically(pool, tmp_path):
+    """Under FSDP2 each rank keeps the master of its shard (a DTensor placed like the
+    parameter) and rounds its shard with its own seed; dcp.save / dcp.load resumes both
+    modes bit-identically."""
+    pool.run(_fsdp_bf16_resume, str(tmp_path))

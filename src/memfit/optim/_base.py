@@ -476,6 +476,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
             if p is not None and "qbits" in entry and _is_dtensor(p):
                 sd["state"][key] = _to_sharded_entry(entry, p, self._STATE_NAMES)
+                if B.MASTER_KEY in entry:  # a DTensor placed like p, saved as torch's fp32 states are
+                    sd["state"][key][B.MASTER_KEY] = entry[B.MASTER_KEY]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -587,8 +589,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def to_torch_state_dict(self) -> dict:
         """This optimizer's state as the matching torch optimizer's (``torch.optim.AdamW``
         for AdamW, ``torch.optim.SGD`` for SGD): quantized states dequantized to fp32
-        tensors of the parameter's shape and dtype, memfit-only group keys dropped. Lion
-        (no torch counterpart) gets the same fp32 ``exp_avg`` format."""
+        tensors of the parameter's shape and dtype, memfit-only group keys and bf16
+        masters dropped (torch keeps none). Lion (no torch counterpart) gets the same
+        fp32 ``exp_avg`` format."""
         sd = super().state_dict()  # local quantized entries, also for DTensor parameters
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         state = {}
