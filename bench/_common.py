@@ -290,14 +290,15 @@ def publish(text: str, path: Path | str, key: str, *, write: bool, log: Callable
 # --------------------------------------------------------------------------- training
 
 
-def demo_lm_setup(steps: int, quick: bool, seed: int) -> tuple:
+def demo_lm_setup(steps: int, quick: bool, seed: int, **overrides) -> tuple:
     """The demo's GPT task for loss runs: ``(config, batches, base model, parameter
-    count, bytes of text)``; ``quick`` takes ``DemoConfig.quick``'s tiny model."""
+    count, bytes of text)``; ``quick`` takes ``DemoConfig.quick``'s tiny model;
+    ``overrides`` replace ``DemoConfig`` fields (``lr=...``)."""
     from memfit.data import ByteBatches, load_text_bytes
     from memfit.demo import DemoConfig, build_model
 
     cfg = DemoConfig.quick(steps=steps) if quick else DemoConfig(steps=steps)
-    cfg = DemoConfig(**{**cfg.__dict__, "seed": seed})
+    cfg = DemoConfig(**{**cfg.__dict__, "seed": seed, **overrides})
     data = load_text_bytes(max_bytes=cfg.max_data_bytes)
     batches = ByteBatches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed)
     base = build_model(cfg)

@@ -82,8 +82,8 @@ def train(name, dtype, make_opt, base, batches, cfg) -> dict:
     return out
 
 
-def bench(steps: int, quick: bool, seed: int, only: list[str] | None) -> tuple[object, int, dict, dict]:
-    cfg, batches, base, n_params, _ = C.demo_lm_setup(steps, quick, seed)
+def bench(steps: int, quick: bool, seed: int, only: list[str] | None, lr: float | None) -> tuple[object, int, dict, dict]:
+    cfg, batches, base, n_params, _ = C.demo_lm_setup(steps, quick, seed, **({"lr": lr} if lr else {}))
     log(f"bf16: GPT {cfg.n_layer}x{cfg.n_embd}, {n_params / 1e6:.2f}M params, {cfg.steps} steps, seed {seed}")
     results, errors = {}, {}
     for name, (dtype, make_opt) in runs().items():
@@ -110,7 +110,7 @@ def verdicts(results: dict, name: str) -> dict[str, bool]:
 
 
 def report(info: dict, cfg, n_params: int, results: dict, errors: dict) -> str:
-    lines = ["## bf16 weights: memfit's 8-bit AdamW per `bf16=` mode (`bench/bf16.py`)", ""]
+    lines = [f"## bf16 weights: memfit's 8-bit AdamW per `bf16=` mode, peak LR {cfg.lr:g} (`bench/bf16.py`)", ""]
     lines += C.machine_lines(info)
     lines += [f"- **run:** demo GPT {cfg.n_layer} layers x {cfg.n_embd} ({n_params / 1e6:.2f}M params) on stdlib "
               f"`.py` bytes, seq {cfg.seq_len}, batch {cfg.batch_size}, {cfg.steps} steps, seed {cfg.seed}; "
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny model, few steps; implies --no-write")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default 300; 30 with --quick)")
     ap.add_argument("--seed", type=int, default=0, help="init and batch order")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate (default: the demo's); a fine-tuning-sized one (1e-4) is where "
+                         "round-to-nearest loses most updates. Written to its own docs section")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: only losses are measured, and small ops on a shared machine "
                          "mostly wait at barriers with more)")
@@ -152,13 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (30 if args.quick else 300)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     info = C.machine_info()
-    cfg, n_params, results, errors = bench(steps, args.quick, args.seed, only)
+    cfg, n_params, results, errors = bench(steps, args.quick, args.seed, only, args.lr)
     if args.json:
         print(json.dumps({"config": {k: v for k, v in cfg.__dict__.items() if isinstance(v, (int, float, str))},
                           "params": n_params, "machine": info, "results": results, "errors": errors,
                           "verdicts": {n: verdicts(results, n) for n in results}}, indent=1))
         return 0
-    C.publish(report(info, cfg, n_params, results, errors), DOCS, MARKER, write=not (args.quick or args.no_write),
+    marker = MARKER if args.lr is None else f"{MARKER}-lr{args.lr:g}"
+    C.publish(report(info, cfg, n_params, results, errors), DOCS, marker, write=not (args.quick or args.no_write),
               log=log)
     return 0
 
