@@ -54,12 +54,13 @@ def log(msg: str) -> None:
 def runs() -> dict[str, tuple[torch.dtype, Callable]]:
     """name -> (weight dtype, optimizer maker)."""
     import memfit.optim as mo
+    from memfit.optim.bf16 import BF16_MODES
 
     out: dict[str, tuple[torch.dtype, Callable]] = {
         "torch fp32": (torch.float32, lambda ps, **kw: torch.optim.AdamW(ps, **kw)),
         "torch bf16": (torch.bfloat16, lambda ps, **kw: torch.optim.AdamW(ps, **kw)),
     }
-    for mode in mo.BF16_MODES:
+    for mode in BF16_MODES:
         out[f"memfit-8 {mode}"] = (torch.bfloat16, lambda ps, mode=mode, **kw: mo.AdamW(ps, state_bits=8, bf16=mode, **kw))
     return out
 

@@ -38,13 +38,12 @@ gradient clipping and accumulation behave as with torch's own), and
 from ._base import QuantizedOptimizer, keep_fp32
 from ._kernels import backend_name
 from .adamw import AdamW
-from .bf16 import BF16_MODES, stochastic_round_bf16
+from .bf16 import stochastic_round_bf16
 from .in_backward import InBackwardOptimizer
 from .lion import Lion
 from .sgd import SGD
 
 __all__ = [
-    "BF16_MODES",
     "SGD",
     "AdamW",
     "InBackwardOptimizer",
