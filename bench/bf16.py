@@ -9,6 +9,8 @@ over the stdlib ``.py`` bytes (``memfit.data``):
 * ``torch fp32``: ``torch.optim.AdamW`` on fp32 weights, the reference;
 * ``torch bf16``: ``torch.optim.AdamW`` on bf16 weights (forward, backward, weights
   and its moments in bf16; updates rounded to nearest);
+* ``memfit-8 fp32``: ``memfit.optim.AdamW(state_bits=8)`` on fp32 weights (what the
+  8-bit state alone changes);
 * ``memfit-8 nearest | stochastic | master``: ``memfit.optim.AdamW(state_bits=8,
   bf16=...)`` on bf16 weights.
 
@@ -59,6 +61,7 @@ def runs() -> dict[str, tuple[torch.dtype, Callable]]:
     out: dict[str, tuple[torch.dtype, Callable]] = {
         "torch fp32": (torch.float32, lambda ps, **kw: torch.optim.AdamW(ps, **kw)),
         "torch bf16": (torch.bfloat16, lambda ps, **kw: torch.optim.AdamW(ps, **kw)),
+        "memfit-8 fp32": (torch.float32, lambda ps, **kw: mo.AdamW(ps, state_bits=8, **kw)),
     }
     for mode in BF16_MODES:
         out[f"memfit-8 {mode}"] = (torch.bfloat16, lambda ps, mode=mode, **kw: mo.AdamW(ps, state_bits=8, bf16=mode, **kw))
@@ -105,7 +108,7 @@ def relative(results: dict, name: str, ref: str) -> float:
 
 def verdicts(results: dict, name: str) -> dict[str, bool]:
     """For memfit runs: whether each torch reference is met within the bar."""
-    if not name.startswith("memfit"):
+    if not name.startswith("memfit") or name.endswith("fp32"):
         return {}
     return {ref: abs(relative(results, name, ref)) <= BAR for ref in REFERENCES if ref in results}
 
@@ -121,15 +124,16 @@ def report(info: dict, cfg, n_params: int, results: dict, errors: dict) -> str:
     for name, r in results.items():
         ok = verdicts(results, name)
         bar = " ".join(f"vs {ref}: {'PASS' if v else 'FAIL'}" for ref, v in ok.items())
-        rows.append([name, "fp32" if name == "torch fp32" else "bf16", f"{r['final']:.4f}",
+        rows.append([name, "fp32" if name.endswith("fp32") else "bf16", f"{r['final']:.4f}",
                      f"{relative(results, name, 'torch fp32'):+.2%}" if "torch fp32" in results else "—",
                      f"{relative(results, name, 'torch bf16'):+.2%}" if "torch bf16" in results else "—",
+                     f"{relative(results, name, 'memfit-8 fp32'):+.2%}" if "memfit-8 fp32" in results else "—",
                      f"{r['state_bytes_per_param']:.2f}", str(r["nonfinite"]), bar])
     for name, err in errors.items():
-        rows.append([name, "—", "—", "—", "—", "—", "—", f"failed: {err}"])
+        rows.append([name, "—", "—", "—", "—", "—", "—", "—", f"failed: {err}"])
     lines.append(C.markdown_table(
         ["run", "weights", f"final loss (mean of last {cfg.final_window})", "vs torch AdamW fp32 weights",
-         "vs torch AdamW bf16 weights", "state bytes/param", "non-finite losses", f"bar: within {BAR:.0%}"], rows))
+         "vs torch AdamW bf16 weights", "vs memfit-8 fp32 weights", "state bytes/param", "non-finite losses", f"bar: within {BAR:.0%}"], rows))
     lines += ["", "memfit-8 = `memfit.optim.AdamW(state_bits=8, bf16=mode)`; fp32-format state (parameters under "
               "4096 elements) is bf16 under `nearest` (as torch's) and fp32 under `stochastic` and `master`."]
     return "\n".join(lines)
