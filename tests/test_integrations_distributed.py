@@ -158,7 +158,7 @@ def _fsdp_job(rank: int, out_dir: str) -> None:
     dist.barrier()
     model = LlamaForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=WORLD))
     assert is_fsdp2(model)
-    cb, losses = _train(model, out_dir, "70%")
+    cb, losses = _train(model, out_dir, "85%")
     _check(cb, losses, "FSDP2")
     assert cb.ranks.parallel == "fsdp2" and cb.ranks.reserved_bytes == 0
 
