@@ -163,7 +163,62 @@ def _fsdp_job(rank: int, out_dir: str) -> None:
     assert cb.ranks.parallel == "fsdp2" and cb.ranks.reserved_bytes == 0
 
 
+def _ddp_planning(rank: int, rows: int, budget):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from memfit.integrations import MemfitSettings
+    from memfit.integrations.distributed import plan_per_rank
+
+    model = _llama()
+    x = Counting().ids[:rows]
+    batch = {"input_ids": x, "labels": x}
+    settings = MemfitSettings(budget, plan_kwargs=FAST_PLAN)
+    return model, batch, plan_per_rank(settings, model, batch, None, wrapped=DDP(model), grad_accumulation=1,
+                                       clip_grad_norm=None)
+
+
+def _agree_job(rank: int) -> None:
+    """Rank 1's batch is three times rank 0's: the ranks plan differently, and adopt
+    the plan that fits both (rank 1's), not the cheaper one that fits rank 0 only."""
+    import memfit
+
+    big = {"input_ids": Counting().ids[:6], "labels": Counting().ids[:6]}
+    plain_big = memfit.estimate(_llama(), big).peak_bytes
+    reserve = 4 * sum(p.numel() for p in _llama().parameters())
+    budget = int(0.6 * plain_big) + reserve
+    model, batch, (plan, ranks) = _ddp_planning(rank, (2, 6)[rank], budget)
+    assert ranks.distinct_plans == 2 and ranks.adopted_from == 1, (ranks, plan.choices)
+    assert ranks.reserved == [reserve] * WORLD
+    mine = memfit.estimate(model, batch, config=plan.config).peak_bytes
+    assert mine + reserve == ranks.predicted_peaks[rank] <= budget, (mine, ranks)
+    configs = [None] * WORLD
+    dist.all_gather_object(configs, plan.config.to_dict())
+    assert configs[0] == configs[1]
+    assert any(c != "keep" for c in plan.choices.values()) or plan.state_bits < 32
+
+
+def _too_small_job(rank: int) -> None:
+    """A budget only rank 1 cannot meet: both ranks raise, naming rank 1; one that does
+    not even hold DDP's buckets says so."""
+    import memfit
+
+    with pytest.raises(memfit.BudgetTooSmall, match="rank 1: no plan fits"):
+        _ddp_planning(rank, 2, ("4MB", "1MB")[rank])
+    with pytest.raises(memfit.BudgetTooSmall, match="rank 1: .*DDP's gradient buckets"):
+        _ddp_planning(rank, 2, ("4MB", "100kB")[rank])
+
+
 # ------------------------------------------------------------------ tests
+
+
+def test_ranks_adopt_the_plan_that_fits_every_rank(pool):
+    pool.run(_agree_job)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_plan_stops_every_rank(pool):
+    pool.run(_too_small_job)
+
 
 
 def test_hf_budget_per_rank_under_ddp(pool, tmp_path):

@@ -288,6 +288,11 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
         own: list = []
 
         def make():
+            if budget_bytes <= reserve:
+                raise memfit.BudgetTooSmall(
+                    f"the budget per rank, {format_bytes(budget_bytes)}, does not even hold DDP's gradient buckets "
+                    f"({format_bytes(reserve)})", budget_bytes=budget_bytes, min_peak_bytes=reserve,
+                    dominant=f"DDP's gradient buckets {format_bytes(reserve)}")
             plan = settings.make_plan(model, batch, loss_fn, grad_accumulation=grad_accumulation,
                                       clip_grad_norm=clip_grad_norm, budget=budget_bytes - reserve, **extra)
             own.append(plan)
