@@ -268,6 +268,12 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
             "ranks, so the replicas would drift apart; under FSDP2 memfit has not tested it. Drop it."
         )
 
+    extra: dict[str, Any] = {"optimizer_in_backward": False}
+    if parallel == "fsdp2" and "step_seconds" not in settings.plan_kwargs:
+        # real steps, before any fake one: the planner's own profile would run them after
+        seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn)))
+        extra["step_seconds"] = max(seconds)
+
     kept = fsdp2_state_kept(model) if parallel == "fsdp2" else contextlib.nullcontext()
     with kept:
         def resolve_budget() -> int:
@@ -279,11 +285,6 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
             return parse_budget(budget)
 
         budget_bytes = _fail_together(_attempt(resolve_budget))[rank]
-        extra: dict[str, Any] = {"optimizer_in_backward": False}
-        if parallel == "fsdp2" and "step_seconds" not in settings.plan_kwargs:
-            # the planner's own profile would run real steps between fake ones
-            seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn)))
-            extra["step_seconds"] = max(seconds)
 
         own: list = []
 
