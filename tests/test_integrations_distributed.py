@@ -212,6 +212,7 @@ def _too_small_job(rank: int) -> None:
 # ------------------------------------------------------------------ tests
 
 
+@pytest.mark.slow
 def test_ranks_adopt_the_plan_that_fits_every_rank(pool):
     pool.run(_agree_job)
 

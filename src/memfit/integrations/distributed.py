@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -151,7 +151,6 @@ class RankPlanning:
     adopted_from: int
     distinct_plans: int
     measured_peaks: list[int] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def budget_bytes(self) -> int:
