@@ -18,8 +18,11 @@ Both callbacks do the same three things, each only when asked:
 * with ``measure=True``: track the real peak of every training step after the first
   with ``MemTracker`` (slower steps) and report it against the budget.
 
-Settings memfit cannot honour (DeepSpeed, FSDP, a budget under several processes,
-an optimizer the user built while memfit is asked to choose one, ...) raise
+With several processes (DDP, or a model sharded with FSDP2) the budget is per rank:
+each rank plans its own step and the ranks agree on one plan that fits every rank
+(:mod:`.distributed`; the HF Trainer callback only, so far). Settings memfit cannot
+honour (DeepSpeed, accelerate's FSDP plugin, a budget under several processes in
+Lightning, an optimizer the user built while memfit is asked to choose one, ...) raise
 :class:`IncompatibleSetup` before any step runs. This package imports neither
 framework; the parts both callbacks share live in named modules:
 
@@ -30,12 +33,15 @@ framework; the parts both callbacks share live in named modules:
 * :mod:`.batches`: :class:`BatchGuard` (batches larger than the planned one);
 * :mod:`.meter`: :class:`PeakMeter` (measured peaks, with :mod:`memfit.step`'s tracker);
 * :mod:`.applier`: :class:`StepApplier` (the plan or compressor around each forward);
+* :mod:`.distributed`: :func:`plan_per_rank` and :class:`RankPlanning` (per-rank
+  budgets under DDP and FSDP2);
 * :mod:`.results`: :class:`CallbackResults` and :func:`summary`;
 * :mod:`.loop`: :func:`first_loss`, :func:`as_float_or_none`.
 """
 
 from .applier import StepApplier
 from .batches import BatchGuard, tensor_sizes
+from .distributed import RankPlanning, plan_per_rank
 from .loop import as_float_or_none, first_loss
 from .meter import PeakMeter
 from .optimizers import DeferredOptimizer, build_optimizer, optimizer_family, optimizer_for_tracking
@@ -46,4 +52,4 @@ from .settings import IncompatibleSetup, MemfitSettings
 from .._units import format_bytes  # noqa: E402,F401
 from ..step.track import tensors_in as batch_tensors  # noqa: E402,F401
 
-__all__ = ["IncompatibleSetup", "MemfitSettings", "PeakMeter"]
+__all__ = ["IncompatibleSetup", "MemfitSettings", "PeakMeter", "RankPlanning"]

@@ -7,6 +7,7 @@ import torch
 
 from .._units import format_bytes
 from .applier import StepApplier
+from .distributed import RankPlanning
 from .meter import PeakMeter
 from .optimizers import DeferredOptimizer
 from .settings import MemfitSettings
@@ -15,13 +16,17 @@ __all__ = ["CallbackResults", "summary"]
 
 
 def summary(settings: MemfitSettings, applier: StepApplier, meter: PeakMeter | None,
-            budget_bytes: int | None) -> str:
-    """A few lines: the plan (or settings), saved-tensor stats, measured peak."""
+            budget_bytes: int | None, ranks: RankPlanning | None = None) -> str:
+    """A few lines: the plan (or settings), saved-tensor stats, measured peak; with
+    several ranks, each rank's budget, predicted and measured peak."""
     lines = []
+    if ranks is not None:
+        lines.extend(ranks.lines())
     if applier.plan is not None:
         p = applier.plan
-        lines.append(f"memfit: planned peak {format_bytes(p.predicted_peak_bytes)} for a budget of "
-                     f"{format_bytes(p.budget_bytes)} ({p.optimizer_name}, {p.state_bits}-bit state"
+        planned = p.predicted_peak_bytes if ranks is None else ranks.predicted_peaks[ranks.rank]
+        lines.append(f"memfit: planned peak {format_bytes(planned)} for a budget of "
+                     f"{format_bytes(budget_bytes or p.budget_bytes)} ({p.optimizer_name}, {p.state_bits}-bit state"
                      + (", steps inside backward" if p.optimizer_in_backward else "") + ")")
     else:
         lines.append(f"memfit: {settings.describe()}")
@@ -48,6 +53,13 @@ class CallbackResults:
     _applier: StepApplier
     _deferred: DeferredOptimizer | None
     _supplied: torch.optim.Optimizer | None = None
+    _ranks: RankPlanning | None = None
+
+    @property
+    def ranks(self) -> RankPlanning | None:
+        """With a budget and several processes: each rank's budget, predicted and
+        measured peak, and which rank's plan they adopted."""
+        return self._ranks
 
     @property
     def plan(self):
@@ -78,6 +90,10 @@ class CallbackResults:
 
     @property
     def budget_bytes(self) -> int | None:
+        """This rank's budget (with several processes: the budget per rank, DDP's
+        gradient buckets included)."""
+        if self._ranks is not None:
+            return self._ranks.budget_bytes
         if self.plan is not None:
             return self.plan.budget_bytes
         if self.settings.budget is None or str(self.settings.budget).strip().endswith("%"):
@@ -92,5 +108,5 @@ class CallbackResults:
         return self._supplied
 
     def summary(self) -> str:
-        return summary(self.settings, self._applier, self.meter, self.budget_bytes)
+        return summary(self.settings, self._applier, self.meter, self.budget_bytes, self._ranks)
 

@@ -9,7 +9,7 @@ or a compressor; it imports neither framework.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -153,17 +153,21 @@ class MemfitSettings:
     # -- pieces ----------------------------------------------------------------------
 
     def make_plan(self, model: torch.nn.Module, batch, loss_fn, *, grad_accumulation: int,
-                  clip_grad_norm: float | None, log: Callable[[str], None] | None = None):
+                  clip_grad_norm: float | None, budget=None, **overrides):
         """:func:`memfit.plan` for this model and batch, with the training loop's
-        gradient accumulation and clipping (which rule optimizer-in-backward out)."""
+        gradient accumulation and clipping (which rule optimizer-in-backward out).
+        ``budget`` replaces the callback's (a rank's budget less what the planner
+        cannot see); ``overrides`` replace ``plan_kwargs`` entries."""
         import memfit
 
         kwargs: dict[str, Any] = dict(self.plan_kwargs)
+        kwargs.update(overrides)
         if self.bits is not None:
             kwargs["bits"] = self.bits
         if self.state_bits is not None:
             kwargs["state_bits"] = self.state_bits if len(self.state_bits) > 1 else self.state_bits[0]
-        return memfit.plan(model, batch, self.budget, optimizer=self.optimizer, loss_fn=loss_fn,
+        return memfit.plan(model, batch, self.budget if budget is None else budget, optimizer=self.optimizer,
+                           loss_fn=loss_fn,
                            grad_accumulation=grad_accumulation, clip_grad_norm=clip_grad_norm, **kwargs)
 
     def make_compressor(self, model: torch.nn.Module):

@@ -44,6 +44,12 @@ shown already exists. So :meth:`MemfitCallback.attach` wraps three methods of th
   inside backward) is built over the same groups. With ``state_bits=`` and no budget,
   it is :class:`memfit.optim.AdamW` (or SGD/Lion) with those groups, right away.
 
+Several processes (DDP, or a model sharded with FSDP2): the budget is per rank. Each
+rank plans its own step (its batch, its parameters or shards; under DDP within the
+budget less DDP's gradient buckets) and the ranks agree on one plan that fits every
+rank (:mod:`memfit.integrations.distributed`); never with the optimizer inside backward.
+:attr:`MemfitCallback.ranks` and the summary give each rank's budget and peaks.
+
 The callback events do the rest: ``on_train_begin`` checks the set-up again (the
 Trainer turns gradient checkpointing on at the start of ``train()``) and
 ``on_step_begin``/``on_step_end`` bracket each optimizer step for ``measure=True``
@@ -57,8 +63,8 @@ instead of doing nothing.
 What it refuses (``IncompatibleSetup``, before any step)
 --------------------------------------------------------
 * DeepSpeed (``args.deepspeed``): it owns the optimizer and partitions its state.
-* FSDP (``args.fsdp`` / accelerate's FSDP plugin) and, with a budget, several processes
-  (DDP): the planner models one process holding the whole model.
+* FSDP through accelerate (``args.fsdp`` / its FSDP plugin). A model sharded with FSDP2
+  before the Trainer sees it (``from_pretrained(..., distributed_config=...)``) works.
 * an optimizer you passed (``optimizers=(opt, sched)``, ``optimizer_cls_and_kwargs``)
   while memfit is asked to choose one (``budget=`` or ``state_bits=``), and an
   ``args.optim`` of another family than the callback's ``optimizer=``.
@@ -91,6 +97,7 @@ from . import (
     as_float_or_none,
     build_optimizer,
 )
+from .distributed import plan_per_rank, world
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -238,15 +245,10 @@ class MemfitCallback(CallbackResults, TrainerCallback):
         fsdp = getattr(args, "fsdp", None)
         if fsdp or getattr(trainer, "is_fsdp_enabled", False):
             raise IncompatibleSetup(
-                f"memfit: FSDP is enabled (args.fsdp={fsdp!r}): memfit's Trainer integration does not support FSDP "
-                "through accelerate yet (its plans model one process holding the whole model, and FSDP wraps the "
-                "modules memfit's per-module policy names). memfit.optim works with FSDP2 in your own loop."
-            )
-        if s.plans and int(getattr(args, "world_size", 1) or 1) > 1:
-            raise IncompatibleSetup(
-                f"memfit: a budget with {args.world_size} processes: the planner models one process (DDP's gradient "
-                "buckets and communication buffers are not in its estimate), so it cannot guarantee the budget. "
-                "Use bits=/state_bits= without a budget under DDP."
+                f"memfit: FSDP is enabled (args.fsdp={fsdp!r}): memfit's Trainer integration does not support "
+                "accelerate's FSDP plugin (FSDP1 wraps the modules memfit's per-module policy names, and its FSDP2 "
+                "path is untested). A model sharded with FSDP2 before the Trainer sees it works, budget included: "
+                "from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N)), see docs/distributed.md."
             )
         if s.supplies_optimizer and attaching:
             why = "budget=" if s.plans else f"state_bits={s.state_bits}"
@@ -367,7 +369,7 @@ class MemfitCallback(CallbackResults, TrainerCallback):
 
         return loss_fn
 
-    def _make_plan(self, trainer: "Trainer", inputs) -> None:
+    def _make_plan(self, trainer: "Trainer", inputs, wrapped: torch.nn.Module | None = None) -> None:
         args = trainer.args
         model = trainer.model
         self._check_trainer(trainer, model)
@@ -377,11 +379,14 @@ class MemfitCallback(CallbackResults, TrainerCallback):
             raise IncompatibleSetup(
                 f"memfit: the Trainer's batches are {type(batch).__name__}, not dicts of model inputs"
             )
-        plan = self.settings.make_plan(
-            model, dict(batch), self._loss_fn(trainer),
-            grad_accumulation=int(args.gradient_accumulation_steps),
-            clip_grad_norm=as_float_or_none(args.max_grad_norm),
-        )
+        steps = int(args.gradient_accumulation_steps)
+        clip = as_float_or_none(args.max_grad_norm)
+        if world()[1] > 1:
+            plan, self._ranks = plan_per_rank(self.settings, model, dict(batch), self._loss_fn(trainer),
+                                              wrapped=wrapped, grad_accumulation=steps, clip_grad_norm=clip)
+        else:
+            plan = self.settings.make_plan(model, dict(batch), self._loss_fn(trainer), grad_accumulation=steps,
+                                           clip_grad_norm=clip)
         self._applier.plan = plan
         self._guard = BatchGuard(batch)
         if self.verbose:
@@ -401,7 +406,7 @@ class MemfitCallback(CallbackResults, TrainerCallback):
         if self._in_step:  # a subclass calling training_step recursively
             return original(model, inputs, *args, **kwargs)
         if self.settings.plans and self.plan is None:
-            self._make_plan(trainer, inputs)
+            self._make_plan(trainer, inputs, model)
         elif self.settings.compresses and self.plan is None and self._applier.compressor is None:
             self._applier.compressor = self.settings.make_compressor(trainer.model)
         if self._guard is not None:
@@ -448,6 +453,8 @@ class MemfitCallback(CallbackResults, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.meter is not None:
             self.meter.abort()
+            if self._ranks is not None:  # every rank ends training: a collective
+                self._ranks.gather_measured(self.measured_peak_bytes)
         if self._deferred is not None:
             self._deferred.detach()  # optimizer-in-backward hooks: re-installed by the next training step
         if self.verbose:
