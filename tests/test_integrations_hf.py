@@ -309,3 +309,26 @@ def test_budget_with_gradient_accumulation(tmp_path):
     assert cb.plan.grad_accumulation == 2 and not cb.plan.optimizer_in_backward
     assert cb.steps == 4
     assert cb.measured_peak_bytes <= cb.plan.budget_bytes
+
+
+def test_resume_continues_the_activation_rounding_stream(tmp_path):
+    """bits=4 with stochastic rounding: 2 steps, a checkpoint, 2 resumed steps give the
+    same parameters as 4 uninterrupted steps (the rounding stream is in the checkpoint)."""
+    kw = dict(bits=4, state_bits=8, verbose=False)
+    straight = tiny_bert()
+    MemfitTrainer(model=straight, args=targs(tmp_path / "a", max_steps=4, lr_scheduler_type="constant"), train_dataset=Toy(),
+                  callbacks=[MemfitCallback(**kw)]).train()
+
+    first = MemfitCallback(**kw)
+    MemfitTrainer(model=tiny_bert(), args=targs(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=2,
+                                                  lr_scheduler_type="constant"),
+                  train_dataset=Toy(), callbacks=[first]).train()
+    ckpt = tmp_path / "b" / "checkpoint-2"
+    assert (ckpt / "memfit_activations.pt").exists()
+    resumed = tiny_bert()
+    second = MemfitCallback(**kw)
+    MemfitTrainer(model=resumed, args=targs(tmp_path / "b", max_steps=4, lr_scheduler_type="constant"), train_dataset=Toy(),
+                  callbacks=[second]).train(resume_from_checkpoint=str(ckpt))
+    assert second.steps == 2
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)

@@ -453,3 +453,20 @@ def test_search_breaks_cost_ties_toward_the_plan_that_keeps_more():
     assert sorted(map(str, near.choices.values())) == ["8"] * 5 + ["keep"]
     assert _tie_case(0.04, tie=0.0).option.state_bits == 8  # no tie: the cheaper one
     assert _tie_case(0.03, tie=0.01).option.state_bits == 8  # 0.015 apart: not a tie
+
+
+def test_with_plan_keeps_one_compressor_so_the_rounding_noise_runs_on(gpt, plain_peak):
+    # A new compressor per step would start from its seed each time: every step would
+    # draw the same stochastic-rounding noise, and its errors would not average out.
+    model, batch = gpt
+    p = memfit.plan(model, batch, int(plain_peak * 0.6), recompute=False, step_seconds=0.05)
+    assert p.policy is not None
+    grads = []
+    for _ in range(2):
+        with p:
+            loss = model(**batch).loss
+        loss.backward()
+        grads.append([q.grad.clone() for q in model.parameters()])
+        model.zero_grad(set_to_none=True)
+    assert p.compressor is p.compressor
+    assert any(not torch.equal(a, b) for a, b in zip(*grads))

@@ -29,10 +29,41 @@ class StepApplier:
         self.compressed_steps = 0  # of which memfit held less than autograd would have
         self._ctx = None
         self._step_ctx = None
+        self._pending_state: dict | None = None  # loaded before the compressor existed
+
+    # -- the rounding stream, saved and restored with checkpoints ---------------------
+
+    @property
+    def active_compressor(self):
+        """The :class:`memfit.ActivationCompressor` the forwards run under: the plan's
+        (kept across steps) or the one the settings made; None before the first step
+        or when nothing is compressed."""
+        return self.plan.compressor if self.plan is not None else self.compressor
+
+    def activation_state(self) -> dict | None:
+        """The compressor's ``state_dict()`` (its stochastic-rounding stream), for a
+        checkpoint; None when there is no compressor (yet)."""
+        c = self.active_compressor
+        if c is not None:
+            return c.state_dict()
+        return self._pending_state
+
+    def load_activation_state(self, state: dict | None) -> None:
+        """Restore a checkpoint's :meth:`activation_state` now, or as soon as the
+        compressor exists (the first training step makes it)."""
+        self._pending_state = state
+        self._apply_pending_state()
+
+    def _apply_pending_state(self) -> None:
+        c = self.active_compressor
+        if c is not None and self._pending_state is not None:
+            c.load_state_dict(self._pending_state)
+            self._pending_state = None
 
     def enter(self) -> None:
         if self._ctx is not None:
             return
+        self._apply_pending_state()
         if self.plan is not None:
             ctx = self.plan.apply()
             self._step_ctx = ctx.__enter__()

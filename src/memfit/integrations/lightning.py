@@ -404,6 +404,17 @@ class MemfitCallback(CallbackResults, pl.Callback):
         if self.meter is not None:
             self.meter.abort()
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """The activations' rounding stream goes into the checkpoint, so a resumed fit
+        is bit-identical to an uninterrupted one."""
+        act = self._applier.activation_state()
+        if act is not None:
+            checkpoint["memfit_activations"] = act
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if "memfit_activations" in checkpoint:
+            self._applier.load_activation_state(checkpoint["memfit_activations"])
+
     def on_train_end(self, trainer, pl_module) -> None:
         if self.verbose:
             self._log(self.summary())

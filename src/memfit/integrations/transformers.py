@@ -81,6 +81,7 @@ What it refuses (``IncompatibleSetup``, before any step)
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Any, Callable, Mapping
 
@@ -217,6 +218,21 @@ class MemfitCallback(CallbackResults, TrainerCallback):
 
         trainer.training_step = training_step
         trainer.compute_loss = compute_loss
+
+        # A resumed run continues the activations' rounding stream where the checkpoint
+        # left it (see on_save): the Trainer hands the checkpoint to _load_rng_state.
+        original_rng = getattr(trainer, "_load_rng_state", None)
+        if original_rng is not None:
+
+            @functools.wraps(original_rng)
+            def load_rng_state(checkpoint, *args, **kwargs):
+                out = original_rng(checkpoint, *args, **kwargs)
+                path = os.path.join(checkpoint, _activation_state_file()) if checkpoint else None
+                if path is not None and os.path.isfile(path):
+                    self._applier.load_activation_state(torch.load(path, weights_only=True))
+                return out
+
+            trainer._load_rng_state = load_rng_state
 
         if self.settings.supplies_optimizer:
             original_create = trainer.create_optimizer
@@ -450,6 +466,18 @@ class MemfitCallback(CallbackResults, TrainerCallback):
         if self.meter is not None:
             self.meter.stop()
 
+    def on_save(self, args, state, control, **kwargs):
+        """Save the activations' rounding stream beside the Trainer's checkpoint, so a
+        resumed run is bit-identical to an uninterrupted one."""
+        act = self._applier.activation_state()
+        if act is None:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(act, os.path.join(folder, _activation_state_file()))
+
     def on_train_end(self, args, state, control, **kwargs):
         if self.meter is not None:
             self.meter.abort()
@@ -459,6 +487,16 @@ class MemfitCallback(CallbackResults, TrainerCallback):
             self._deferred.detach()  # optimizer-in-backward hooks: re-installed by the next training step
         if self.verbose:
             self._log(self.summary())
+
+
+def _activation_state_file() -> str:
+    """The checkpoint file holding this process's activation-compressor state (one per
+    rank: each rank draws its own rounding noise)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return f"memfit_activations_rank{dist.get_rank()}.pt"
+    return "memfit_activations.pt"
 
 
 class MemfitTrainer(Trainer):

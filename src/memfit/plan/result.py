@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .._units import format_bytes
-from ..step import StepConfig, apply, make_optimizer
+from ..step import StepConfig, apply, make_compressor, make_optimizer
 from . import solver as S
 
 __all__ = ["BudgetTooSmall", "Plan", "UnitChoice", "choice_label", "dominant_part", "fingerprint", "policy_for"]
@@ -104,6 +104,7 @@ class Plan:
     def __post_init__(self):
         self._model_ref: Callable[[], torch.nn.Module | None] | None = None
         self._active: list = []
+        self._compressor = None  # made on first use, for the bound model; see compressor
 
     # -- the configuration --------------------------------------------------------
 
@@ -160,8 +161,21 @@ class Plan:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if self.model is not model:
+            self._compressor = None
         self._model_ref = weakref.ref(model)
         return self
+
+    @property
+    def compressor(self):
+        """The :class:`memfit.ActivationCompressor` that ``with plan:`` enters for the
+        bound model (None when the plan compresses nothing). It is made once and kept,
+        so its stochastic-rounding stream runs on from step to step; save
+        ``plan.compressor.state_dict()`` with a checkpoint and load it on resume for a
+        bit-identical continuation."""
+        if self._compressor is None and self.policy is not None:
+            self._compressor = make_compressor(self._require_model(), self.config)
+        return self._compressor
 
     def _require_model(self) -> torch.nn.Module:
         m = self.model
@@ -387,7 +401,7 @@ class _PlanContext:
         cfg = self.plan.config
         # The optimizer's hooks are the optimizer's business (plan.optimizer()).
         cfg.optimizer_in_backward = False
-        cm = apply(self.model, cfg)
+        cm = apply(self.model, cfg, compressor=self.plan.compressor)
         ctx = cm.__enter__()
         self._stack.append(cm)
         try:

@@ -122,17 +122,23 @@ def apply(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     count_saved: bool = False,
+    compressor=None,
 ) -> Iterator[StepContext]:
     """Install ``config`` on ``model`` for the duration of the block: checkpoint
     wrappers on the named modules' forwards, the activation compressor (entered per
     forward through ``ctx.forward()``), and, for optimizer-in-backward, the hooks of
     ``optimizer`` (an :class:`InBackwardOptimizer`). Everything is removed on exit.
     ``count_saved``: without a policy, count saved tensors per module anyway (a
-    :class:`SavedCounter`, which changes nothing)."""
+    :class:`SavedCounter`, which changes nothing). ``compressor``: the
+    ``memfit.activations`` compressor to use for ``config.policy`` instead of a new one;
+    a training loop passes the same one every step, so that its stochastic-rounding
+    stream runs on rather than restarting (a new compressor starts from its seed, and
+    every step would then draw the same rounding noise)."""
     if config.optimizer_in_backward and optimizer is not None and not isinstance(optimizer, InBackwardOptimizer):
         raise TypeError("optimizer_in_backward needs the optimizer from make_optimizer(model, config)")
     targets = _check_checkpoint_names(model, config.checkpoint)
-    compressor = make_compressor(model, config)
+    if compressor is None:
+        compressor = make_compressor(model, config)
     counter = SavedCounter(model) if compressor is None and count_saved else None
     undo: list[Callable[[], None]] = []
     ctx = StepContext(model, config, compressor, counter, optimizer)
