@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dynamic
-from .blockwise import tensor_nbytes
+from .blockwise import is_fake, tensor_nbytes
 from .formats import NF4Format
 
 __all__ = ["NF4Encoded", "NF4_VALUES", "decode_nf4", "encode_nf4", "nf4_map"]
@@ -161,6 +161,8 @@ def encode_nf4(x: torch.Tensor, fmt: NF4Format | None = None) -> NF4Encoded:
         enc.absmax_codes, enc.absmax_scale, enc.absmax_offset = quantize_absmax(absmax, fmt.absmax_block)
     else:
         enc.absmax = absmax
+    if is_fake(flat):  # no values to look at (memory estimates), as blockwise.encode
+        return enc
     nonfinite = dynamic.nonfinite_index(flat)
     if nonfinite.numel():
         enc.nonfinite_index = nonfinite
