@@ -186,6 +186,8 @@ def decode_nf4(enc: NF4Encoded) -> torch.Tensor:
     block = enc.format.block_size
     nb = absmax.numel()
     out = torch.empty(nb * block, dtype=enc.dtype, device=enc.codes.device)
+    if is_fake(out):  # sizes only (memory estimates): the chunk loop would be thousands of fake ops
+        return out[:n].view(enc.shape)
     # The pair table viewed as int64: one 8-byte gather per code byte gives both of its
     # values. Work goes chunk by chunk through small scratch buffers that stay in cache:
     # whole-tensor temporaries would each be fresh memory, and on CPU the page faults
