@@ -12,32 +12,16 @@ import memfit
 from memfit.plan import Plan, estimate, measure_peak
 from memfit.plan import frozen as F
 from memfit.weights import compress_weights
+from _frozen_tracker import track_frozen_params
 
 transformers = pytest.importorskip("transformers")
 
 
-class _NoHook:
-    def remove(self):
-        pass
-
-
 @pytest.fixture(autouse=True, scope="module")
 def frozen_params_tracked():
-    """Until memfit's tracker handles frozen parameters itself (issue 17 item 1, the
-    `finetune` work): MemTracker must not hook a tensor that needs no gradient. No-op
-    handles for frozen parameters before it tracks a module, test-local."""
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    orig = MemTracker._track_module_params_and_buffers
-
-    def patched(self, module, install_grad_hooks=True):
-        for p in module.parameters():
-            if not p.requires_grad and self._param_to_grad_hook_handles.get(p, None) is None:
-                self._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-        return orig(self, module, install_grad_hooks)
-
+    """MemTracker on frozen parameters (see tests/_frozen_tracker.py)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MemTracker, "_track_module_params_and_buffers", patched)
+        track_frozen_params(mp)
         yield
 
 
