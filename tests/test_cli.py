@@ -144,3 +144,136 @@ def test_image_model_spec():
     assert batch["pixel_values"].shape == (3, 3, 32, 32) and loss_fn is None
     out = model(**batch)
     assert out.loss.ndim == 0
+
+
+# --------------------------------------------------------------------------- issue 17: the fine-tuning options
+
+LLAMA_TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 256,
+              "max_position_embeddings": 64, "torch_dtype": "float32"}
+
+
+@pytest.fixture
+def frozen_params_tracked(monkeypatch):
+    """MemTracker on frozen parameters (see tests/_frozen_tracker.py)."""
+    from _frozen_tracker import track_frozen_params
+
+    track_frozen_params(monkeypatch)
+
+
+def _config(tmp_path, name="config.json", **over):
+    path = tmp_path / name
+    path.write_text(json.dumps({**LLAMA_TINY, **over}))
+    return path
+
+
+def test_model_from_config_json_and_directory_matches_the_key_spec(capsys, tmp_path):
+    path = _config(tmp_path)
+    rc, from_file = run_json(capsys, "estimate", "--model", str(path), "--batch", "2x32")
+    assert rc == 0
+    rc, from_dir = run_json(capsys, "estimate", "--model", str(tmp_path), "--batch", "2x32")
+    assert rc == 0
+    key = ("llama:hidden_size=64,intermediate_size=128,num_hidden_layers=2,num_attention_heads=2,"
+           "num_key_value_heads=2,vocab_size=256,max_position_embeddings=64")
+    rc, from_key = run_json(capsys, "estimate", "--model", key, "--batch", "2x32")
+    assert rc == 0
+    assert from_file["peak_bytes"] == from_dir["peak_bytes"] == from_key["peak_bytes"]
+    assert from_file["n_params"] == from_key["n_params"]
+    # the config's own dtype is the default; --dtype overrides it
+    _config(tmp_path, "bf16.json", torch_dtype="bfloat16")
+    rc, bf16 = run_json(capsys, "estimate", "--model", str(tmp_path / "bf16.json"), "--batch", "2x32")
+    assert rc == 0 and bf16["param_bytes"] * 2 == from_file["param_bytes"]
+    rc, fp32 = run_json(capsys, "estimate", "--model", str(tmp_path / "bf16.json"), "--batch", "2x32",
+                        "--dtype", "fp32")
+    assert rc == 0 and fp32["param_bytes"] == from_file["param_bytes"]
+
+
+def test_model_path_errors(capsys, tmp_path):
+    assert main(["estimate", "--model", str(tmp_path / "nope" / "config.json")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    _config(tmp_path, model_type="lama")
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model_type 'lama'" in err and "did you mean llama" in err
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["estimate", "--model", str(tmp_path)]) == 2
+    assert "as JSON" in capsys.readouterr().err
+
+
+def test_estimate_lora_weights_dtype_accumulation_loss_autocast(capsys, tmp_path, frozen_params_tracked):
+    pytest.importorskip("peft")
+    path = str(_config(tmp_path))
+    args = ["estimate", "--model", path, "--batch", "2x32"]
+    rc, full = run_json(capsys, *args)
+    rc, lora = run_json(capsys, *args, "--lora", "4")
+    assert rc == 0 and lora["n_trainable"] < lora["n_params"] and lora["n_params"] > full["n_params"]
+    assert lora["optimizer_bytes"] < full["optimizer_bytes"] / 10
+    rc, nf4 = run_json(capsys, *args, "--lora", "4", "--weights", "nf4")
+    rc8, int8 = run_json(capsys, *args, "--lora", "4", "--weights", "int8")
+    assert rc == rc8 == 0
+    # frozen weights held as codes: fewer parameter bytes, codes counted as buffers
+    assert nf4["param_bytes"] < lora["param_bytes"] / 5 and nf4["buffer_bytes"] > lora["buffer_bytes"]
+    assert nf4["peak_bytes"] < int8["peak_bytes"] < lora["peak_bytes"]
+    rc, bf16 = run_json(capsys, *args, "--dtype", "bf16")
+    assert rc == 0 and bf16["param_bytes"] * 2 == full["param_bytes"]
+    rc, acc = run_json(capsys, *args, "--accumulation", "4")
+    assert rc == 0 and acc["config"]["accumulation_steps"] == 4
+    rc, chunked = run_json(capsys, *args, "--loss", "chunked")
+    assert rc == 0 and chunked["peak_bytes"] != full["peak_bytes"]
+    rc, auto = run_json(capsys, *args, "--autocast", "bf16")
+    # autocast's bf16 copies of the weights and its bf16 activations change the forward
+    assert rc == 0 and auto["phase_peaks"]["forward"] != full["phase_peaks"]["forward"]
+    # refusals
+    assert main([*args, "--weights", "nf4"]) == 2
+    assert "no frozen floating-point weights" in capsys.readouterr().err
+    assert main([*args, "--lora", "0"]) == 2
+    assert "--lora 0" in capsys.readouterr().err
+    assert main([*args, "--accumulation", "0"]) == 2
+    assert "--accumulation 0" in capsys.readouterr().err
+
+
+def test_lora_without_peft_is_refused(capsys, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    assert main(["estimate", "--model", str(_config(tmp_path)), "--batch", "2x32", "--lora", "4"]) == 2
+    assert "--lora needs peft" in capsys.readouterr().err
+
+
+def test_llama_8b_from_config_estimates_on_meta_allocating_nothing(capsys, tmp_path, frozen_params_tracked):
+    """'Does Llama-3-8B fit in 24 GB with LoRA?' from a config file alone."""
+    pytest.importorskip("peft")
+    import resource
+
+    path = _config(tmp_path, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                   max_position_embeddings=8192, torch_dtype="bfloat16")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rc, data = run_json(capsys, "estimate", "--model", str(path), "--batch", "1x64", "--lora", "8",
+                        "--weights", "nf4")
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert rc == 0
+    assert 8.0e9 < data["n_params"] < 8.1e9 and data["n_trainable"] < 1e7
+    # the NF4 base (about 4.13 bits per frozen parameter) dominates, far below bf16's 16 GB
+    assert 3.5e9 < data["peak_bytes"] < 7e9, data["peak_bytes"]
+    assert grown_kb < 2_000_000  # the estimate allocated nothing of the model's size
+
+
+def test_plan_weights_and_accumulation_options(capsys, tmp_path, frozen_params_tracked):
+    pytest.importorskip("peft")
+    path = str(_config(tmp_path))
+    base = ["plan", "--model", path, "--batch", "2x32", "--lora", "4", "--accumulation", "2"]
+    rc, data = run_json(capsys, *base, "--budget", "90%", "--weights", "none")
+    assert rc == 0 and data["weights"] == {} and data["grad_accumulation"] == 2
+    assert main([*base, "--budget", "1GB", "--weights", "fp8"]) == 2
+    assert "--weights 'fp8'" in capsys.readouterr().err
+
+
+def test_budget_too_small_recommends_chunked_loss_option(capsys):
+    big_vocab = "gpt2:n_layer=1,n_embd=32,n_head=2,vocab_size=8192,n_positions=64"
+    rc = main(["plan", "--model", big_vocab, "--batch", "4x64", "--budget", "10kB"])
+    assert rc == 3
+    err = capsys.readouterr().err
+    assert "causal_lm_loss" in err and "--loss chunked" in err

@@ -201,14 +201,7 @@ def _hf_model(key: str, overrides: dict, batch: tuple[int, ...], device: str):
     if kind == "tokens" and hasattr(model, "loss_type") and key not in ("bert", "roberta", "distilbert"):
         model.loss_type = "ForCausalLM"
     if kind == "tokens":
-        b, seq = (batch + (None,))[:2] if batch else (1, None)
-        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        seq = seq or min(256, limit or 256)
-        if limit and seq > limit:
-            raise _SpecError(f"--batch: sequence length {seq} exceeds the model's {limit} positions")
-        vocab = config.vocab_size
-        ids = torch.randint(0, vocab, (b, seq), generator=torch.Generator().manual_seed(0))
-        data = {"input_ids": ids, "labels": ids.clone()}
+        data = _token_batch(config, batch)
     else:
         b = batch[0] if batch else 1
         size = batch[1] if len(batch) > 1 else getattr(config, "image_size", 224)
@@ -221,6 +214,67 @@ def _hf_model(key: str, overrides: dict, batch: tuple[int, ...], device: str):
             "labels": torch.randint(0, max(1, config.num_labels), (b,), generator=g),
         }
     return model, data, None
+
+
+def _token_batch(config, batch: tuple[int, ...]) -> dict:
+    """``input_ids`` and ``labels`` of ``batch`` (``B`` or ``BxS``; default 1 x min(256, positions))."""
+    import torch
+
+    b, seq = (batch + (None,))[:2] if batch else (1, None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    seq = seq or min(256, limit or 256)
+    if limit and seq > limit:
+        raise _SpecError(f"--batch: sequence length {seq} exceeds the model's {limit} positions")
+    ids = torch.randint(0, config.vocab_size, (b, seq), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _config_file_model(spec: str, batch: tuple[int, ...], device: str):
+    """A causal LM built from a local ``config.json`` (or a directory holding one), with
+    random weights: nothing is downloaded; on the meta device nothing is allocated."""
+    import difflib
+    import json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    path = Path(spec)
+    if not path.exists():
+        raise _SpecError(f"--model {spec!r}: no such file or directory")
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise _SpecError(f"--model {spec!r}: the directory has no config.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _SpecError(f"--model {spec!r}: cannot read {path} as JSON: {exc}") from exc
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    known = sorted(transformers.CONFIG_MAPPING.keys())
+    if model_type not in known:
+        close = difflib.get_close_matches(str(model_type), known, n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise _SpecError(f"--model {spec!r}: {path} has model_type {model_type!r}, which this transformers "
+                         f"({transformers.__version__}) does not know{hint}")
+    fields = {k: v for k, v in raw.items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise _SpecError(f"--model {spec!r}: model_type {model_type!r} is not a causal LM; config files are "
+                         "read for causal LMs (a KEY or module:factory spec covers other models)")
+    config.use_cache = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    if hasattr(model, "loss_type"):
+        model.loss_type = "ForCausalLM"
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        model.to(dtype)
+    return model, _token_batch(config, batch), None
 
 
 def _factory_model(spec: str, batch: tuple[int, ...]):
@@ -269,14 +323,27 @@ def _factory_model(spec: str, batch: tuple[int, ...]):
     return model, data, loss_fn
 
 
+def _is_config_path(spec: str) -> bool:
+    """A ``--model`` naming a config file or model directory: a ``.json`` path, or an
+    existing directory (which must hold ``config.json``)."""
+    from pathlib import Path
+
+    return spec.endswith(".json") or (":" not in spec and Path(spec).is_dir()) or (
+        ("/" in spec or spec.startswith(".")) and ":" not in spec)
+
+
 def build_model_spec(spec: str, batch: str | None = None, *, device: str = "cpu"):
     """``(model, batch, loss_fn)`` for a ``--model`` spec: ``KEY[:overrides]`` with a
     key of :data:`_MODEL_KEYS` (``gpt2:n_layer=12,n_embd=768``; random weights, nothing
-    downloaded), or ``module:factory`` / ``path/to/file.py:factory`` returning a model,
+    downloaded), a local ``config.json`` or a directory holding one (a causal LM with
+    random weights, in the config's dtype), or ``module:factory`` /
+    ``path/to/file.py:factory`` returning a model,
     ``(model, batch)`` or ``(model, batch, loss_fn)``. ``batch``: ``BxS`` for token
     models (batch x sequence), ``B`` or ``BxSIZE`` for image models, the input's shape
     for a factory that returns only a model (loss: the output's mean square)."""
     dims = _parse_batch(batch)
+    if _is_config_path(spec):
+        return _config_file_model(spec, dims, device)
     key, _, rest = spec.partition(":")
     if key.lower() in _MODEL_KEYS:
         return _hf_model(key.lower(), _parse_overrides(rest), dims, device)
@@ -287,13 +354,30 @@ def build_model_spec(spec: str, batch: str | None = None, *, device: str = "cpu"
     return _factory_model(spec, dims)
 
 
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_LORA_TARGETS = (("q_proj", "v_proj"), ("c_attn",), ("query", "value"), ("query_key_value",), ("Wqkv",))
+
+
 def _add_model_args(p, *, budget: bool = False) -> None:
     p.add_argument("--model", required=True,
                    help="KEY[:k=v,...] with KEY one of " + ", ".join(sorted(_MODEL_KEYS))
                    + " (a transformers config, random weights, e.g. gpt2:n_layer=12,n_embd=768), "
-                   "or module:factory / file.py:factory returning (model, batch) or a model")
+                   "a local config.json or a model directory holding one (a causal LM, random weights, "
+                   "nothing downloaded), or module:factory / file.py:factory returning (model, batch) or a model")
     p.add_argument("--batch", default=None, help="BxS for token models (default 1x256), B or BxSIZE for images")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd", "lion"])
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="the weights' dtype (default: fp32; a config.json's own dtype)")
+    p.add_argument("--autocast", default=None, choices=["bf16", "fp16"],
+                   help="run the forward and the loss under torch.autocast in this dtype")
+    p.add_argument("--lora", type=int, default=None, metavar="R",
+                   help="add peft LoRA adapters of rank R on the attention projections; the base is frozen "
+                   "(needs peft)")
+    p.add_argument("--loss", default="model", choices=["model", "chunked"],
+                   help="model: model(**batch).loss; chunked: memfit.causal_lm_loss(), the output layer and "
+                   "cross-entropy in chunks, without the full logits (causal LMs)")
+    p.add_argument("--accumulation", "--grad-accumulation", dest="accumulation", type=int, default=1,
+                   metavar="N", help="gradient accumulation: micro-batches per optimizer step (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     if budget:
         p.add_argument("--budget", required=True, help="memory budget: 6GiB, 600MB, 1.5 GiB, bytes, or 40%% of plain's estimated peak")
@@ -313,8 +397,85 @@ def _parse_widths(text: str) -> tuple[int, ...]:
     return tuple(check_bits(int(x), (32, 8, 4), name="--state-bits") for x in parts)
 
 
+def _parse_weight_formats(text: str | None):
+    """``--weights int8,nf4`` for plan: None (the planner's default), ``()`` for none."""
+    if text is None:
+        return None
+    parts = [x.strip().lower() for x in text.split(",") if x.strip()]
+    if parts == ["none"]:
+        return ()
+    for x in parts:
+        if x not in ("int8", "nf4", "int4"):
+            raise _SpecError(f"--weights {text!r}: expected formats among int8, nf4, int4 joined by commas, or none")
+    return tuple(parts)
+
+
 def _load(args, device: str = "cpu"):
-    return build_model_spec(args.model, args.batch, device=device)
+    """``(model, batch, loss_fn)`` for the model options: ``--model``, ``--batch``,
+    ``--dtype``, ``--lora``, ``--loss``, ``--autocast``."""
+    import torch
+
+    if args.lora is not None and args.lora < 1:
+        raise _SpecError(f"--lora {args.lora}: the rank must be a positive int")
+    if args.accumulation < 1:
+        raise _SpecError(f"--accumulation {args.accumulation}: must be a positive int")
+    model, batch, loss_fn = build_model_spec(args.model, args.batch, device=device)
+    if args.dtype is not None:
+        model.to(getattr(torch, _DTYPES[args.dtype]))
+    if args.lora is not None:
+        model = _with_lora(model, args.lora)
+    if args.loss == "chunked":
+        if loss_fn is not None:
+            raise _SpecError("--loss chunked: this --model comes with its own loss function")
+        from .loss import causal_lm_loss
+
+        loss_fn = causal_lm_loss()
+    if args.autocast is not None:
+        loss_fn = _autocast_loss(loss_fn, getattr(torch, _DTYPES[args.autocast]))
+    return model, batch, loss_fn
+
+
+def _with_lora(model, rank: int):
+    """``model`` with peft LoRA adapters of ``rank`` on its attention projections (the
+    first of :data:`_LORA_TARGETS` it has); everything else frozen."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise _SpecError("--lora needs peft, which is not installed: pip install peft") from None
+    leaves = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    for targets in _LORA_TARGETS:
+        if set(targets) <= leaves:
+            return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    raise _SpecError(f"--lora: {type(model).__name__} has none of the attention projections memfit knows "
+                     f"({', '.join('/'.join(t) for t in _LORA_TARGETS)})")
+
+
+def _autocast_loss(loss_fn, dtype):
+    """``loss_fn`` (None: ``model(**batch).loss``) run under ``torch.autocast`` on CPU.
+    A wrapper until the step itself takes an autocast setting: the estimate then sees
+    autocast's casts, but not as a step option of its own."""
+    import torch
+
+    from .step import resolve_loss_fn
+
+    inner = resolve_loss_fn(loss_fn)
+
+    def loss(model, batch):
+        with torch.autocast("cpu", dtype=dtype):
+            return inner(model, batch)
+
+    return loss
+
+
+def _frozen_formats(model, fmt: str) -> dict:
+    """``--weights FMT`` for estimate: every frozen weight group in ``fmt``."""
+    from .plan.frozen import frozen_groups
+
+    groups = frozen_groups(model)
+    if not groups:
+        raise _SpecError(f"--weights {fmt}: the model has no frozen floating-point weights to compress "
+                         "(add --lora R to freeze the base)")
+    return {g.module: fmt for g in groups}
 
 
 def _console():
@@ -405,6 +566,8 @@ def _add_estimate(subparsers) -> None:
                    help="compress activations: 8, 4, 2 or fp8 (default: keep)")
     p.add_argument("--checkpoint", default=None, help="comma-separated module names to recompute in backward")
     p.add_argument("--optimizer-in-backward", action="store_true", help="step each parameter inside backward")
+    p.add_argument("--weights", default=None, choices=["nf4", "int4", "int8"],
+                   help="store the frozen weights (with --lora: the base) in this format (memfit.weights)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write a stacked bar of the peak's breakdown")
     p.set_defaults(func=_run_estimate)
 
@@ -413,21 +576,31 @@ def _run_estimate(args) -> int:
     import json
 
     from .plan import estimate
+    from .plan.frozen import shadow_model
+    from .step import StepConfig
 
     try:
         model, batch, loss_fn = _load(args, device="meta")
         bits = None if args.bits is None else (args.bits if args.bits == "fp8" else int(args.bits))
         ckpt = tuple(filter(None, (args.checkpoint or "").split(",")))
-        est = estimate(model, batch, args.optimizer, args.state_bits, bits, loss_fn, checkpoint=ckpt,
-                       optimizer_in_backward=args.optimizer_in_backward)
+        cfg = StepConfig(policy=bits, checkpoint=ckpt, optimizer=args.optimizer, state_bits=args.state_bits,
+                         optimizer_in_backward=args.optimizer_in_backward, accumulation_steps=args.accumulation)
+        n_params = sum(p.numel() for p in model.parameters())
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if args.weights:
+            model = shadow_model(model, _frozen_formats(model, args.weights))
+        est = estimate(model, batch, config=cfg, loss_fn=loss_fn)
     except (ValueError, TypeError, RuntimeError, ImportError) as exc:
         return _err("estimate", exc)
-    n_params = sum(p.numel() for p in model.parameters())
     if args.json:
-        print(json.dumps({"model": args.model, "batch": args.batch, "n_params": n_params, **est.to_dict()}, indent=1))
+        print(json.dumps({"model": args.model, "batch": args.batch, "n_params": n_params,
+                          "n_trainable": n_trainable, "weights": args.weights, **est.to_dict()}, indent=1))
     else:
         console = _console()
-        console.print(f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters, batch {args.batch or 'default'}")
+        frozen = f" ({n_trainable / 1e6:.1f}M trainable)" if n_trainable != n_params else ""
+        weights = f", frozen weights in {args.weights}" if args.weights else ""
+        console.print(f"{type(model).__name__}: {n_params / 1e6:.1f}M parameters{frozen}{weights}, "
+                      f"batch {args.batch or 'default'}")
         console.print(est.table())
     if args.plot:
         path = save_memory_plot(args.plot, [("estimate", est.peak_breakdown)], title=f"{args.model} {args.batch or ''}")
@@ -458,6 +631,8 @@ def _run_profile(args) -> int:
     from .plan import profile
 
     try:
+        if args.accumulation != 1:
+            raise _SpecError("--accumulation: profile times single steps; use it with estimate or plan")
         model, batch, loss_fn = _load(args)
         prof = profile(model, batch, loss_fn=loss_fn, steps=args.steps)
     except (ValueError, TypeError, RuntimeError, ImportError) as exc:
@@ -487,7 +662,9 @@ def _add_plan(subparsers) -> None:
         ),
     )
     _add_model_args(p, budget=True)
-    p.add_argument("--grad-accumulation", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--weights", default=None, metavar="FORMATS",
+                   help="frozen-weight formats the plan may use, comma-separated among int8, nf4, int4, or none "
+                   "(default int8,nf4; only for models with frozen weights, e.g. with --lora)")
     p.add_argument("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm to this")
     p.add_argument("--no-optimizer-in-backward", action="store_true", help="never step inside backward")
     p.add_argument("--save", default=None, metavar="JSON", help="write the plan (Plan.from_json reads it)")
@@ -505,21 +682,24 @@ def _run_plan(args) -> int:
         widths = None
         if args.state_bits:
             widths = _parse_widths(args.state_bits)
+        weight_formats = _parse_weight_formats(args.weights)
         model, batch, loss_fn = _load(args)
         result = plan(
             model, batch, args.budget, args.optimizer, loss_fn, state_bits=widths,
             optimizer_in_backward=False if args.no_optimizer_in_backward else None,
-            grad_accumulation=args.grad_accumulation, clip_grad_norm=args.clip_grad_norm,
-            verbose=args.verbose and not args.json,
+            grad_accumulation=args.accumulation, clip_grad_norm=args.clip_grad_norm,
+            weight_formats=weight_formats, verbose=args.verbose and not args.json,
         )
     except BudgetTooSmall as exc:
         if args.json:
             import json
 
+            hint = {"hint": "--loss chunked"} if "causal_lm_loss" in str(exc) else {}
             print(json.dumps({"error": "BudgetTooSmall", "message": str(exc), "budget_bytes": exc.budget_bytes,
-                              "min_peak_bytes": exc.min_peak_bytes, "dominant": exc.dominant}, indent=1))
+                              "min_peak_bytes": exc.min_peak_bytes, "dominant": exc.dominant, **hint}, indent=1))
         else:
-            print(f"memfit plan: {exc}", file=sys.stderr)
+            hint = " (on the command line: --loss chunked)" if "causal_lm_loss" in str(exc) else ""
+            print(f"memfit plan: {exc}{hint}", file=sys.stderr)
         return 3
     except (ValueError, TypeError, RuntimeError, ImportError) as exc:
         return _err("plan", exc)

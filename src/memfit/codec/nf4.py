@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import dynamic
-from .blockwise import tensor_nbytes
+from .blockwise import is_fake, tensor_nbytes
 from .formats import NF4Format
 
 __all__ = ["NF4Encoded", "NF4_VALUES", "decode_nf4", "encode_nf4", "nf4_map"]
@@ -161,6 +161,8 @@ def encode_nf4(x: torch.Tensor, fmt: NF4Format | None = None) -> NF4Encoded:
         enc.absmax_codes, enc.absmax_scale, enc.absmax_offset = quantize_absmax(absmax, fmt.absmax_block)
     else:
         enc.absmax = absmax
+    if is_fake(flat):  # no values to look at (memory estimates), as blockwise.encode
+        return enc
     nonfinite = dynamic.nonfinite_index(flat)
     if nonfinite.numel():
         enc.nonfinite_index = nonfinite
@@ -184,6 +186,8 @@ def decode_nf4(enc: NF4Encoded) -> torch.Tensor:
     block = enc.format.block_size
     nb = absmax.numel()
     out = torch.empty(nb * block, dtype=enc.dtype, device=enc.codes.device)
+    if is_fake(out):  # sizes only (memory estimates): the chunk loop would be thousands of fake ops
+        return out[:n].view(enc.shape)
     # The pair table viewed as int64: one 8-byte gather per code byte gives both of its
     # values. Work goes chunk by chunk through small scratch buffers that stay in cache:
     # whole-tensor temporaries would each be fresh memory, and on CPU the page faults

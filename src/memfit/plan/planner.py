@@ -14,8 +14,11 @@ What is chosen:
   backward"). All gradients then never exist together, which is what a model whose
   peak is at the optimizer step needs; it rules out gradient accumulation and
   clipping by the global norm, so the planner only uses it when neither is asked
-  for (``grad_accumulation=``, ``clip_grad_norm=``).
-
+  for (``grad_accumulation=``, ``clip_grad_norm=``);
+* for a model with frozen floating-point weights (a LoRA fine-tune's base), which
+  modules store them compressed, and in which format (int8, NF4; :mod:`memfit.weights`):
+  a few per-module assignments (:mod:`memfit.plan.frozen`), tried in order of their
+  cost, each with the search below on the model compressed that way.
 
 How (one call of :func:`plan`): one plain :func:`~memfit.plan.estimate` (fake
 tensors); :func:`~memfit.plan.units.trace_units`, one fake forward that measures each
@@ -45,6 +48,7 @@ import torch
 
 from .._units import format_bytes
 from ..step import Loss, StepConfig
+from . import frozen as F
 from . import solver as S
 from .budget import parse_budget
 from .estimate import estimate
@@ -121,6 +125,7 @@ def plan(
     step_seconds: float | None = None,
     activation_kwargs: Mapping[str, Any] | None = None,
     cache: dict | None = None,
+    weight_formats: Sequence[str | int] | None = None,
     verbose: bool = False,
 ) -> Plan:
     """Plan a training step of ``model`` on ``batch`` that fits ``budget``.
@@ -160,6 +165,13 @@ def plan(
             ``min_bytes``, ``block_size``, ``rounding``).
         cache: a dict to keep the plain estimate, the traced step and the profile in,
             to plan the same model and batch for several budgets without measuring again.
+        weight_formats: the formats the plan may store frozen floating-point weights in
+            (:mod:`memfit.weights`, chosen per module): labels among ``"int8"``,
+            ``"nf4"``, ``"int4"``; default ``("int8", "nf4")``; ``()`` never compresses
+            them. Only models with frozen floating-point parameters of 2+ dimensions
+            (a LoRA fine-tune's base) have this lever; the plan applies it once, on the
+            first ``with plan:`` or ``plan.compress_weights()``
+            (see :class:`~memfit.plan.Plan`). The costs are in :mod:`memfit.plan.frozen`.
 
     Returns:
         :class:`Plan`. Raises :class:`BudgetTooSmall` (a ``ValueError``) with the
@@ -167,6 +179,7 @@ def plan(
     """
     optimizer, widths, bits, in_bwd_opts = _checked_options(
         model, optimizer, state_bits, bits, optimizer_in_backward, grad_accumulation, clip_grad_norm, max_rounds)
+    weight_formats = F.resolve_weight_formats(weight_formats)
     log = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     activation_kwargs = dict(activation_kwargs or {})
@@ -209,21 +222,72 @@ def plan(
     )
     units, role_of = _search_units(specs, trace, grads_by_unit, fwd_seconds, recompute)
 
-    # 4. Optimizer options, and the peak model calibrated on the traced plain step.
+    # 4. Optimizer options, and what the frozen-weight lever can offer (one level:
+    # nothing, for a model without frozen floating-point weights).
     P = trace.start_bytes or (plain.param_bytes + plain.buffer_bytes + plain.input_bytes)
     G = sum(grads_by_unit.values()) or plain.grad_bytes
     c_opt32 = max(0.0, plain.phase_peaks.get("optimizer", 0) - (P + G + plain.optimizer_bytes))
     options = _optimizer_options(model, optimizer, widths, in_bwd_opts, plain.optimizer_bytes, c_opt32, step32,
                                  opt_speed, fidelity_weight)
-    peaks = PeakModel.calibrated(units, trace, options, param_bytes=P, grad_bytes=G, span_grad_bytes=span,
-                                 optimizer_temp_bytes=c_opt32)
+    decode = {"int8": codec.get(8, 0.0), "int4": codec.get(4, 0.0), "nf4": codec.get(4, 0.0)}
+    weight_levels = F.levels(F.frozen_groups(model), weight_formats, decode, cost.step_seconds, fidelity_weight)
 
-    # 5. Search with the peak model, verify with estimate(), correct the model, again.
     def config_of(sol: S.Solution) -> StepConfig:
         return _config_for(sol, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
 
-    verifier = Verifier(lambda cfg: estimate(model, batch, config=cfg, loss_fn=loss_fn), config_of, target,
-                        estimates=cache.setdefault(("estimates",) + ckey, {}), log=log)
+    # 5. Per weight level, in order of its cost: search with the peak model, verify with
+    # estimate(), correct the model, again. A level whose own cost already exceeds the
+    # best plan found cannot win (activation and optimizer choices cost >= 0).
+    found = None  # (level, solution, estimate, held bytes)
+    leanest = None
+    floor = None  # the leanest estimated peak with no weight compressed, once a level found no plan
+    rounds: list = []
+    for level in weight_levels:
+        if found is not None and level.seconds + level.fidelity > found[1].cost + found[0].seconds + found[0].fidelity:
+            break
+        if found is None and floor is not None and floor - level.saved_bytes > target:
+            continue  # even the leanest choices would not fit with this level's savings
+        if level.formats:
+            log(f"frozen weights: {level.describe()} (saves {format_bytes(level.saved_bytes)})")
+        best, verifier, overrides = _search_level(
+            model, batch, loss_fn, level, units, trace, options, cost, target, bits, recompute, P, G, span, c_opt32,
+            config_of, max_rounds, budget_bytes, cache, ckey, log)
+        rounds += [{**r, "weights": level.describe()} if level.formats else r for r in verifier.rounds]
+        if leanest is None or verifier.leanest[1].peak_bytes < leanest.peak_bytes:
+            leanest = verifier.leanest[1]
+        if best is None:
+            floor = verifier.leanest[1].peak_bytes + level.saved_bytes
+        if best is not None:
+            total = best[0].cost + level.seconds + level.fidelity
+            if found is None or total < found[1].cost + found[0].seconds + found[0].fidelity - cost.tie:
+                found = (level, best[0], best[1], overrides)
+    search = {"rounds": rounds, "seconds": round(time.perf_counter() - t_start, 2),
+              "codec_seconds_per_byte": codec, "optimizer_seconds_per_param": opt_speed,
+              "plain_step_seconds": cost.step_seconds}
+    if found is None:
+        raise _too_small(model, batch, loss_fn, leanest, budget_bytes, optimizer, widths,
+                         grad_accumulation, ruled_out_in_backward=in_bwd_opts == (False,) and (
+                             grad_accumulation > 1 or clip_grad_norm is not None),
+                         weights=weight_levels[-1] if len(weight_levels) > 1 else None)
+    level, sol, est, overrides = found
+    return _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
+                      clip_grad_norm, role_of, search, activation_kwargs, overrides, level)
+
+
+def _search_level(model, batch, loss_fn, level: F.WeightLevel, units, trace, options, cost, target, bits,
+                  recompute, P, G, span, c_opt32, config_of, max_rounds, budget_bytes, cache, ckey, log):
+    """The search at one frozen-weight level: ``(best verified (solution, estimate) or
+    None, the verifier, the held bytes the estimates reported)``. The peak model is the
+    plain step's, less the bytes the level saves; estimates run on the model compressed
+    as the level says (a copy with fake parameters)."""
+    peaks = PeakModel.calibrated(units, trace, options, param_bytes=P - level.saved_bytes, grad_bytes=G,
+                                 span_grad_bytes=span, optimizer_temp_bytes=c_opt32)
+    if level.formats:
+        target_model = F.shadow_model(model, level.formats)
+    else:
+        target_model = model
+    verifier = Verifier(lambda cfg: estimate(target_model, batch, config=cfg, loss_fn=loss_fn), config_of, target,
+                        estimates=cache.setdefault(("estimates", level.key) + ckey, {}), log=log)
     for rnd in range(max_rounds):
         sol, lean = S.search(units, options, cost, target, bits, recompute, peaks, peaks.overrides)
         chosen = sol if sol is not None else lean
@@ -250,16 +314,7 @@ def plan(
             if fits:
                 best = (move, est)
                 peaks.learn_held(move.choices, est)
-    search = {"rounds": verifier.rounds, "seconds": round(time.perf_counter() - t_start, 2),
-              "codec_seconds_per_byte": codec, "optimizer_seconds_per_param": opt_speed,
-              "plain_step_seconds": cost.step_seconds}
-    if best is None:
-        raise _too_small(model, batch, loss_fn, verifier.leanest[1], budget_bytes, optimizer, widths,
-                         grad_accumulation, ruled_out_in_backward=in_bwd_opts == (False,) and (
-                             grad_accumulation > 1 or clip_grad_norm is not None))
-    sol, est = best
-    return _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
-                      clip_grad_norm, role_of, search, activation_kwargs, peaks.overrides)
+    return best, verifier, peaks.overrides
 
 
 def _checked_options(model, optimizer, state_bits, bits, optimizer_in_backward, grad_accumulation,
@@ -322,7 +377,7 @@ def _optimizer_options(model, optimizer: str, widths, in_bwd_opts, plain_state_b
 
 
 def _too_small(model, batch, loss_fn, lean_est, budget_bytes: int, optimizer: str, widths, grad_accumulation: int,
-               *, ruled_out_in_backward: bool) -> BudgetTooSmall:
+               *, ruled_out_in_backward: bool, weights: F.WeightLevel | None = None) -> BudgetTooSmall:
     """The error when no verified plan fits: the smallest estimated peak, and what dominates it."""
     bd = lean_est.peak_breakdown
     dom = dominant_part(bd)
@@ -334,7 +389,7 @@ def _too_small(model, batch, loss_fn, lean_est, budget_bytes: int, optimizer: st
         f"no plan fits {format_bytes(budget_bytes)}: the smallest peak memfit can reach for "
         f"{type(model).__name__} on this batch is {format_bytes(lean_est.peak_bytes)} "
         f"(with every activation recomputed or at the fewest bits, {optimizer} state at "
-        f"{min(widths)} bits), dominated by {dom}{extra}{_logits_hint(model, batch, loss_fn, lean_est.peak_bytes)}",
+        f"{min(widths)} bits{', frozen weights ' + weights.describe() if weights else ''}), dominated by {dom}{extra}{_logits_hint(model, batch, loss_fn, lean_est.peak_bytes)}",
         budget_bytes=budget_bytes, min_peak_bytes=lean_est.peak_bytes, dominant=dom, breakdown=bd,
     )
 
@@ -411,7 +466,7 @@ def _near_miss(units, base: S.Solution, cost: S.CostModel, menus, peaks: PeakMod
 
 
 def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, accumulation, clip, role_of,
-               search, activation_kwargs, overrides) -> Plan:
+               search, activation_kwargs, overrides, level: F.WeightLevel) -> Plan:
     rows = []
     for u in sorted(units, key=lambda u: u.order):
         c = sol.choices[u.name]
@@ -433,6 +488,10 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
     n_rec = sum(1 for c in sol.choices.values() if c == S.RECOMPUTE)
     if n_rec:
         notes.append(f"{n_rec} block(s) recomputed in backward (torch.utils.checkpoint)")
+    if level.formats:
+        notes.append(f"frozen weights stored compressed (memfit.weights: {level.describe()}), saving "
+                     f"{format_bytes(level.saved_bytes)}: applied once, on the first `with plan:` or "
+                     "plan.compress_weights(), and kept after it")
     p = Plan(
         units=rows,
         optimizer_name=optimizer,
@@ -442,8 +501,8 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
         predicted_peak_bytes=int(est.peak_bytes),
         predicted_peak_phase=est.peak_phase,
         predicted_breakdown=dict(est.peak_breakdown),
-        predicted_overhead=float(sol.overhead),
-        fidelity_cost=float(sol.fidelity),
+        predicted_overhead=float(sol.overhead + level.seconds),
+        fidelity_cost=float(sol.fidelity + level.fidelity),
         plain_peak_bytes=int(plain.peak_bytes),
         plain_breakdown=dict(plain.peak_breakdown),
         grad_accumulation=accumulation,
@@ -453,6 +512,8 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
         model_fingerprint=fingerprint(model),
         activation_kwargs=dict(activation_kwargs),
         search=search,
+        weights=dict(level.formats),
+        weight_bytes_saved=int(level.saved_bytes),
     )
     p.bind(model)
     return p

@@ -76,7 +76,16 @@ class Plan:
 
     ``with plan:`` around the forward applies the activation choices (compression
     policy and checkpoints) to the model it was made for; ``plan.optimizer(lr=...)``
-    builds the chosen optimizer. ``plan.config`` is the
+    builds the chosen optimizer.
+
+    Frozen weights (``plan.weights``: module -> ``"int8"``, ``"nf4"`` or ``"int4"``,
+    empty unless the model has frozen floating-point weights and the budget needs
+    them compressed) are a one-time change of the model, not a per-step context:
+    ``plan.compress_weights()`` stores them compressed (:mod:`memfit.weights`) and the
+    first ``with plan:`` calls it if it was not called; they stay compressed after the
+    block. ``plan.restore_weights()`` puts plain parameters back (with the decoded
+    values: compression is lossy). Call ``plan.optimizer()`` either before or after:
+    it only takes trainable parameters. ``plan.config`` is the
     :class:`~memfit.plan.StepConfig` (for :func:`~memfit.plan.measure_peak`,
     :func:`~memfit.plan.run_step`).
     """
@@ -100,11 +109,39 @@ class Plan:
     model_fingerprint: str = ""
     activation_kwargs: dict = field(default_factory=dict)
     search: dict = field(default_factory=dict)  # how the search went (rounds, estimates)
+    weights: dict[str, str] = field(default_factory=dict)  # module -> frozen-weight format
+    weight_bytes_saved: int = 0  # what storing them so saves (predicted)
 
     def __post_init__(self):
         self._model_ref: Callable[[], torch.nn.Module | None] | None = None
         self._active: list = []
         self._compressor = None  # made on first use, for the bound model; see compressor
+        self._weight_handles: list = []  # memfit.weights handles, once compressed
+
+    # -- frozen weights -----------------------------------------------------------
+
+    @property
+    def weights_compressed(self) -> bool:
+        """Whether :meth:`compress_weights` has run on the bound model (and not been undone)."""
+        return bool(self._weight_handles)
+
+    def compress_weights(self) -> list:
+        """Store the bound model's frozen weights compressed as ``plan.weights`` says
+        (one :func:`memfit.weights` call per format). Once: a second call returns the
+        same handles. Returns the :class:`~memfit.weights.CompressedWeights` handles
+        (empty when the plan compresses nothing)."""
+        if self.weights and not self._weight_handles:
+            from .frozen import compress_frozen
+
+            self._weight_handles = compress_frozen(self._require_model(), self.weights)
+        return list(self._weight_handles)
+
+    def restore_weights(self) -> None:
+        """Undo :meth:`compress_weights`: plain frozen parameters again, holding the
+        decoded values (the originals were freed when they were compressed)."""
+        for h in reversed(self._weight_handles):
+            h.remove()
+        self._weight_handles = []
 
     # -- the configuration --------------------------------------------------------
 
@@ -154,7 +191,8 @@ class Plan:
                 f"{missing[0]!r}, which {type(model).__name__} does not have"
             )
         fp = fingerprint(model)
-        if self.model_fingerprint and fp != self.model_fingerprint:
+        compressed_here = bool(self._weight_handles) and self.model is model
+        if self.model_fingerprint and fp != self.model_fingerprint and not compressed_here:
             warnings.warn(
                 f"memfit plan: {type(model).__name__}'s parameters differ from those of the model the plan "
                 f"was made for ({self.model_class}); its predictions do not apply",
@@ -251,9 +289,18 @@ class Plan:
                          "(the peak counts the gradients alive during the later ones)"))
         if self.clip_grad_norm is not None:
             rows.append(("gradient clipping", f"global norm {self.clip_grad_norm:g}"))
+        if self.weights:
+            rows.append(("frozen weights", f"{self.weights_label()}, saving {format_bytes(self.weight_bytes_saved)}"))
         parts = [(k, bd.get(k, 0)) for k in ("params", "grads", "optimizer", "activations", "temporaries")]
         rows.append(("at the peak", ", ".join(f"{k} {format_bytes(v)}" for k, v in parts if v)))
         return rows
+
+    def weights_label(self) -> str:
+        """The frozen-weight formats, e.g. ``nf4 x14, int8 x2`` (modules per format), or ``keep``."""
+        if not self.weights:
+            return "keep"
+        counts = Counter(self.weights.values())
+        return ", ".join(f"{f} x{n}" for f, n in sorted(counts.items()))
 
     def table(self):
         """A ``rich.table.Table`` with one row per unit, then the summary and notes."""
@@ -297,7 +344,7 @@ class Plan:
             f"Plan({self.model_class}, budget={format_bytes(self.budget_bytes)}, "
             f"peak={format_bytes(self.predicted_peak_bytes)}, overhead={self.predicted_overhead:+.3f}, "
             f"{self.optimizer_name}-{self.state_bits}{' in-backward' if self.optimizer_in_backward else ''}, "
-            f"{dict(counts)})"
+            f"{dict(counts)}{', weights ' + self.weights_label() if self.weights else ''})"
         )
 
     # -- JSON -------------------------------------------------------------------------
@@ -329,6 +376,8 @@ class Plan:
             "notes": list(self.notes),
             "search": dict(self.search),
             "config": self.config.to_dict(),
+            "weights": dict(self.weights),
+            "weight_bytes_saved": self.weight_bytes_saved,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -370,6 +419,8 @@ class Plan:
             model_fingerprint=d.get("model_fingerprint", ""),
             activation_kwargs=dict(d.get("activation_kwargs", {})),
             search=dict(d.get("search", {})),
+            weights=_checked_weights(d.get("weights", {})),
+            weight_bytes_saved=int(d.get("weight_bytes_saved", 0)),
         )
         p.config  # validates (e.g. optimizer_in_backward with accumulation)
         if model is not None:
@@ -386,6 +437,19 @@ class Plan:
         return cls.from_dict(d, model)
 
 
+def _checked_weights(weights: Any) -> dict[str, str]:
+    """A plan's ``weights`` read from JSON (absent in plans written before the lever)."""
+    from .frozen import WEIGHT_FORMATS
+
+    if not isinstance(weights, Mapping):
+        raise ValueError(f"memfit plan: 'weights' must map module names to formats, got {weights!r}")
+    for module, fmt in weights.items():
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"memfit plan: unknown frozen-weight format {fmt!r} for {module!r}; "
+                             f"known: {', '.join(WEIGHT_FORMATS)}")
+    return {str(k): str(v) for k, v in weights.items()}
+
+
 class _PlanContext:
     """``with plan:``: checkpoint wrappers and the activation compressor, for the
     forward(s) run inside. Backward may run after the block (as with
@@ -398,6 +462,7 @@ class _PlanContext:
         self._stack: list = []
 
     def __enter__(self):
+        self.plan.compress_weights()  # once; kept after the block (see Plan)
         cfg = self.plan.config
         # The optimizer's hooks are the optimizer's business (plan.optimizer()).
         cfg.optimizer_in_backward = False
