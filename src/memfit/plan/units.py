@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..activations.policy import main_blocks
-from ..step import Loss, preserved_state, resolve_loss_fn
+from ..step import Loss, preserved_state, resolve_loss_fn, tracker_class
 
 __all__ = ["MIN_BYTES", "Trace", "UnitSpec", "discover_units", "param_ownership", "trace_units", "unit_of"]
 
@@ -113,7 +113,7 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
     once, parameters excluded), and the live-bytes peak during its forward and its
     backward. No optimizer: the planner adds the state itself."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+    from torch.distributed._tools.mem_tracker import _ModState
 
     from .estimate import fake_model
 
@@ -186,7 +186,7 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
                 with fm:
                     from torch.utils._pytree import tree_leaves
 
-                    mt = MemTracker()
+                    mt = tracker_class()()
                     mt.track_external(model, *[t for t in tree_leaves(fbatch) if isinstance(t, torch.Tensor)])
                     with mt:
                         start = total(mt.get_tracker_snapshot("current"))
