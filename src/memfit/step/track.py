@@ -21,7 +21,7 @@ import torch
 from .config import StepConfig
 from .loss import Loss
 from .optimizer import optimizer_state_bytes
-from .run import apply, run_step
+from .run import apply, main_device, run_step
 
 __all__ = ["PHASES", "main_device", "peak_tracker_class", "phase_tracker_class", "tensors_in", "tracked_steps",
            "tracker_class"]
@@ -247,11 +247,3 @@ def tracked_steps(
                                    default=0),
         "seconds": seconds,
     }
-
-
-def main_device(model: torch.nn.Module) -> torch.device:
-    """The device whose memory a tracker reports: that of the model's first parameter
-    or buffer (CPU for a meta-device model, which the estimator fakes on CPU)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return torch.device("cpu") if t.device.type == "meta" else t.device
-    return torch.device("cpu")
