@@ -2,8 +2,9 @@
 
 This module owns what a step calls to get its scalar loss, and the clear errors for
 batches the model's ``forward`` does not accept and losses that are not scalars
-(:class:`StepInputError`). An error raised while the model runs is not one of them:
-it reaches the caller as it was raised, so it names its real cause.
+(:class:`StepInputError`, also for a ``ValueError`` or ``TypeError`` the model raises
+about its inputs). Any other error raised while the model runs (a kernel's, a hook's)
+reaches the caller as it was raised, so it names its real cause.
 """
 
 from __future__ import annotations
@@ -46,7 +47,13 @@ def _default_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
             f"(the loss is model(**batch).loss), got {type(batch).__name__}; pass loss_fn=lambda model, batch: ..."
         )
     _check_batch_fits(model, batch)
-    out = model(**batch)
+    try:
+        out = model(**batch)
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, StepInputError):
+            raise
+        # how models refuse their inputs ("You have to specify either input_ids or ...")
+        raise StepInputError(f"model(**batch) failed: {type(exc).__name__}: {exc}") from exc
     loss = getattr(out, "loss", None)
     if loss is None and isinstance(out, Mapping):
         loss = out.get("loss")
@@ -76,7 +83,9 @@ def resolve_loss_fn(loss_fn: Loss | None) -> Loss:
     ``.loss`` raises ``ValueError``). Otherwise ``loss_fn(model, batch)``. Either way the
     result must be a scalar tensor (``ValueError("loss_fn must return a scalar tensor,
     got shape ...")``) that requires grad. These ``ValueError`` are
-    :class:`StepInputError`; what the model itself raises is passed on unchanged.
+    :class:`StepInputError`; so is a ``ValueError``/``TypeError`` the model raises
+    (``"model(**batch) failed: ..."``). Any other error from the model is passed on
+    unchanged.
     """
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
