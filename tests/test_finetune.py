@@ -218,6 +218,10 @@ def test_autocast_is_a_step_option_counted_by_the_estimate():
     finally:
         h.remove()
     assert seen == [torch.bfloat16]
+    # what `with plan:` and the integrations enter around a forward has it too
+    with memfit.step.apply(model, cfg) as ctx, ctx.forward():
+        assert model(**batch).logits.dtype == torch.bfloat16
+    assert model(**batch).logits.dtype == torch.float32
 
 
 def test_autocast_setting_is_validated_and_serialized():

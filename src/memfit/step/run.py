@@ -43,7 +43,8 @@ def autocast_context(model: torch.nn.Module, autocast: Any):
 
 class StepContext:
     """What :func:`apply` installed: ``forward()`` is the context to run each forward
-    pass in (it enters the activation compressor or the saved-tensor counter);
+    pass in (it enters the activation compressor or the saved-tensor counter, and
+    ``config.autocast``'s autocast, so ``with plan:`` and the integrations get it too);
     ``saved_bytes()`` gives the bytes held for backward per innermost module after
     the latest forward (compressed sizes under a policy); ``recompute_seconds`` sums,
     per checkpointed module, the time its forward took when recomputed in backward."""
@@ -59,15 +60,10 @@ class StepContext:
         self.recompute_seconds: dict[str, float] = {}
 
     def forward(self):
-        if self.compressor is not None:
-            return self.compressor
-        if self.counter is not None:
-            return self.counter
-        return contextlib.nullcontext()
-
-    def autocast(self):
-        """The forward's autocast (:func:`autocast_context` for ``config.autocast``)."""
-        return autocast_context(self.model, self.config.autocast)
+        hooks = self.compressor if self.compressor is not None else self.counter
+        if self.config.autocast is None:
+            return hooks if hooks is not None else contextlib.nullcontext()
+        return _within(hooks, autocast_context(self.model, self.config.autocast))
 
     def saved_bytes(self) -> dict[str, int]:
         if self.compressor is not None:
@@ -75,6 +71,13 @@ class StepContext:
         if self.counter is not None:
             return self.counter.stats_bytes()
         return {}
+
+
+@contextlib.contextmanager
+def _within(hooks, autocast) -> Iterator[Any]:
+    """``hooks`` (the compressor or counter, or None) with ``autocast`` inside it."""
+    with hooks if hooks is not None else contextlib.nullcontext() as entered, autocast:
+        yield entered
 
 
 def _check_checkpoint_names(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Module]:
@@ -182,7 +185,7 @@ def run_step(
     on_phase: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """One training step: ``config.accumulation_steps`` times forward (inside
-    ``context.forward()`` and ``config.autocast``'s autocast) and backward, then clipping if configured,
+    ``context.forward()``, with ``config.autocast``'s autocast) and backward, then clipping if configured,
     ``optimizer.step()`` and ``optimizer.zero_grad(set_to_none=True)``. Returns the
     mean loss, detached.
 
@@ -200,7 +203,7 @@ def run_step(
     total = None
     for _ in range(k):
         phase("forward")
-        with context.forward(), context.autocast():
+        with context.forward():
             loss = fn(model, batch)
         phase("backward")
         (loss / k if k > 1 else loss).backward()
