@@ -120,7 +120,7 @@ def build(key: str, quick: bool):
         raise ValueError(key)
     n = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return f"{what}; {n / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable", model.train(), batch, cfg
+    return f"{what}; {n / 1e6:.2f}M params, {trainable / 1e6:.2f}M trainable", model.train(), batch, cfg
 
 
 # --------------------------------------------------------------------------- parts
