@@ -301,3 +301,33 @@ def test_bad_batches_are_refused_without_a_real_step(monkeypatch):
     model, batch = tiny_llama()
     with pytest.raises(ValueError, match="without a .loss"):
         estimate(model, {"input_ids": batch["input_ids"]})
+
+
+# --------------------------------------------------------------------------- callbacks
+
+
+def test_hf_callback_plans_and_fits_a_lora_model(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install 'memfit[hf]')")
+    from memfit.integrations.transformers import MemfitCallback, MemfitTrainer
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=128, num_labels=3, max_position_embeddings=64)
+    model = peft.get_peft_model(transformers.BertForSequenceClassification(cfg),
+                                peft.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"]))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (24, 32), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(32, dtype=torch.long), "labels": ids[i, 0] % 3}
+            for i in range(len(ids))]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-3,
+        report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True, dataloader_drop_last=True)
+    cb = MemfitCallback(budget="75%", measure=True, plan_kwargs=FAST_PLAN, verbose=False)
+    MemfitTrainer(model=model, args=args, train_dataset=data, callbacks=[cb]).train()
+    assert 0 < cb.measured_peak_bytes <= cb.plan.budget_bytes
+    held = {id(q) for grp in cb.optimizer.param_groups for q in grp["params"]}
+    assert held == {id(q) for q in model.parameters() if q.requires_grad}
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
