@@ -1,5 +1,6 @@
 """Shared helpers for the scripts in ``bench/``.
 
+* :func:`start_bench`: threads, quiet transformers, the machine logged.
 * :func:`machine_info` / :func:`machine_lines`: what ran the bench (CPU, cores,
   threads, torch, memfit codec backend, date, exact command line).
 * :func:`interleaved_timing`: round-robin timing (A B C A B C ...) after a warm-up,
@@ -97,6 +98,24 @@ def machine_info() -> dict[str, str]:
         pass
     info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info["command"] = command_line()
+    return info
+
+
+def start_bench(threads: int, log: Callable[[str], None]) -> dict[str, str]:
+    """The common start of a bench on transformers models: ``threads`` torch threads,
+    transformers' FutureWarnings and logging quiet, the machine described (each line
+    through ``log``). Returns :func:`machine_info`."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass
+    info = machine_info()
+    for k, v in info.items():
+        log(f"{k}: {v}")
     return info
 
 

@@ -11,8 +11,8 @@ Two parts (issue 17's bars):
   (MoE; fake tensors cannot run its grouped matmul, so the estimate falls back to a
   measured step: its ``method`` column says so). A row passes within 5%.
 * **plan**: ``memfit.plan(model, batch, budget)`` at 50% and 30% of the plain step's
-  measured peak, on the LoRA Llama and the bf16 Llama; the plan's step is then
-  measured. A row passes when the measured peak is at most the budget and at least
+  measured peak, on the LoRA Llama and the bf16 Llama, with the model's own loss and
+  with ``memfit.causal_lm_loss()`` (chunked); the plan's step is then measured. A row passes when the measured peak is at most the budget and at least
   85% of it, or when ``BudgetTooSmall`` names the floor (the smallest peak reachable).
 
 Models: transformers config classes, random weights, train mode; hidden 256, 4 layers,
@@ -156,6 +156,21 @@ def run_estimate(models: list[str], quick: bool) -> tuple[list[list[str]], list[
     return rows, records, fails
 
 
+def chunked_loss():
+    """``memfit.causal_lm_loss()`` (the loss head in chunks), applied to a peft model's
+    base model (its adapters are injected there): ``causal_lm_loss`` does not unwrap
+    ``PeftModel`` itself."""
+    import memfit
+
+    fn = memfit.causal_lm_loss()
+
+    def loss_fn(model, batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return fn(base, batch)
+
+    return loss_fn
+
+
 def run_plan(models: list[str], quick: bool) -> tuple[list[list[str]], list[dict], int]:
     import memfit
     from memfit.plan import BudgetTooSmall, measure_peak
@@ -166,31 +181,35 @@ def run_plan(models: list[str], quick: bool) -> tuple[list[list[str]], list[dict
         log(f"{key}: {what}")
         plain = measure_peak(model, batch, cfg).peak_bytes
         log(f"  plain measured peak {C.mb(plain)} MB")
-        cache: dict = {}
-        for frac in FRACTIONS:
-            budget = int(frac * plain)
-            rec = {"model": key, "what": what, "fraction": frac, "plain_bytes": plain, "budget_bytes": budget}
-            try:
-                p = memfit.plan(model, batch, budget, cache=cache)
-            except BudgetTooSmall as exc:
-                rec.update(result="floor", floor_bytes=exc.min_peak_bytes, dominant=exc.dominant)
-                row = [key, f"{frac:.0%}", C.mb(budget), "BudgetTooSmall", C.mb(exc.min_peak_bytes), "-", "-",
-                       f"PASS (floor {C.mb(exc.min_peak_bytes)} MB: {exc.dominant})"]
-            else:
+        for loss_name, loss_fn in (("model(**batch).loss", None), ("chunked", chunked_loss())):
+            label = key if loss_fn is None else f"{key}, chunked loss"
+            cache: dict = {}
+            for frac in FRACTIONS:
+                budget = int(frac * plain)
+                rec = {"model": key, "what": what, "loss": loss_name, "fraction": frac, "plain_bytes": plain,
+                       "budget_bytes": budget}
+                try:
+                    p = memfit.plan(model, batch, budget, loss_fn=loss_fn, cache=cache)
+                except BudgetTooSmall as exc:
+                    rec.update(result="floor", floor_bytes=exc.min_peak_bytes, dominant=exc.dominant)
+                    row = [label, f"{frac:.0%}", C.mb(budget), "BudgetTooSmall", C.mb(exc.min_peak_bytes), "-",
+                           "-", f"PASS (floor {C.mb(exc.min_peak_bytes)} MB: {exc.dominant})"]
+                else:
+                    gc.collect()
+                    peak = measure_peak(model, batch, p.config, loss_fn=loss_fn).peak_bytes
+                    share = peak / budget
+                    ok = FILL <= share <= 1.0
+                    fails += not ok
+                    rec.update(result="plan", config=p.config.to_dict(), predicted_bytes=p.predicted_peak_bytes,
+                               measured_bytes=peak, share=share, ok=ok)
+                    row = [label, f"{frac:.0%}", C.mb(budget), p.config.describe(), C.mb(p.predicted_peak_bytes),
+                           C.mb(peak), f"{share:.1%}", "PASS" if ok else "FAIL"]
+                log("  " + "  ".join(row))
+                rows.append(row)
+                records.append(rec)
                 gc.collect()
-                peak = measure_peak(model, batch, p.config).peak_bytes
-                share = peak / budget
-                ok = FILL <= share <= 1.0
-                fails += not ok
-                rec.update(result="plan", config=p.config.to_dict(), predicted_bytes=p.predicted_peak_bytes,
-                           measured_bytes=peak, share=share, ok=ok)
-                row = [key, f"{frac:.0%}", C.mb(budget), p.config.describe(), C.mb(p.predicted_peak_bytes),
-                       C.mb(peak), f"{share:.1%}", "PASS" if ok else "FAIL"]
-            log("  " + "  ".join(row))
-            rows.append(row)
-            records.append(rec)
-            gc.collect()
-        del model, batch, cache
+            del cache
+        del model, batch
         gc.collect()
     return rows, records, fails
 
@@ -214,18 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(got) - set(known)
         if unknown:
             ap.error(f"unknown {name}(s): {', '.join(sorted(unknown))}; known: {', '.join(known)}")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-    except Exception:
-        pass
-
-    info = C.machine_info()
-    for k, v in info.items():
-        log(f"{k}: {v}")
+    info = C.start_bench(args.threads, log)
     out: dict = {"machine": info}
     fails = 0
     lines = [
@@ -234,43 +243,32 @@ def main(argv: list[str] | None = None) -> int:
         "Written by `bench/finetune.py`; do not edit by hand between the markers.",
         "",
     ]
+    est_note = ("Plain step (torch AdamW, plain autograd; the autocast row runs its forward under bf16 autocast). "
+                "*method* `fake`: fake tensors, nothing run; `measured`: fake tensors could not run the step "
+                "(Mixtral: fake `aten._grouped_mm` wants bf16 inputs, the CPU kernel does not), so `estimate` "
+                "measured one real step and said so.")
+    plan_note = ("`memfit.plan(model, batch, budget, loss_fn=...)` with its defaults; the plan's step is "
+                 f"measured with `measure_peak(model, batch, plan.config, loss_fn=...)`. Budgets are fractions "
+                 "of the plain step's measured peak (`model(**batch).loss`). *chunked loss* rows plan with "
+                 "`memfit.causal_lm_loss()` (on the peft model's base model), so the full logits never exist. "
+                 f"PASS: measured peak <= budget and >= {FILL:.0%} of it, or `BudgetTooSmall` with the floor "
+                 "it names.")
+    pmodels = [m for m in models if m in PLAN_MODELS] or list(PLAN_MODELS)
+    part_specs = {
+        "estimate": (run_estimate, models, EST_HEADERS, "Estimated vs measured peak", est_note),
+        "plan": (run_plan, pmodels, PLAN_HEADERS, "Plans at 50% and 30% of the plain step's measured peak",
+                 plan_note),
+    }
     sections = []
-    if "estimate" in parts:
-        rows, recs, f = run_estimate(models, args.quick)
+    for part in parts:
+        runner, which, headers, title, note = part_specs[part]
+        rows, recs, f = runner(which, args.quick)
         fails += f
-        out["estimate"] = recs
-        C.print_table("memfit.plan.estimate vs measured peak, fine-tuning workloads", EST_HEADERS, rows)
-        sections += [
-            "### Estimated vs measured peak",
-            "",
-            "Plain step (torch AdamW, plain autograd; the autocast row runs its forward under bf16 "
-            "autocast). *method* `fake`: fake tensors, nothing run; `measured`: fake tensors could not "
-            "run the step (Mixtral: fake `aten._grouped_mm` wants bf16 inputs, the CPU kernel does not), "
-            "so `estimate` measured one real step and said so.",
-            "",
-            *[f"- {r['model']}: {r['what']}" for r in recs],
-            "",
-            C.markdown_table(EST_HEADERS, rows),
-            "",
-            f"{sum(r['pass'] for r in recs)}/{len(recs)} within {TOLERANCE:.0%}.",
-            "",
-        ]
-    if "plan" in parts:
-        pmodels = [m for m in models if m in PLAN_MODELS] or list(PLAN_MODELS)
-        rows, recs, f = run_plan(pmodels, args.quick)
-        fails += f
-        out["plan"] = recs
-        C.print_table("memfit.plan at 50% and 30% of the plain measured peak", PLAN_HEADERS, rows)
-        sections += [
-            "### Plans at 50% and 30% of the plain step's measured peak",
-            "",
-            "`memfit.plan(model, batch, budget)` with its defaults; the plan's step is measured with "
-            "`measure_peak(model, batch, plan.config)`. PASS: measured peak <= budget and >= "
-            f"{FILL:.0%} of it, or `BudgetTooSmall` with the floor it names.",
-            "",
-            C.markdown_table(PLAN_HEADERS, rows),
-            "",
-        ]
+        out[part] = recs
+        C.print_table(title, headers, rows)
+        described = sorted({(r["model"], r["what"]) for r in recs})
+        sections += [f"### {title}", "", note, "", *[f"- {k}: {w}" for k, w in described], "",
+                     C.markdown_table(headers, rows), ""]
     try:
         info["load average (1/5/15 min, at end)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
