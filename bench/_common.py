@@ -8,7 +8,10 @@
 * :func:`measure_step_memory`: live bytes before/after forward and the peak of a
   whole step, from ``torch.distributed._tools.mem_tracker.MemTracker`` (works on CPU,
   where ``torch.cuda.max_memory_allocated`` is meaningless).
-* :func:`markdown_table`, :func:`print_table`, :func:`update_markdown_section`.
+* :func:`markdown_table`, :func:`print_table`, :func:`update_markdown_section`,
+  :func:`publish` (print a report, and write it into the docs unless told not to).
+* :func:`demo_lm_setup`, :func:`train_demo_lm`: the demo's GPT task and training loop
+  (LR schedule, clipping) for loss runs.
 
 See /work/shared/measuring.md for why things are measured this way.
 """
@@ -293,3 +296,51 @@ def update_markdown_section(path: Path | str, key: str, body: str, *, title: str
         text = text.rstrip() + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def publish(text: str, path: Path | str, key: str, *, write: bool, log: Callable[[str], None]) -> None:
+    """Print ``text``; when ``write``, also put it into ``path``'s section ``key``."""
+    print(text)
+    if write:
+        update_markdown_section(path, key, text)
+        log(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------- training
+
+
+def demo_lm_setup(steps: int, quick: bool, seed: int, **overrides) -> tuple:
+    """The demo's GPT task for loss runs: ``(config, batches, base model, parameter
+    count, bytes of text)``; ``quick`` takes ``DemoConfig.quick``'s tiny model;
+    ``overrides`` replace ``DemoConfig`` fields (``lr=...``)."""
+    from memfit.data import ByteBatches, load_text_bytes
+    from memfit.demo import DemoConfig, build_model
+
+    cfg = DemoConfig.quick(steps=steps) if quick else DemoConfig(steps=steps)
+    cfg = DemoConfig(**{**cfg.__dict__, "seed": seed, **overrides})
+    data = load_text_bytes(max_bytes=cfg.max_data_bytes)
+    batches = ByteBatches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed)
+    base = build_model(cfg)
+    return cfg, batches, base, sum(p.numel() for p in base.parameters()), data.numel()
+
+
+def train_demo_lm(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches, config) -> list[float]:
+    """Train ``model`` on ``batches[0 .. config.steps)`` (token ids, their own labels) as
+    ``memfit demo`` does: its warmup+cosine LR schedule over ``optimizer`` and, when
+    ``config.grad_clip`` is set, global gradient-norm clipping. Returns each step's loss."""
+    from memfit.demo import _lr_lambda
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    clip = getattr(config, "grad_clip", None)
+    losses = []
+    for i in range(config.steps):
+        x = batches[i]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses

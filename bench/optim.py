@@ -170,18 +170,9 @@ def bench_steps(makers, layers, width, rounds):
 
 
 def bench_convergence(makers, steps, quick, seed=0):
-    from memfit.data import ByteBatches, load_text_bytes
-    from memfit.demo import DemoConfig, _lr_lambda, build_model
-
-    cfg = DemoConfig.quick(steps=steps) if quick else DemoConfig(steps=steps)
-    cfg = DemoConfig(**{**cfg.__dict__, "seed": seed})
-    data = load_text_bytes(max_bytes=cfg.max_data_bytes)
-    batches = ByteBatches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, seed=cfg.seed)
-    base = build_model(cfg)
-    n_params = sum(p.numel() for p in base.parameters())
+    cfg, batches, base, n_params, n_bytes = C.demo_lm_setup(steps, quick, seed)
     log(f"convergence: GPT {cfg.n_layer}x{cfg.n_embd}, {n_params / 1e6:.2f}M params, {cfg.steps} steps, "
-        f"{data.numel() / 1e6:.1f} MB of stdlib text")
-    clip = getattr(cfg, "grad_clip", None)  # the demo's gradient-norm clipping, when it has one
+        f"{n_bytes / 1e6:.1f} MB of stdlib text")
     results, errors = {}, {}
     names = ["torch"] + [k for k in makers if k.startswith(("memfit", "bnb", "torchao"))]
     for name in names:
@@ -193,20 +184,9 @@ def bench_convergence(makers, steps, quick, seed=0):
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {exc}"
             continue
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-        losses = []
         t0 = time.perf_counter()
         try:
-            for i in range(cfg.steps):
-                x = batches[i]
-                loss = model(input_ids=x, labels=x).loss
-                loss.backward()
-                if clip is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                losses.append(float(loss.detach()))
+            losses = C.train_demo_lm(model, opt, batches, cfg)
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             log(f"  {name}: FAILED {errors[name]}")
@@ -364,10 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 
         conv_res = (DemoConfig(steps=max(steps, 2)), 0, {}, {})
     report = build_report(info, notes, step_runs, conv_res, rounds)
-    print(report)
-    if not (args.quick or args.no_write):
-        C.update_markdown_section(DOCS, MARKER, report)
-        log(f"wrote {DOCS}")
+    C.publish(report, DOCS, MARKER, write=not (args.quick or args.no_write), log=log)
     return 0
 
 

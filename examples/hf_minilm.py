@@ -81,6 +81,16 @@ def stdlib_snippets(per_class: int, *, lines: int = 12, seed: int = 0) -> list[t
     return out
 
 
+def split_held_out(items: list[tuple[str, int]], per_class: int) -> tuple[list, list]:
+    """(train, held-out): the first ``per_class`` snippets of each label are held out."""
+    per_label: dict[int, list] = {}
+    for t, y in items:
+        per_label.setdefault(y, []).append((t, y))
+    held = [it for y in sorted(per_label) for it in per_label[y][:per_class]]
+    train = [it for it in items if it not in held]
+    return train, held
+
+
 class Encoded(torch.utils.data.Dataset):
     """Tokenized snippets, padded to ``max_length``: one dict of tensors per item."""
 
@@ -138,12 +148,7 @@ def run(
     path = model_dir()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = BertForSequenceClassification.from_pretrained(path, num_labels=len(PACKAGES))
-    items = stdlib_snippets(per_class + eval_per_class, seed=seed)
-    per_label: dict[int, list] = {}
-    for t, y in items:
-        per_label.setdefault(y, []).append((t, y))
-    held = [it for y in sorted(per_label) for it in per_label[y][:eval_per_class]]
-    train = [it for it in items if it not in held]
+    train, held = split_held_out(stdlib_snippets(per_class + eval_per_class, seed=seed), eval_per_class)
     train_ds = Encoded(tokenizer, train, max_length)
     eval_ds = Encoded(tokenizer, held, max_length)
 

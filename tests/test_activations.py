@@ -76,6 +76,11 @@ def test_compressed_gradients_are_close(make, bits, tol, min_ratio):
     loss1, g1 = grads_of(model, data, mf)
     assert torch.equal(loss0, loss1), "the forward pass must be untouched"
     assert rel_err(g1, g0) < tol
+    if make is tiny_bert:
+        # Without dropout BERT's attention runs as a fused kernel, whose q, k and output
+        # the op table keeps at 8 bits, or bf16 at 8-bit settings (memfit.activations.ops);
+        # in this tiny model attention is about half of what is saved.
+        min_ratio = {8: 3.2, "fp8": 3.2, 4: 5.0, 2: 6.3}[bits]
     assert mf.stats.ratio >= min_ratio * 0.9  # tiny model: int64 ids and tiny stats dilute it
 
 
@@ -171,13 +176,17 @@ def test_views_of_one_storage_are_stored_once():
         qkv = x * 1.5  # one storage
         q, k, v = qkv.split(256, dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # strided views
-        out = (q.sin() + k.cos() + v.pow(3)).sum()  # each saves its input view
-    assert mf.stats.counts["shared"] == 2  # k and v reuse q's encoding
+        out = (q.sin() + k.cos() + v.pow(3) + q.pow(2)).sum()  # each saves its input view
+    # q, k and v are each a third of the storage: each encoded on its own (elements
+    # outside a saved view never share its blocks); q saved twice is encoded once.
+    assert mf.stats.counts["int8"] == 3 and mf.stats.counts["shared"] == 1
     assert mf.stats.original_bytes == qkv.numel() * 4 + x.numel() * 0  # storage counted once
+    assert mf.stats.stored_bytes < qkv.numel() * 4 / 3.5
     out.backward()
     exact = torch.autograd.grad((x * 1.5).split(256, -1)[0].transpose(1, 2).sin().sum()
                                 + (x * 1.5).split(256, -1)[1].transpose(1, 2).cos().sum()
-                                + (x * 1.5).split(256, -1)[2].transpose(1, 2).pow(3).sum(), x)[0]
+                                + (x * 1.5).split(256, -1)[2].transpose(1, 2).pow(3).sum()
+                                + (x * 1.5).split(256, -1)[0].transpose(1, 2).pow(2).sum(), x)[0]
     assert rel_err([x.grad], [exact]) < 0.01
 
 
@@ -231,14 +240,15 @@ def test_loss_head_stays_at_8_bits_below_8():
     # After the last block: final norm, output layer and the loss (in the root's forward).
     for name in ("transformer.ln_f", "lm_head", ""):
         assert _int_kinds(stats, name) == {"int8"}, name
-    for name in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.h.1.attn"):
+    # (the attention module itself also holds the op table's 8-bit q, k and output)
+    for name in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_proj"):
         assert _int_kinds(stats, name) == {"int2"}, name
     assert mf.head_format.bits == 8 and mf.head_format.rounding == "stochastic"
 
 
 def test_head_bits_equal_to_bits_quantizes_everything_alike():
     model, data = tiny_gpt2(), batch()
-    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0)
+    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0, policy={"op:sdpa": 2})
     grads_of(model, data, mf)
     kinds = set().union(*(_int_kinds(mf.stats, n) for n in mf.stats.by_module))
     assert kinds == {"int2"}
@@ -267,7 +277,7 @@ def test_head_without_module_list_is_code_outside_submodules():
         loss = torch.log_softmax(model(x), dim=-1).exp().sum()  # saved outside every submodule
     loss.backward()
     assert _int_kinds(mf.stats, "") == {"int8"}
-    assert _int_kinds(mf.stats, "1") == {"int2"}
+    assert _int_kinds(mf.stats, "2") == {"int2"}  # (module "1", the GELU, stores few-bit levels)
 
 
 def test_invalid_head_bits_raise():

@@ -1,10 +1,17 @@
 """memfit.activations: compress the tensors autograd saves for backward.
 
 :func:`activations` returns an :class:`ActivationCompressor`, a context manager built on
-``torch.autograd.graph.saved_tensors_hooks``; :mod:`.policy` maps modules to formats;
-:class:`ActivationStats` reports what was saved and what was held, per module.
+``torch.autograd.graph.saved_tensors_hooks``; :mod:`.saved` says what a saved tensor is
+and which module saved it (the rule every memfit pack hook shares); :mod:`.ops` is the
+op table (how the op that saves a tensor changes its format; :data:`OP_KINDS` are the
+kinds a policy can name as ``"op:<kind>"``) and :mod:`.fewbit` its few-bit
+derivatives; :mod:`.policy` maps modules to formats; :class:`ActivationStats` reports
+what was saved and what was held, per module and per op kind.
 """
 
 from .engine import ActivationCompressor, ActivationStats, ModuleStats, activations
+from .ops import OP_KINDS
+from .saved import ModuleStack, classify
 
-__all__ = ["ActivationCompressor", "ActivationStats", "ModuleStats", "activations"]
+__all__ = ["OP_KINDS", "ActivationCompressor", "ActivationStats", "ModuleStack", "ModuleStats", "activations",
+           "classify"]

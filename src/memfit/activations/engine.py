@@ -9,7 +9,8 @@ backward pass goes through :meth:`ActivationCompressor._pack` (a
 changes: no module is swapped, so HF transformers, CNNs and hand-written code all
 work, including ``F.*`` calls that module-swapping tools miss.
 
-What each saved tensor becomes:
+What each saved tensor becomes (what it *is* is decided once, for every pack hook of
+memfit, by :func:`memfit.activations.saved.classify`):
 
 * parameters, views of parameters and other leaves that require grad: kept by
   reference (they are alive anyway, a copy would only cost memory);
@@ -17,7 +18,13 @@ What each saved tensor becomes:
   tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
 * bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
 * float tensors: the format of the module that saved them (8/4/2-bit block-wise
-  integer codes, fp8, or kept).
+  integer codes, fp8, or kept), unless the op that saves them is in the op table
+  (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
+  statistics), which says how that op's tensors are stored.
+
+Rounding noise comes from one stream per compressor, seeded by ``seed``;
+:meth:`ActivationCompressor.state_dict` saves its position so a resumed run draws the
+same noise as an uninterrupted one.
 
 The loss head stays precise. Tensors saved after the model's last block has run (the
 final norm, the output projection, the loss; the blocks are the largest
@@ -28,11 +35,21 @@ through the loss gradient: on the demo's GPT, 2 bits everywhere ends 18% above f
 names keep that rule.
 
 A saved tensor is attributed to the innermost module of ``model`` running when it is
-saved. Several ops often save the same storage (a linear's input is the previous
-op's output; q, k and v are strided views of one projection). Plain autograd keeps
-such a storage once, and so does memfit: the first save encodes the whole storage,
-later saves of any view of it reuse that encoding, and unpack rebuilds each view with
-``as_strided`` over one shared decoded buffer.
+saved (without a model there are no modules: everything gets ``bits``). Several ops
+often save the same storage (a linear's input is the previous op's output; q, k and
+v are strided views of one projection). Plain autograd keeps such a storage once,
+and so does memfit, per representation (codes of one format, or a mask):
+
+* a view of every element of its storage (the tensor itself, a transpose) encodes
+  the whole storage once; later saves of any view of it reuse that encoding, and
+  unpack rebuilds each view with ``as_strided`` over one shared decoded buffer;
+* a view of part of a storage (q of a fused projection, a slice) encodes only its own
+  elements, so elements that no op saved never share a quantization block with saved
+  ones (they may hold anything, even values near the float limits); the same view
+  saved again reuses it.
+
+A mask and codes of the same storage are different representations: a ReLU's mask
+never stands in for the values the next linear needs.
 
 Modifying a saved tensor in place before backward raises the same ``RuntimeError``
 as plain PyTorch. Hooks normally disable that check, so the engine keeps, per saved
@@ -57,6 +74,7 @@ are handled by checkpoint's own hooks, not memfit's.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -68,10 +86,29 @@ from typing import Mapping
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode, is_plain_dense
-from .policy import MASK, Setting, main_blocks, module_formats, resolve_setting
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+from .._units import MB
+from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
+from ..codec.blockwise import is_fake
+from . import fewbit
+from .ops import (
+    EXACT,
+    SDPA_INPUT,
+    SDPA_LSE,
+    SDPA_OUT,
+    AttentionParams,
+    OpCall,
+    OpTracker,
+    Treatment,
+    consistent_attention,
+)
+from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
+from .saved import MASK as MASK_KIND
+
+# The representation "cast to bfloat16" for fused attention's q and k (see _op_format).
+BF16 = "bf16"
+from .saved import NOT_DENSE, OTHER, PARAM, ModuleStack, classify, parameter_storages
 
 
 # --------------------------------------------------------------------------- stats
@@ -105,6 +142,11 @@ class ActivationStats:
     the codec's cost; on CUDA they are host time only (kernels run asynchronously)."""
 
     by_module: dict[str, ModuleStats] = field(default_factory=dict)
+    #: The same totals by the op kind of the op table that saved them
+    #: (:mod:`memfit.activations.ops`); ``""`` for every op the table does not name.
+    #: Counts say what the table did: ``op-mask`` (stored as a 1-bit mask) and
+    #: ``op-kept`` (kept exact because of the table).
+    by_op: dict[str, ModuleStats] = field(default_factory=dict)
 
     @property
     def encode_seconds(self) -> float:
@@ -134,22 +176,27 @@ class ActivationStats:
             total.update(m.counts)
         return total
 
-    def table(self, top: int | None = None) -> str:
-        """A plain-text table, largest modules first."""
-        rows = sorted(self.by_module.items(), key=lambda kv: -kv[1].original_bytes)
+    def table(self, top: int | None = None, *, by: str = "module") -> str:
+        """A plain-text table, largest rows first: per module (``by="module"``) or per
+        op kind of the op table (``by="op"``; ``<other>`` is every op it does not name)."""
+        if by not in ("module", "op"):
+            raise ValueError(f"by must be 'module' or 'op', got {by!r}")
+        source = self.by_module if by == "module" else self.by_op
+        unnamed = "<root>" if by == "module" else "<other>"
+        rows = sorted(source.items(), key=lambda kv: -kv[1].original_bytes)
         if top is not None:
             rows = rows[:top]
-        width = max([len("module")] + [len(n or "<root>") for n, _ in rows])
-        lines = [f"{'module':<{width}}  {'saved MB':>10}  {'held MB':>10}  {'ratio':>7}  kinds"]
+        width = max([len(by)] + [len(n or unnamed) for n, _ in rows])
+        lines = [f"{by:<{width}}  {'saved MB':>10}  {'held MB':>10}  {'ratio':>7}  kinds"]
         for name, m in rows:
             kinds = ", ".join(f"{k}:{v}" for k, v in sorted(m.counts.items()))
             lines.append(
-                f"{name or '<root>':<{width}}  {m.original_bytes / 2**20:>10.2f}  "
-                f"{m.stored_bytes / 2**20:>10.2f}  {m.ratio:>7.2f}  {kinds}"
+                f"{name or unnamed:<{width}}  {m.original_bytes / MB:>10.2f}  "
+                f"{m.stored_bytes / MB:>10.2f}  {m.ratio:>7.2f}  {kinds}"
             )
         lines.append(
-            f"{'total':<{width}}  {self.original_bytes / 2**20:>10.2f}  "
-            f"{self.stored_bytes / 2**20:>10.2f}  {self.ratio:>7.2f}"
+            f"{'total':<{width}}  {self.original_bytes / MB:>10.2f}  "
+            f"{self.stored_bytes / MB:>10.2f}  {self.ratio:>7.2f}"
         )
         return "\n".join(lines)
 
@@ -168,16 +215,27 @@ class _Kept:
 
 
 class _StorageEntry:
-    """One encoded storage, shared by every saved view of it."""
+    """One encoding: of a whole storage (shared by every saved view of it), of one
+    view, of one view's mask (decoded to ``mask_values``: the values a true and a
+    false element become), or of one view's few-bit derivative levels (decoded
+    through ``lookup``)."""
 
-    __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "_decoded", "__weakref__")
+    __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
+                 "_decoded", "__weakref__")
 
-    def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats):
+    def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
+                 mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
         self.encoded = encoded
+        self.lookup = lookup  # few-bit levels: codes are indices into this table
+        # (size, stride) of the one view this encodes, in its element order, when the
+        # view is not laid out contiguously: decoding rebuilds that layout, which
+        # compiled backward graphs check.
+        self.view: tuple | None = None
         self.storage_ref = storage_ref
         self.version = version
         self.dtype = dtype
         self.stats = stats
+        self.mask_values = mask_values
         self._decoded: weakref.ref | None = None
 
     def decoded(self) -> torch.Tensor:
@@ -186,21 +244,89 @@ class _StorageEntry:
         flat = self._decoded() if self._decoded is not None else None
         if flat is None:
             t0 = time.perf_counter()
-            flat = decode(self.encoded)
+            flat = self.decode_uncached()
             self.stats.decode_seconds += time.perf_counter() - t0
             self._decoded = weakref.ref(flat)
         return flat
 
+    def decode_uncached(self) -> torch.Tensor:
+        """The buffer the saved views are rebuilt from, decoded now."""
+        flat = decode(self.encoded)
+        if self.lookup is not None:
+            flat = self.lookup[flat.round().long()]
+        if flat.dtype is not self.dtype and flat.dtype is not torch.bool:
+            flat = flat.to(self.dtype)  # a cast representation (bf16 q and k)
+        if self.mask_values is not None:
+            true_value, false_value = self.mask_values
+            flat = torch.where(flat, true_value, false_value).to(self.dtype)
+        if self.view is not None:
+            size, stride = self.view
+            laid_out = torch.empty_strided(size, stride, dtype=flat.dtype, device=flat.device)
+            laid_out.copy_(flat.view(size))
+            flat = laid_out
+        return flat
+
+
+class _AttentionRecompute:
+    """A fused attention call's output and logsumexp, computed again from its packed
+    q, k, v the first time backward asks for either, and held until the call's
+    backward node lets go of its saved tensors."""
+
+    __slots__ = ("inputs", "params", "stats", "_result")
+
+    def __init__(self, inputs: tuple, params: AttentionParams, stats: ModuleStats):
+        self.inputs = inputs  # the packed q, k, v: held by the node anyway
+        self.params = params
+        self.stats = stats
+        self._result: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._result is None:
+            t0 = time.perf_counter()
+            q, k, v = (_unpack(p) for p in self.inputs)
+            self._result = consistent_attention(self.params, q, k, v)
+            self.stats.decode_seconds += time.perf_counter() - t0
+        return self._result
+
+
+class _Recomputed:
+    """A fused attention's output or logsumexp, stored as nothing (see
+    :class:`_AttentionRecompute`), with the layout the kernel saved it in."""
+
+    __slots__ = ("source", "is_lse", "size", "stride", "dtype", "sentinel", "version", "type_name")
+
+    def __init__(self, source: _AttentionRecompute, is_lse: bool, t: torch.Tensor):
+        self.source = source
+        self.is_lse = is_lse
+        self.size = t.size()
+        self.stride = t.stride()
+        self.dtype = t.dtype
+        self.version = t._version
+        self.sentinel = _version_sentinel(t)
+        self.type_name = t.type()
+
+    def value(self) -> torch.Tensor:
+        current = self.sentinel._version
+        if current != self.version:
+            raise _inplace_error(self.type_name, self.size, current, self.version)
+        out, lse = self.source.result()
+        if self.is_lse:
+            value = _fit_lse(lse, self.size, self.dtype)
+        else:
+            value = out.to(self.dtype)
+        laid_out = torch.empty_strided(self.size, self.stride, dtype=self.dtype, device=value.device)
+        return laid_out.copy_(value.view(self.size))
+
 
 class _Compressed:
-    """A saved tensor stored as a view (size, stride, offset) of an encoded storage."""
+    """A saved tensor stored as a view (size, stride, offset) of an encoding."""
 
     __slots__ = ("entry", "size", "stride", "offset", "sentinel", "version", "type_name")
 
-    def __init__(self, entry: _StorageEntry, t: torch.Tensor, offset: int):
+    def __init__(self, entry: _StorageEntry, t: torch.Tensor, offset: int, stride=None):
         self.entry = entry
         self.size = t.size()
-        self.stride = t.stride()
+        self.stride = t.stride() if stride is None else stride
         self.offset = offset
         self.version = t._version
         self.sentinel = _version_sentinel(t)
@@ -263,32 +389,52 @@ class ActivationCompressor:
         self.model = model
         self.default_format = default
         self.min_bytes = min_bytes
+        self._block_size = block_size
+        self._rounding = rounding
+        rules, self._op_formats = split_policy(policy, block_size=block_size, rounding=rounding)
         self._formats, self._ruled = module_formats(
-            model, default, policy, block_size=block_size, rounding=rounding, strict=strict
+            model, default, rules, block_size=block_size, rounding=rounding, strict=strict
         )
-        if isinstance(head_bits, str) and head_bits == "auto":
+        auto_head = isinstance(head_bits, str) and head_bits == "auto"
+        if auto_head:
             low = isinstance(default, IntFormat) and default.bits < 8
             self.head_format = IntFormat(bits=8, block_size=block_size, rounding=rounding) if low else None
         else:
             self.head_format = resolve_setting(
                 head_bits, block_size=block_size, rounding=rounding, where="head_bits"
             )
+        if model is None:
+            # Without the model there are no modules, so no loss head to tell apart:
+            # every tensor gets ``bits``, as documented.
+            if not auto_head and self.head_format != default:
+                warnings.warn(
+                    "memfit.activations: head_bits has no effect without the model "
+                    "(the loss head is found from its modules); every tensor gets bits",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            self.head_format = None
         blocks = main_blocks(model) if model is not None and self.head_format is not None else None
         if blocks is None:
             self._first_block = self._last_block = None
         else:
             prefix = f"{blocks[0]}." if blocks[0] else ""
             self._first_block, self._last_block = f"{prefix}0", f"{prefix}{len(blocks[1]) - 1}"
+        self._lossy = any(
+            not isinstance(f, RawFormat)
+            for f in [default, self.head_format or RAW, *self._formats.values(), *self._op_formats.values()]
+        )
         self._after_blocks = False
         self._warned_attribution = False
         self._seed = seed
         self._rank = rank
         self._seeds: random.Random | None = None  # made on the first __enter__, for the rank then
         self._stats = ActivationStats()
-        self._module_stack: list[str] = []
+        self._modules = ModuleStack(on_enter=self._on_module_enter, on_exit=self._on_module_exit)
+        self._ops: OpTracker | None = None
         self._entries: dict[tuple, _StorageEntry] = {}
-        self._seen_kept: dict[tuple, weakref.ref] = {}
-        self._handles: list = []
+        self._counted: dict[int, weakref.ref] = {}  # storages in original_bytes
+        self._held: dict[int, weakref.ref] = {}  # kept storages in stored_bytes
         self._hooks: saved_tensors_hooks | None = None
         self._param_storages: set[int] = set()
 
@@ -300,8 +446,41 @@ class ActivationCompressor:
 
     def format_for(self, module_name: str) -> Format:
         """The format of tensors saved while ``module_name`` is innermost (outside the
-        loss head; see :attr:`head_format`)."""
+        loss head and the op table; see :attr:`head_format` and
+        :mod:`memfit.activations.ops`)."""
         return self._formats.get(module_name, self.default_format)
+
+    def state_dict(self) -> dict:
+        """The position of the stochastic-rounding stream (and the seed and rank it was
+        made from), so that a resumed run draws the same rounding noise as an
+        uninterrupted one. Save it with the checkpoint; restore it with
+        :meth:`load_state_dict` before the first step of the resumed run."""
+        return {
+            "seed": self._seed,
+            "rank": self._rank,
+            "stream": self._seeds.getstate() if self._seeds is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if not isinstance(state, Mapping) or not {"seed", "stream"} <= set(state):
+            raise ValueError(
+                "state must be a dict from ActivationCompressor.state_dict() with keys 'seed', 'rank', 'stream'"
+            )
+        if self._hooks is not None:
+            raise RuntimeError("load_state_dict inside the `with` block; call it between steps")
+        stream = state["stream"]
+        self._seed = state["seed"]
+        self._rank = state.get("rank", self._rank)
+        if stream is None:
+            self._seeds = None
+            return
+        seeds = random.Random()
+        try:
+            seeds.setstate(_as_random_state(stream))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state['stream'] is not a rounding-stream state: {exc}") from None
+        self._seeds = seeds
 
     def _format_at(self, module_name: str) -> Format:
         head = self.head_format
@@ -318,32 +497,31 @@ class ActivationCompressor:
         if self._seeds is None:
             self._seeds = random.Random(_stream_seed(self._seed, self._rank))
         self._stats = ActivationStats()
-        self._module_stack = []
         self._entries = {}
-        self._seen_kept = {}
+        self._counted = {}
+        self._held = {}
         self._after_blocks = False
         if self.model is not None:
-            self._param_storages = {
-                _storage_id(t.untyped_storage())
-                for t in list(self.model.parameters()) + list(self.model.buffers())
-                if is_plain_dense(t)
-            }
-            for name, module in self.model.named_modules():
-                self._handles.append(module.register_forward_pre_hook(self._enter_module(name)))
-                self._handles.append(
-                    module.register_forward_hook(self._exit_module(name), always_call=True)
-                )
+            self._param_storages = parameter_storages(
+                list(self.model.parameters()) + list(self.model.buffers())
+            )
+            self._modules.attach(self.model)
         self._hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        if self._lossy:
+            self._ops = OpTracker()
+            self._ops.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         hooks, self._hooks = self._hooks, None
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        ops, self._ops = self._ops, None
+        if ops is not None:
+            ops.__exit__(*exc)
+        self._modules.detach()
         self._entries = {}  # packed objects keep what backward still needs
-        self._seen_kept = {}
+        self._counted = {}
+        self._held = {}
         hooks.__exit__(*exc)
         if exc[0] is None:
             self._check_attribution()
@@ -371,122 +549,326 @@ class ActivationCompressor:
 
     # -- module attribution --------------------------------------------------------
 
-    def _enter_module(self, name: str):
-        starts_forward = name in ("", self._first_block)
+    def _on_module_enter(self, name: str) -> None:
+        if name == "" or name == self._first_block:
+            self._after_blocks = False
 
-        def hook(module, args):
-            self._module_stack.append(name)
-            if starts_forward:
-                self._after_blocks = False
+    def _on_module_exit(self, name: str) -> None:
+        if name == self._last_block:
+            self._after_blocks = True
 
-        return hook
-
-    def _exit_module(self, name: str):
-        ends_blocks = name == self._last_block
-
-        def hook(module, args, output):
-            if ends_blocks:
-                self._after_blocks = True
-            stack = self._module_stack
-            if stack and stack[-1] == name:
-                stack.pop()
-            elif name in stack:  # an exception unwound inner modules without their hooks
-                del stack[stack.index(name) :]
-
-        return hook
-
-    def _module_stats(self, name: str) -> ModuleStats:
-        m = self._stats.by_module.get(name)
+    def _tally(self, module: str, op: str) -> tuple[ModuleStats, ModuleStats]:
+        by_module, by_op = self._stats.by_module, self._stats.by_op
+        m = by_module.get(module)
         if m is None:
-            m = self._stats.by_module[name] = ModuleStats()
-        return m
+            m = by_module[module] = ModuleStats()
+        o = by_op.get(op)
+        if o is None:
+            o = by_op[op] = ModuleStats()
+        return m, o
 
     # -- pack / unpack ---------------------------------------------------------------
 
-    def _is_parameter_like(self, t: torch.Tensor, dense: bool) -> bool:
-        if t.requires_grad and t.is_leaf:
-            return True
-        base = t._base
-        if base is not None and base.requires_grad and base.is_leaf:
-            return True
-        return dense and _storage_id(t.untyped_storage()) in self._param_storages
-
     def _pack(self, t: torch.Tensor):
-        module = self._module_stack[-1] if self._module_stack else ""
-        dense = is_plain_dense(t)
-        if self._is_parameter_like(t, dense):
-            self._module_stats(module).counts["param"] += 1
+        module = self._modules.current
+        call = self._ops.current if self._ops is not None else None
+        op = call.kind if call is not None else ""
+        kind, key = classify(t, self._param_storages)
+        if kind == PARAM:
+            for s in self._tally(module, op):
+                s.counts["param"] += 1
             return _Kept(t)
-        if not dense:
-            return self._keep(t, module, "raw", dense=False)
-        fmt = MASK if t.dtype is torch.bool else self._format_at(module)
+        if kind == NOT_DENSE:
+            return self._keep(t, module, op, "raw", key=None)
+        if kind == OTHER:
+            return self._keep(t, module, op, "raw", key)
+        treatment = None
+        if kind == MASK_KIND:
+            fmt = MASK
+        else:
+            fmt = self._format_at(module)
+            if call is not None:
+                fmt, treatment = self._op_format(call, t, fmt)
+                if treatment is SDPA_OUT or treatment is SDPA_LSE:
+                    return self._pack_attention_output(call, t, treatment, fmt, key, module, op)
+        packed = self._pack_as(t, fmt, treatment, key, module, op)
+        if treatment is SDPA_INPUT:
+            for role in call.roles(t):  # q and k may be one tensor
+                call.saved[role] = packed
+        return packed
+
+    def _pack_as(self, t, fmt: Format | str, treatment: Treatment | None, key, module: str, op: str):
+        if fmt is BF16 and t.dtype in (torch.bfloat16, torch.float16):
+            fmt = RAW  # no narrower cast that is precise enough
         if isinstance(fmt, RawFormat):
-            return self._keep(t, module, "kept")
-        if t.dtype is not torch.bool and t.dtype not in _FLOAT:
-            return self._keep(t, module, "raw")
+            return self._keep(t, module, op, "op-kept" if treatment is EXACT else "kept", key)
         storage = t.untyped_storage()
         if storage.nbytes() < self.min_bytes:
-            return self._keep(t, module, "small")
-        key = (_storage_id(storage), t.device, t.dtype)
-        entry = self._entries.get(key)
+            return self._keep(t, module, op, "small", key)
+        if fmt is BF16:
+            return self._compress_cast(t, torch.bfloat16, key, module, op)
+        if treatment is not None and treatment.how == "mask":
+            return self._compress_mask(t, storage, key, treatment, module, op)
+        if treatment is not None and treatment.how == "fewbit":
+            return self._compress_fewbit(t, storage, key, fmt, treatment.function, module, op)
+        whole_key = (key, t.dtype, fmt)
+        entry = self._entries.get(whole_key)
         if entry is not None and entry.storage_ref() is storage and entry.version == t._version:
-            self._module_stats(module).counts["shared"] += 1
-            return _Compressed(entry, t, t.storage_offset())
-        return self._compress(t, storage, key, fmt, module)
+            packed = _Compressed(entry, t, t.storage_offset())  # a view of the decoded storage
+        else:
+            entry = self._entries.get(whole_key + (t.storage_offset(), tuple(t.shape), t.stride()))
+            if entry is None or entry.storage_ref() is not storage or entry.version != t._version:
+                return self._compress(t, storage, key, fmt, module, op)
+            packed = _per_view(entry, t)  # the same view again
+        for s in self._tally(module, op):
+            s.counts["shared"] += 1
+        return packed
 
-    def _keep(self, t: torch.Tensor, module: str, kind: str, dense: bool = True) -> _Kept:
-        stats = self._module_stats(module)
-        stats.counts[kind] += 1
-        if dense:
+    def _op_format(self, call: OpCall, t: torch.Tensor, fmt: Format) -> tuple[Format, Treatment | None]:
+        """The format of ``t``, saved by the table op ``call`` in a module whose format
+        is ``fmt`` (see :mod:`memfit.activations.ops`)."""
+        override = self._op_formats.get(call.kind)
+        if override is not None:
+            return override, None
+        if isinstance(fmt, RawFormat):
+            return fmt, None
+        treatment = call.treatment(t)
+        how = treatment.how
+        if how == "exact":
+            return RAW, EXACT
+        if how == "at_least_8":
+            if isinstance(fmt, IntFormat) and fmt.bits < 8:
+                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+            return fmt, treatment
+        if how == "mask" and _mask_values_hold(treatment, t.dtype):
+            return MASK, treatment
+        if how == "fewbit":
+            if isinstance(fmt, IntFormat) and fmt.bits <= 4:
+                return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
+            return fmt, None
+        if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
+            # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
+            # of these alone would cost more than 8 bits everywhere else
+            # (docs/guide-plain.md, "Op-aware formats"). The output and logsumexp are
+            # not stored at all (_pack_attention_output).
+            precise = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
+            if not precise:
+                return fmt, treatment
+            if isinstance(fmt, IntFormat) and fmt.bits < 8:
+                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+            return BF16, treatment
+        return fmt, None
+
+    def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
+        """Store nothing for the fused attention's output or logsumexp: both are
+        recomputed in backward from the decoded q, k, v (see :mod:`.ops`), so the
+        kernel's backward gets values consistent with the inputs it is given."""
+        if not call.broken and not all(role in call.saved for role in ("q", "k", "v")):
+            self._make_exact(call)  # saved before its inputs: nothing to be consistent with
+        if not call.broken and treatment is SDPA_LSE and _lse_layout(t, call.input("q")) is None:
+            self._make_exact(call)
+        if call.broken:
+            return self._pack_as(t, RAW, EXACT, key, module, op)
+        if call.recomputed is None:
+            call.recomputed = _AttentionRecompute(
+                tuple(call.saved[role] for role in ("q", "k", "v")), AttentionParams.of(call),
+                self._tally(module, op)[0],
+            )
+        stats = self._tally(module, op)
+        self._count_original(t.untyped_storage(), key, stats)
+        for s in stats:
+            s.counts["op-recomputed"] += 1
+        return _Recomputed(call.recomputed, treatment is SDPA_LSE, t)
+
+    def _make_exact(self, call: OpCall) -> None:
+        """Give up on consistency for one attention call: its inputs packed so far point
+        at the exact tensors (alive: the call holds them), the rest are kept exact."""
+        call.broken = True
+        for role, packed in call.saved.items():
+            if isinstance(packed, _Compressed):
+                arg = call.input(role)
+                packed.entry = _StorageEntry(encode(arg, RAW), weakref.ref(arg.untyped_storage()), arg._version,
+                                             arg.dtype, packed.entry.stats)
+                packed.offset, packed.stride = arg.storage_offset(), arg.stride()
+
+    def _count_original(self, storage, key: int | None, stats) -> None:
+        """Add what plain autograd keeps for ``storage`` (all of it, once)."""
+        if key is None:
+            return
+        seen = self._counted.get(key)
+        if seen is None or seen() is not storage:
+            self._counted[key] = weakref.ref(storage)
+            for s in stats:
+                s.original_bytes += storage.nbytes()
+
+    def _keep(self, t: torch.Tensor, module: str, op: str, kind: str, key: int | None) -> _Kept:
+        stats = self._tally(module, op)
+        for s in stats:
+            s.counts[kind] += 1
+        if key is not None:
             storage = t.untyped_storage()
-            key = (_storage_id(storage), t.device)
-            seen = self._seen_kept.get(key)
-            if seen is None or seen() is not storage:
-                self._seen_kept[key] = weakref.ref(storage)
-                stats.original_bytes += storage.nbytes()
-                stats.stored_bytes += storage.nbytes()
+            self._count_original(storage, key, stats)
+            held = self._held.get(key)
+            if held is None or held() is not storage:  # a kept storage is held once
+                self._held[key] = weakref.ref(storage)
+                for s in stats:
+                    s.stored_bytes += storage.nbytes()
         return _Kept(t)
 
-    def _compress(self, t, storage, key, fmt: Format, module: str) -> _Compressed:
-        itemsize = t.element_size()
-        whole = storage.nbytes() // itemsize
-        span = _span(t)
-        if t.is_contiguous() and t.storage_offset() == 0 and t.numel() == whole:
-            flat, offset, shared = t, 0, True
-        elif span * 2 >= whole and storage.nbytes() % itemsize == 0:
-            # A view covering much of its storage (q/k/v of a fused projection, a
-            # transpose): encode the whole storage once, so sibling views dedupe.
-            flat, offset, shared = t.as_strided((whole,), (1,), 0), t.storage_offset(), True
-        else:
-            # A small window into a big storage: encode only the window.
-            flat, offset, shared = t.contiguous(), None, False
+    def _encode(self, flat: torch.Tensor, fmt: Format, stats: ModuleStats) -> Encoded:
         seed = self._seeds.getrandbits(62) if _is_stochastic(fmt) else 0
-        stats = self._module_stats(module)
         t0 = time.perf_counter()
         encoded = encode(flat, fmt, seed=seed)
         stats.encode_seconds += time.perf_counter() - t0
-        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats)
-        if shared:
-            self._entries[key] = entry
-        stats.counts[_kind(fmt)] += 1
-        stats.original_bytes += storage.nbytes() if shared else t.numel() * itemsize
-        stats.stored_bytes += encoded.nbytes
-        packed = _Compressed(entry, t, offset if offset is not None else 0)
-        if offset is None:  # the window was made contiguous: rebuild it as such
-            packed.stride = _contiguous_strides(t.size())
-        return packed
+        return encoded
+
+    def _compress(self, t, storage, key, fmt: Format, module: str, op: str) -> _Compressed:
+        stats = self._tally(module, op)
+        if _covers_storage(t, storage):
+            # A view of every element of its storage (the tensor itself, a transpose):
+            # encode the storage in its own order, once, for every view of it.
+            whole = storage.nbytes() // t.element_size()
+            flat, entry_key = t.as_strided((whole,), (1,), 0), (key, t.dtype, fmt)
+        else:
+            # A part of a storage (q of a fused qkv projection, a slice): encode only
+            # its elements, so elements no one saved never share a block with saved
+            # ones (they may hold anything, even values near the float limits).
+            flat = t.contiguous()
+            entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
+        encoded = self._encode(flat, fmt, stats[0])
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
+        self._entries[entry_key] = entry
+        self._count_original(storage, key, stats)
+        for s in stats:
+            s.counts[_kind(fmt)] += 1
+            s.stored_bytes += encoded.nbytes
+        if len(entry_key) == 3:
+            return _Compressed(entry, t, 0)
+        return _per_view(entry, t)
+
+    def _compress_cast(self, t, dtype: torch.dtype, key, module: str, op: str) -> _Compressed:
+        stats = self._tally(module, op)
+        storage = t.untyped_storage()
+        encoded = encode(t.detach().to(dtype, memory_format=torch.contiguous_format), RAW)
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
+        self._count_original(storage, key, stats)
+        for s in stats:
+            s.counts["op-" + str(dtype).replace("torch.", "")] += 1
+            s.stored_bytes += encoded.nbytes
+        return _per_view(entry, t)
+
+    def _compress_fewbit(self, t, storage, key, fmt: IntFormat, function: str, module: str, op: str) -> _Compressed:
+        stats = self._tally(module, op)
+        if is_fake(t):  # a memory estimate: only the size of the codes matters
+            levels, lookup = torch.empty(t.shape, dtype=torch.float32, device=t.device), None
+        else:
+            levels = fewbit.bucket(function, fmt.bits, t.detach()).contiguous()
+            lookup = fewbit.representatives(function, fmt.bits).to(t.device)
+        # Level indices are small integers: nearest-rounded codes store them exactly.
+        encoded = self._encode(levels, fmt, stats[0])
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0], lookup=lookup)
+        self._count_original(storage, key, stats)
+        for s in stats:
+            s.counts[f"op-fewbit{fmt.bits}"] += 1
+            s.stored_bytes += encoded.nbytes
+        return _per_view(entry, t)
+
+    def _compress_mask(self, t, storage, key, treatment: Treatment, module: str, op: str) -> _Compressed:
+        stats = self._tally(module, op)
+        with torch.no_grad():
+            mask = treatment.predicate(t.detach()).contiguous()
+        encoded = self._encode(mask, MASK, stats[0])
+        entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0],
+                              mask_values=(treatment.true_value, treatment.false_value))
+        self._count_original(storage, key, stats)
+        for s in stats:
+            s.counts["op-mask"] += 1
+            s.stored_bytes += encoded.nbytes
+        return _per_view(entry, t)
 
     def _unpack(self, packed) -> torch.Tensor:
-        if isinstance(packed, _Kept):
-            t = packed.tensor
-            if t._version != packed.version:
-                raise _inplace_error(t.type(), t.size(), t._version, packed.version)
-            return t
-        current = packed.sentinel._version
-        if current != packed.version:
-            raise _inplace_error(packed.type_name, packed.size, current, packed.version)
-        flat = packed.entry.decoded()
-        return flat.as_strided(packed.size, packed.stride, packed.offset)
+        return _unpack(packed)
+
+
+def _unpack(packed) -> torch.Tensor:
+    """The tensor a packed object stands for (the engine's unpack hook)."""
+    if isinstance(packed, _Recomputed):
+        return packed.value()
+    if isinstance(packed, _Kept):
+        t = packed.tensor
+        if t._version != packed.version:
+            raise _inplace_error(t.type(), t.size(), t._version, packed.version)
+        return t
+    current = packed.sentinel._version
+    if current != packed.version:
+        raise _inplace_error(packed.type_name, packed.size, current, packed.version)
+    flat = packed.entry.decoded()
+    return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:
+    """``t`` packed as the one view ``entry`` encodes (its elements in order)."""
+    if t.stride() != _contiguous_strides(t.size()):
+        entry.view = (t.size(), t.stride())
+    return _Compressed(entry, t, 0)
+
+
+def _lse_layout(saved: torch.Tensor, q: torch.Tensor | None) -> str | None:
+    """How a kernel's saved logsumexp relates to the rows of ``q`` (``[..., L, D]``):
+    ``"same"`` shape, ``"padded"`` along the last dimension, ``"reshaped"`` (the same
+    elements), or None when it is none of these (the call is then kept exact)."""
+    if q is None:
+        return None
+    rows = tuple(q.shape[:-1])
+    if tuple(saved.shape) == rows:
+        return "same"
+    if saved.dim() == len(rows) and tuple(saved.shape[:-1]) == rows[:-1] and saved.shape[-1] > rows[-1]:
+        return "padded"
+    if saved.numel() == math.prod(rows):
+        return "reshaped"
+    return None
+
+
+def _fit_lse(lse: torch.Tensor, size, dtype: torch.dtype) -> torch.Tensor:
+    """``lse`` (``[..., L]``) in the kernel's own logsumexp shape ``size`` (see
+    :func:`_lse_layout`; padding rows, which kernels never read, are zero)."""
+    lse = lse.to(dtype)
+    if tuple(size) == tuple(lse.shape):
+        return lse
+    if len(size) == lse.dim() and tuple(size[:-1]) == tuple(lse.shape[:-1]):
+        padded = lse.new_zeros(size)
+        padded[..., : lse.shape[-1]] = lse
+        return padded
+    return lse.reshape(size)
+
+
+def _mask_values_hold(treatment: Treatment, dtype: torch.dtype) -> bool:
+    """Whether the values a mask decodes to, in ``dtype``, give the predicate back."""
+    with unset_fake_temporarily():  # also inside a memory estimate: two real numbers
+        values = torch.tensor([treatment.true_value, treatment.false_value], dtype=dtype)
+        got = treatment.predicate(values)
+        return bool(got[0]) and not bool(got[1])
+
+
+def _covers_storage(t: torch.Tensor, storage) -> bool:
+    """Whether ``t`` views every element of ``storage`` exactly once."""
+    itemsize = t.element_size()
+    nbytes = storage.nbytes()
+    if nbytes % itemsize or t.numel() * itemsize != nbytes or t.storage_offset() != 0:
+        return False
+    expected = 1
+    for size, stride in sorted((d for d in zip(t.size(), t.stride()) if d[0] != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _as_random_state(stream):
+    """``random.Random.getstate()``'s tuple, also after a round trip through lists
+    (JSON, some checkpoint formats)."""
+    version, internal, gauss = stream
+    return (version, tuple(internal), gauss)
 
 
 def _unwrap_ddp(model):
@@ -508,19 +890,6 @@ def _stream_seed(seed: int, rank: int | None):
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return seed if rank == 0 else f"memfit.activations:{seed}:rank{rank}"
-
-
-def _storage_id(storage) -> int:
-    """Identifies a storage while it is alive: its data pointer, or for the storage of
-    a FakeTensor (no data; its pointer is 0 for all) the storage object's address."""
-    return storage._cdata if storage.device.type == "meta" else storage.data_ptr()
-
-
-def _span(t: torch.Tensor) -> int:
-    """Number of storage elements between the first and last element of a view."""
-    if t.numel() == 0:
-        return 0
-    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.size(), t.stride()))
 
 
 def _contiguous_strides(size) -> tuple[int, ...]:
@@ -569,17 +938,23 @@ def activations(
 
     Args:
         model: the model, needed for per-module ``policy`` rules and per-module
-            stats; without it every tensor gets ``bits`` and stats go to ``""``.
+            stats; without it every tensor gets ``bits`` (no loss head either) and
+            stats go to ``""``.
         bits: the default setting: 8, 4 or 2 (block-wise integer codes), ``"fp8"``
             (e4m3), ``None`` (keep everything; gradients are then bit-identical to
             plain PyTorch), or a :mod:`memfit.codec` format.
         policy: per-module rules, ``{glob: setting}`` on qualified module names, e.g.
             ``{"transformer.h.*.attn": 8, "*.mlp": 2, "lm_head": None}``. The first
-            matching rule wins; modules no rule matches inherit their parent's.
+            matching rule wins; modules no rule matches inherit their parent's; a glob
+            that matches no module warns once. Keys ``"op:<kind>"`` (a kind of
+            :data:`memfit.activations.OP_KINDS`) replace the op table's entry for that
+            op, e.g. ``{"op:sdpa": None}`` keeps fused attention exact. Must be a
+            mapping (``ValueError`` otherwise).
         min_bytes: storages smaller than this are kept as they are.
         block_size: elements per quantization block.
         rounding: ``"stochastic"`` (unbiased; default) or ``"nearest"``.
-        strict: raise ``ValueError`` if a policy glob matches no module.
+        strict: raise ``ValueError`` if a policy glob matches no module (instead of
+            warning).
         seed: seeds the stochastic-rounding noise (never the global RNG).
         head_bits: the setting for the loss head: tensors saved after the last block
             of the model's largest ``nn.ModuleList`` has run (final norm, output
@@ -591,6 +966,10 @@ def activations(
             own rounding noise (rank 0 uses ``seed`` as is). None (default): the
             torch.distributed rank when the context is first entered, 0 without a
             process group. Pass it to reproduce one rank's noise in a single process.
+
+    The op that saves a tensor can change its format (fused attention, ReLU-like ops,
+    GELU/SiLU, normalisation statistics): see :mod:`memfit.activations.ops`. For an
+    exact resume, save :meth:`ActivationCompressor.state_dict` with the checkpoint.
 
     ``model`` may be a ``DistributedDataParallel`` wrapper: the module it wraps is
     used (same names for policy rules and stats). Under FSDP2 pass the model after

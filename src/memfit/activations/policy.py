@@ -1,13 +1,19 @@
-"""Which format each module's saved tensors get: one setting, or glob rules by module name."""
+"""Which format each module's saved tensors get: one setting, or glob rules by module name.
+
+A policy maps module-name globs to settings; keys ``"op:<kind>"`` instead override the
+op table (:mod:`memfit.activations.ops`) for one op kind.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Mapping, Union
 
 import torch
 
 from ..codec import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+from .ops import OP_PREFIX, check_kind
 
 # What a user may write for a setting: 8, 4, 2, "fp8", None (keep as is) or a codec format.
 Setting = Union[int, str, None, IntFormat, FP8Format, RawFormat]
@@ -31,6 +37,32 @@ def resolve_setting(value: Setting, *, block_size: int, rounding: str, where: st
     raise ValueError(f"{where}: invalid bits {value!r}; use 8, 4, 2, 'fp8' or None")
 
 
+def split_policy(
+    policy: Mapping[str, Setting] | None, *, block_size: int, rounding: str
+) -> tuple[dict[str, Setting], dict[str, Format]]:
+    """Check ``policy`` and split it into module rules ``{glob: setting}`` and op-kind
+    overrides ``{kind: format}`` (from its ``"op:<kind>"`` keys)."""
+    if policy is None:
+        return {}, {}
+    if not isinstance(policy, Mapping):
+        raise ValueError(
+            f"policy must be a mapping {{module glob or 'op:<kind>': setting}}, "
+            f"e.g. {{'*.attn': 8, 'op:sdpa': None}}; got a {type(policy).__name__}"
+        )
+    rules: dict[str, Setting] = {}
+    ops: dict[str, Format] = {}
+    for key, value in policy.items():
+        if not isinstance(key, str):
+            raise ValueError(f"policy key {key!r} must be a module-name glob string or 'op:<kind>'")
+        if key.startswith(OP_PREFIX):
+            kind = key[len(OP_PREFIX):]
+            check_kind(kind, f"policy[{key!r}]")
+            ops[kind] = resolve_setting(value, block_size=block_size, rounding=rounding, where=f"policy[{key!r}]")
+        else:
+            rules[key] = value
+    return rules, ops
+
+
 def module_formats(
     model: torch.nn.Module | None,
     default: Format,
@@ -44,7 +76,8 @@ def module_formats(
 
     A module takes the first rule (in the mapping's order) whose glob matches its own
     name; a module no rule names inherits its parent's format; the root inherits
-    ``default``. ``fnmatch`` globs are used, so ``*`` also matches dots.
+    ``default``. ``fnmatch`` globs are used, so ``*`` also matches dots. A glob that
+    matches no module raises ``ValueError`` with ``strict``, else warns once.
 
     Also returns the names whose format a rule set (directly or by inheritance), so
     callers can tell an explicit choice from the default.
@@ -71,10 +104,16 @@ def module_formats(
         formats[name] = matched[0][1] if matched else fmt
         if matched or parent in ruled:
             ruled.add(name)
-    if strict:
-        unused = [p for p, _ in compiled if p not in used]
-        if unused:
-            raise ValueError(f"policy entry {unused[0]!r} matches no module of {type(model).__name__} (strict=True)")
+    unused = [p for p, _ in compiled if p not in used]
+    if unused and strict:
+        raise ValueError(f"policy entry {unused[0]!r} matches no module of {type(model).__name__} (strict=True)")
+    if unused:
+        warnings.warn(
+            f"memfit.activations: policy entries {unused} match no module of {type(model).__name__}; "
+            "they have no effect (pass strict=True to make this an error)",
+            UserWarning,
+            stacklevel=4,
+        )
     return formats, ruled
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .formats import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+from ._eager import FP8_MAX
 from .kernels import backend_for
 
 try:
@@ -146,11 +147,35 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
     else:
         raise TypeError(f"unknown format {fmt!r}")
     enc = Encoded(fmt, x.shape, x.dtype, codes=codes, scale=scale, lo=lo)
-    if not fake and bool(nonfinite_block.any()):
-        idx = torch.nonzero(~torch.isfinite(flat)).view(-1)
+    if fake:
+        return enc
+    overflow_block = _overflow_blocks(fmt, scale, lo)
+    if overflow_block is not None or bool(nonfinite_block.any()):
+        exact = ~torch.isfinite(flat)
+        if overflow_block is not None:
+            exact |= overflow_block.repeat_interleave(fmt.block_size)[: flat.numel()]
+        idx = torch.nonzero(exact).view(-1)
         enc.nonfinite_index = idx
         enc.nonfinite_value = flat[idx].clone()
     return enc
+
+
+def _overflow_blocks(fmt: Format, scale: torch.Tensor, lo: torch.Tensor | None) -> torch.Tensor | None:
+    """Blocks of finite values whose codes cannot be decoded in fp32, or None if there
+    are none: the range ``max - min`` overflows (``scale`` is inf: two values near
+    opposite float limits), the largest decoded magnitude rounds past the float
+    limit, or the scale is so small (subnormal values only) that its inverse, by
+    which the kernels multiply, overflows. Their elements are stored exactly beside the codes, like non-finite ones,
+    so every backend decodes them the same way and finitely."""
+    if isinstance(fmt, IntFormat):
+        if lo is None:
+            top = ((1 << (fmt.bits - 1)) - 1) * scale
+        else:
+            top = torch.maximum(lo.abs(), (lo + fmt.levels * scale).abs())
+    else:
+        top = FP8_MAX * scale
+    bad = ~torch.isfinite(top) | ((scale > 0) & ~torch.isfinite(1.0 / scale))
+    return bad if bool(bad.any()) else None
 
 
 def decode(enc: Encoded) -> torch.Tensor:

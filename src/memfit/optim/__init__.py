@@ -29,13 +29,27 @@ gradient clipping and accumulation behave as with torch's own), and
   torch's optimizers. For DTensor parameters ``state_dict()`` holds quantized state as
   DTensors (and per-shard side tables), so ``torch.distributed.checkpoint`` saves and
   loads it, at the same sharding; see ``docs/distributed.md``.
+* bf16 parameters: ``bf16="nearest" | "stochastic" | "master"`` per param group says how
+  the fp32 update is written into them (round to nearest as torch, unbiased stochastic
+  rounding, or an fp32 master copy in the state); see :mod:`memfit.optim.bf16` and
+  :func:`stochastic_round_bf16`.
 """
 
 from ._base import QuantizedOptimizer, keep_fp32
 from ._kernels import backend_name
 from .adamw import AdamW
+from .bf16 import stochastic_round_bf16
 from .in_backward import InBackwardOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["SGD", "AdamW", "InBackwardOptimizer", "Lion", "QuantizedOptimizer", "backend_name", "keep_fp32"]
+__all__ = [
+    "SGD",
+    "AdamW",
+    "InBackwardOptimizer",
+    "Lion",
+    "QuantizedOptimizer",
+    "backend_name",
+    "keep_fp32",
+    "stochastic_round_bf16",
+]

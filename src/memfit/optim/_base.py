@@ -14,9 +14,10 @@ import torch
 from . import _qstate as Q
 from .._backends import backend
 from .._validate import check_bits, check_int
+from . import bf16 as B
 
 _KEEP_ATTR = "_memfit_keep_fp32"
-MEMFIT_GROUP_KEYS = ("state_bits", "block_size", "min_quantized_numel")
+MEMFIT_GROUP_KEYS = ("state_bits", "block_size", "min_quantized_numel", *B.GROUP_KEYS)
 STATE_BITS = (32, 8, 4)
 
 
@@ -218,6 +219,11 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             if block % 2 or block > Q.MAX_BLOCK:
                 raise ValueError(f"block_size must be None or an even int in [2, {Q.MAX_BLOCK}], got {block!r}")
         check_int(group.get("min_quantized_numel"), name="min_quantized_numel", minimum=0)
+        mode = B.check_mode(group.get("bf16", "nearest"))
+        check_int(group.get("bf16_seed", 0), name="bf16_seed", minimum=0)
+        params = group.get("params", ())
+        if isinstance(params, (torch.Tensor, list, tuple)):  # a generator is checked at the step (not consumed here)
+            B.check_params(mode, [params] if isinstance(params, torch.Tensor) else params)
         self._check_hparams(group)
 
     # ---------------------------------------------------------------- subclass API
@@ -234,11 +240,20 @@ class QuantizedOptimizer(torch.optim.Optimizer):
     def _hparams(self, group: dict, step: float) -> list[float]:
         raise NotImplementedError
 
-    def _fp32_step(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _fp32_step(
+        self, group: dict, params: list[torch.Tensor], targets: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
+        """One step of fp32-state ``params`` (the keys of ``self.state``) with torch's
+        own code: the update goes into ``targets`` (each the parameter itself, or the
+        fp32 tensor :mod:`memfit.optim.bf16` writes back from), with ``grads`` of the
+        targets' dtype; fresh state is made like the target."""
         raise NotImplementedError
 
-    def _fp32_entry(self, p: torch.Tensor, values: list[torch.Tensor] | None, step: float) -> dict:
-        """A state entry in torch's own format (``values`` None: fresh zeros)."""
+    def _fp32_entry(
+        self, p: torch.Tensor, values: list[torch.Tensor] | None, step: float, dtype: torch.dtype | None = None
+    ) -> dict:
+        """A state entry in torch's own format (``values`` None: fresh zeros), its
+        tensors of ``dtype`` (default: the parameter's)."""
         raise NotImplementedError
 
     def _torch_group(self, group: dict) -> dict:
@@ -270,15 +285,28 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             return None, step
         return [_local(v).detach().reshape(-1) for v in vals], step
 
-    def _convert(self, entry: dict, p: torch.Tensor, layout: Q.Layout | None) -> dict:
-        """``entry`` (any supported format, already validated) in ``layout``'s format."""
+    def _convert(self, entry: dict, p: torch.Tensor, layout: Q.Layout | None, dtype: torch.dtype | None = None) -> dict:
+        """``entry`` (any supported format, already validated) in ``layout``'s format;
+        fp32-format state of ``dtype`` (default: the parameter's). A bf16 master is
+        kept."""
         if layout is not None and layout.matches(entry):
             return entry
-        if layout is None and "qbits" not in entry:
+        if layout is None and "qbits" not in entry and not self._fp32_dtype_differs(entry, dtype):
             return entry
+        out = self._convert_state(entry, p, layout, dtype)
+        if B.MASTER_KEY in entry:
+            out[B.MASTER_KEY] = entry[B.MASTER_KEY]
+        return out
+
+    def _fp32_dtype_differs(self, entry: dict, dtype: torch.dtype | None) -> bool:
+        return dtype is not None and any(
+            isinstance(entry.get(name), torch.Tensor) and entry[name].dtype != dtype for name in self._STATE_NAMES
+        )
+
+    def _convert_state(self, entry: dict, p: torch.Tensor, layout: Q.Layout | None, dtype: torch.dtype | None) -> dict:
         values, step = self._entry_values(entry, p)
         if layout is None:
-            return self._fp32_entry(p, values, step)
+            return self._fp32_entry(p, values, step, dtype)
         lp = _local(p)
         if values is None:
             return Q.new_entry(self._STATE_NAMES, layout, lp.numel(), p.shape, step, device=lp.device)
@@ -298,6 +326,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._begin_rounding_step()
         for group in self.param_groups:
             fp32_params = []
             for p in group["params"]:
@@ -316,7 +345,7 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if layout is None:
                     if "qbits" in state:  # group switched to fp32 state: dequantize
-                        self.state[p] = self._convert(state, p, None)
+                        self.state[p] = self._convert(state, p, None, self._fp32_state_dtype(p, group))
                     fp32_params.append(p)
                     continue
                 if not state:
@@ -326,15 +355,90 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                     self.state[p] = state = self._convert(state, p, layout)
                 self._quantized_step(p, state, group)
             if fp32_params:
-                self._fp32_step(group, fp32_params)
+                self._fp32_group_step(group, fp32_params)
         return loss
+
+    def _fp32_group_step(self, group: dict, params: list[torch.Tensor]) -> None:
+        targets, grads, written = [], [], []
+        for p in params:
+            state = self.state[p]
+            target = self._bf16_target(p, state, group)
+            if self._fp32_dtype_differs(state, self._fp32_state_dtype(p, group)):  # the group's bf16 mode changed
+                self.state[p] = state = self._convert(state, p, None, self._fp32_state_dtype(p, group))
+            if target is None:
+                targets.append(p)
+                grads.append(p.grad)
+            else:
+                targets.append(target)
+                grads.append(p.grad.to(torch.float32))
+                written.append((p, target))
+        self._fp32_step(group, params, targets, grads)
+        for p, target in written:
+            self._bf16_write_back(p, target, group)
+
+    # ---------------------------------------------------------------- bf16 parameters (memfit.optim.bf16)
+
+    def _fp32_state_dtype(self, p: torch.Tensor, group: dict) -> torch.dtype:
+        """The dtype of ``p``'s fp32-format state: that of the tensor its update goes into."""
+        return torch.float32 if B.uses_fp32_update(group["bf16"], p) else p.dtype
+
+    def _begin_rounding_step(self) -> None:
+        """Advance the counter of each group that rounds stochastically, and number the
+        parameters over all groups (a parameter's number is part of its rounding seed)."""
+        rounding = False
+        for group in self.param_groups:
+            if group.get("bf16") == "stochastic":
+                group["bf16_step"] = int(group.get("bf16_step", 0)) + 1
+                rounding = True
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        self._rounding_index = {id(p): i for i, p in enumerate(params)} if rounding else {}
+
+    def _master_sync(self) -> B.MasterSync:
+        sync = self.__dict__.get("_memfit_master_sync")
+        if sync is None:  # also after unpickling, which restores only torch's attributes
+            sync = self.__dict__["_memfit_master_sync"] = B.MasterSync()
+        return sync
+
+    def _bf16_target(self, p: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        """The fp32 tensor (placed like ``p``) that ``p``'s update goes into when its
+        group's ``bf16`` mode computes it in fp32: the master under "master" (made at
+        the first step, re-made when ``p`` was changed outside the optimizer), a copy
+        of ``p`` under "stochastic". None otherwise; a master left from an earlier
+        "master" mode is dropped then (the parameter already holds its rounding)."""
+        mode = group["bf16"]
+        if mode != "master":
+            state.pop(B.MASTER_KEY, None)
+        if not B.uses_fp32_update(mode, p):
+            return None
+        B.check_params(mode, [p])
+        lp = _local(p)
+        if mode == "stochastic":
+            return like_param(p, B.new_master(lp))
+        master = state.get(B.MASTER_KEY)
+        if master is None or self._master_sync().stale(lp, p):
+            state[B.MASTER_KEY] = master = like_param(p, B.new_master(lp))
+        return master
+
+    def _bf16_write_back(self, p: torch.Tensor, target: torch.Tensor, group: dict) -> None:
+        lp, mode, seed = _local(p), group["bf16"], 0
+        if mode == "stochastic":
+            shard = _shard_grid(p)[2] if _is_dtensor(p) else 0
+            index = getattr(self, "_rounding_index", {}).get(id(p), 0)
+            seed = B.rounding_seed(int(group["bf16_seed"]), index, int(group["bf16_step"]), shard)
+        B.write_back(lp, _local(target), mode, seed)
+        if mode == "master":
+            self._master_sync().record(lp, p)
 
     def _quantized_step(self, p: torch.Tensor, state: dict, group: dict) -> None:
         lp, lg = _local(p), _local(p.grad)
         state["step"] += 1
         hp = self._hparams(group, float(state["step"]))
+        target = self._bf16_target(p, state, group)  # fp32, written back by memfit.optim.bf16
         inplace = lp.dtype == torch.float32 and lp.is_contiguous()
-        p32 = lp.view(-1) if inplace else lp.detach().reshape(-1).to(torch.float32).contiguous()
+        if target is not None:
+            p32 = _local(target).view(-1)
+        else:
+            p32 = lp.view(-1) if inplace else lp.detach().reshape(-1).to(torch.float32).contiguous()
         g32 = lg.reshape(-1)
         if g32.dtype != torch.float32 or not g32.is_contiguous():
             g32 = g32.to(torch.float32).contiguous()
@@ -354,7 +458,9 @@ class QuantizedOptimizer(torch.optim.Optimizer):
                 Q.eager_step(self._ALGO, p32, g32, state, names, hp, ids)
         else:
             Q.eager_step(self._ALGO, p32, g32, state, names, hp, None)
-        if not inplace:
+        if target is not None:
+            self._bf16_write_back(p, target, group)
+        elif not inplace:
             lp.copy_(p32.view(lp.shape))
 
     # ---------------------------------------------------------------- checkpoints
@@ -370,6 +476,8 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             p = params[key] if isinstance(key, int) and 0 <= key < len(params) else None
             if p is not None and "qbits" in entry and _is_dtensor(p):
                 sd["state"][key] = _to_sharded_entry(entry, p, self._STATE_NAMES)
+                if B.MASTER_KEY in entry:  # a DTensor placed like p, saved as torch's fp32 states are
+                    sd["state"][key][B.MASTER_KEY] = entry[B.MASTER_KEY]
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -423,15 +531,20 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             p = id_map[key]
             new_state[p] = self._import_entry(entry, p, group_of[id(p)], f"parameter {key}")
         self.__setstate__({"state": new_state, "param_groups": new_groups})
+        self._master_sync().clear()  # the loaded masters are the parameters' values
         for post_hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
             post_hook(self)
 
     def _import_entry(self, entry: dict, p: torch.Tensor, group: dict, what: str) -> dict:
         if not isinstance(entry, dict):
             raise ValueError(f"{what}: state must be a dict, got {type(entry).__name__}")
+        lp = _local(p)
+        master = None
+        if B.MASTER_KEY in entry:
+            entry = dict(entry)
+            master = like_param(p, B.validate_master(_local(entry.pop(B.MASTER_KEY)), lp, what))
         if "qbits" in entry and "shards" in entry:  # saved from a DTensor parameter
             entry = _from_sharded_entry(entry, p, self._STATE_NAMES, what)
-        lp = _local(p)
         if "qbits" in entry:
             Q.validate_entry(entry, self._STATE_NAMES, what)
             if list(entry["shape"]) != list(p.shape) or int(entry["numel"]) != lp.numel():
@@ -464,17 +577,21 @@ class QuantizedOptimizer(torch.optim.Optimizer):
             if "max_exp_avg_sq" in entry:
                 raise ValueError(f"{what}: amsgrad state (max_exp_avg_sq) is not supported")
             values, step = self._entry_values(entry, p)
-            entry = self._fp32_entry(p, values, step) if values is not None or "step" in entry else {}
+            dtype = self._fp32_state_dtype(p, group)
+            entry = self._fp32_entry(p, values, step, dtype) if values is not None or "step" in entry else {}
         layout = self.layout_for(p, group)
-        if not entry:
-            return entry
-        return self._convert(entry, p, layout)
+        if entry:
+            entry = self._convert(entry, p, layout, self._fp32_state_dtype(p, group))
+        if master is not None:
+            entry[B.MASTER_KEY] = master
+        return entry
 
     def to_torch_state_dict(self) -> dict:
         """This optimizer's state as the matching torch optimizer's (``torch.optim.AdamW``
         for AdamW, ``torch.optim.SGD`` for SGD): quantized states dequantized to fp32
-        tensors of the parameter's shape and dtype, memfit-only group keys dropped. Lion
-        (no torch counterpart) gets the same fp32 ``exp_avg`` format."""
+        tensors of the parameter's shape and dtype, memfit-only group keys and bf16
+        masters dropped (torch keeps none). Lion (no torch counterpart) gets the same
+        fp32 ``exp_avg`` format."""
         sd = super().state_dict()  # local quantized entries, also for DTensor parameters
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         state = {}

@@ -33,6 +33,14 @@ class AdamW(QuantizedOptimizer):
         block_size: override the block size (even, at most 4096).
         min_quantized_numel: parameters with fewer elements (counted over the whole
             tensor, never an FSDP shard) keep fp32 state; default 4096.
+        bf16: how the fp32 update reaches a bf16 parameter, per param group:
+            ``"nearest"`` (default, as torch), ``"stochastic"`` (unbiased stochastic
+            rounding, no extra memory) or ``"master"`` (an fp32 master copy in the
+            state, 4 more bytes per parameter; fp16 parameters too). Under
+            "stochastic" and "master", fp32-format state (``state_bits=32`` and
+            small parameters) is kept in fp32. See :mod:`memfit.optim.bf16`.
+        bf16_seed: seeds the stochastic rounding (with the step and the parameter's
+            position; the global RNG is never used).
 
     Complex parameters, and parameters marked with :func:`memfit.optim.keep_fp32`,
     keep fp32 state too. ``amsgrad``, ``capturable`` and ``differentiable`` are not
@@ -60,6 +68,8 @@ class AdamW(QuantizedOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         differentiable: bool = False,
+        bf16: str = "nearest",
+        bf16_seed: int = 0,
     ):
         if amsgrad:
             raise ValueError("memfit.optim.AdamW does not support amsgrad")
@@ -69,6 +79,7 @@ class AdamW(QuantizedOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_bits=state_bits, block_size=block_size,
             min_quantized_numel=min_quantized_numel, maximize=maximize, foreach=foreach, fused=fused,
         )
+        defaults.update(bf16=bf16, bf16_seed=bf16_seed, bf16_step=0)
         super().__init__(params, defaults)
 
     def _check_hparams(self, group: dict) -> None:
@@ -89,29 +100,29 @@ class AdamW(QuantizedOptimizer):
         gs = -1.0 if group["maximize"] else 1.0
         return [1.0 - lr * wd, b1, 1.0 - b1, b2, 1.0 - b2, 1.0 / math.sqrt(bc2), eps, lr / bc1, gs]
 
-    def _fp32_entry(self, p, values, step):
+    def _fp32_entry(self, p, values, step, dtype=None):
         lp = _local(p)
+        dtype = dtype or lp.dtype
         if values is None:
-            ea, eas = torch.zeros_like(p), torch.zeros_like(p)
+            ea, eas = torch.zeros_like(p, dtype=dtype), torch.zeros_like(p, dtype=dtype)
         else:
-            ea, eas = (like_param(p, v.reshape(lp.shape).to(lp.dtype).clone()) for v in values)
+            ea, eas = (like_param(p, v.reshape(lp.shape).to(dtype).clone()) for v in values)
         return {"step": torch.tensor(float(step), dtype=torch.float32), "exp_avg": ea, "exp_avg_sq": eas}
 
-    def _fp32_step(self, group, params):
-        grads, ea, eas, steps = [], [], [], []
-        for p in params:
+    def _fp32_step(self, group, params, targets, grads):
+        ea, eas, steps = [], [], []
+        for p, t in zip(params, targets):
             state = self.state[p]
-            if not state:
-                state.update(self._fp32_entry(p, None, 0.0))
-            grads.append(p.grad)
+            if "step" not in state:
+                state.update(self._fp32_entry(p, None, 0.0, t.dtype))
             ea.append(state["exp_avg"])
             eas.append(state["exp_avg_sq"])
             steps.append(state["step"])
         b1, b2 = group["betas"]
         _torch_adam.adam(
-            params, grads, ea, eas, [], steps,
+            targets, grads, ea, eas, [], steps,
             foreach=group["foreach"], capturable=False, differentiable=False, fused=group["fused"],
-            grad_scale=None, found_inf=None, has_complex=any(torch.is_complex(p) for p in params),
+            grad_scale=None, found_inf=None, has_complex=any(torch.is_complex(t) for t in targets),
             decoupled_weight_decay=True, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )

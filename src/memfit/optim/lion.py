@@ -15,8 +15,8 @@ class Lion(QuantizedOptimizer):
     ``m = b2*m + (1-b2)*g``. Defaults lr=1e-4, betas=(0.9, 0.99), weight_decay=0.
     The moment uses the signed FP8-style map at 8 bits (block 256) or the signed
     dynamic map at 4 bits (block 128).
-    Options ``state_bits``, ``block_size``, ``min_quantized_numel`` as for
-    :class:`memfit.optim.AdamW`. ``sign`` follows ``torch.sign`` (NaN -> 0)."""
+    Options ``state_bits``, ``block_size``, ``min_quantized_numel``, ``bf16`` and
+    ``bf16_seed`` as for :class:`memfit.optim.AdamW`. ``sign`` follows ``torch.sign`` (NaN -> 0)."""
 
     _ALGO = Q.ALGO_LION
     _STATE_NAMES = ("exp_avg",)
@@ -33,11 +33,14 @@ class Lion(QuantizedOptimizer):
         block_size: int | None = None,
         min_quantized_numel: int = 4096,
         maximize: bool = False,
+        bf16: str = "nearest",
+        bf16_seed: int = 0,
     ):
         defaults = dict(
             lr=lr, betas=betas, weight_decay=weight_decay, state_bits=state_bits, block_size=block_size,
             min_quantized_numel=min_quantized_numel, maximize=maximize,
         )
+        defaults.update(bf16=bf16, bf16_seed=bf16_seed, bf16_step=0)
         super().__init__(params, defaults)
 
     def _check_hparams(self, group):
@@ -54,26 +57,28 @@ class Lion(QuantizedOptimizer):
         gs = -1.0 if group["maximize"] else 1.0
         return [1.0 - lr * float(group["weight_decay"]), lr, b1, 1.0 - b1, b2, 1.0 - b2, gs]
 
-    def _fp32_entry(self, p, values, step):
+    def _fp32_entry(self, p, values, step, dtype=None):
         lp = _local(p)
-        ea = torch.zeros_like(p) if values is None else like_param(p, values[0].reshape(lp.shape).to(lp.dtype).clone())
+        dtype = dtype or lp.dtype
+        ea = torch.zeros_like(p, dtype=dtype) if values is None else like_param(
+            p, values[0].reshape(lp.shape).to(dtype).clone())
         return {"step": torch.tensor(float(step), dtype=torch.float32), "exp_avg": ea}
 
-    def _fp32_step(self, group, params):
+    def _fp32_step(self, group, params, targets, grads):
         lr = float(group["lr"])
         b1, b2 = (float(b) for b in group["betas"])
         wd = float(group["weight_decay"])
-        for p in params:
+        for p, t, grad in zip(params, targets, grads):
             state = self.state[p]
-            if not state:
-                state.update(self._fp32_entry(p, None, 0.0))
+            if "step" not in state:
+                state.update(self._fp32_entry(p, None, 0.0, t.dtype))
             state["step"] += 1
-            g = -p.grad if group["maximize"] else p.grad
+            g = -grad if group["maximize"] else grad
             m = state["exp_avg"]
             if wd != 0.0:
-                p.mul_(1.0 - lr * wd)
+                t.mul_(1.0 - lr * wd)
             c = m * b1 + g * (1.0 - b1)
-            p.add_(torch.sgn(c), alpha=-lr)
+            t.add_(torch.sgn(c), alpha=-lr)
             m.mul_(b2).add_(g, alpha=1.0 - b2)
 
     def _torch_group(self, group):

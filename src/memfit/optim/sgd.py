@@ -16,8 +16,8 @@ class SGD(QuantizedOptimizer):
     buffer quantized block-wise: 8-bit on the signed FP8-style map (E4M3-like, see
     :func:`memfit.codec.dynamic.float_map`; block 256, ~1.02 bytes/param) or 4-bit on
     the signed dynamic map (block 128, ~0.53). ``momentum=0`` keeps no state at all. Options
-    ``state_bits``, ``block_size`` and ``min_quantized_numel`` as for
-    :class:`memfit.optim.AdamW`. Sparse gradients are only supported where the state
+    ``state_bits``, ``block_size``, ``min_quantized_numel``, ``bf16`` and ``bf16_seed`` as
+    for :class:`memfit.optim.AdamW`. Sparse gradients are only supported where the state
     is fp32 (as torch's SGD)."""
 
     _ALGO = Q.ALGO_SGD
@@ -41,6 +41,8 @@ class SGD(QuantizedOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
+        bf16: str = "nearest",
+        bf16_seed: int = 0,
     ):
         if differentiable:
             raise ValueError("memfit.optim.SGD does not support differentiable")
@@ -49,6 +51,7 @@ class SGD(QuantizedOptimizer):
             state_bits=state_bits, block_size=block_size, min_quantized_numel=min_quantized_numel,
             maximize=maximize, foreach=foreach, fused=fused,
         )
+        defaults.update(bf16=bf16, bf16_seed=bf16_seed, bf16_step=0)
         super().__init__(params, defaults)
 
     def _check_hparams(self, group):
@@ -72,17 +75,16 @@ class SGD(QuantizedOptimizer):
             float(group["weight_decay"]), gs, 1.0 if group["nesterov"] else 0.0, 1.0 if step == 1.0 else 0.0,
         ]
 
-    def _fp32_entry(self, p, values, step):
+    def _fp32_entry(self, p, values, step, dtype=None):
         if values is None:
             return {}
         lp = _local(p)
-        return {"momentum_buffer": like_param(p, values[0].reshape(lp.shape).to(lp.dtype).clone())}
+        return {"momentum_buffer": like_param(p, values[0].reshape(lp.shape).to(dtype or lp.dtype).clone())}
 
-    def _fp32_step(self, group, params):
-        grads = [p.grad for p in params]
+    def _fp32_step(self, group, params, targets, grads):
         bufs = [self.state[p].get("momentum_buffer") for p in params]
         _torch_sgd.sgd(
-            params, grads, bufs, has_sparse_grad=any(g.is_sparse for g in grads), foreach=group["foreach"],
+            targets, grads, bufs, has_sparse_grad=any(g.is_sparse for g in grads), foreach=group["foreach"],
             fused=group["fused"], grad_scale=None, found_inf=None, weight_decay=group["weight_decay"],
             momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"],

@@ -1,0 +1,394 @@
+"""The op table: how a tensor is stored depends on the op that saves it.
+
+Quantization error hurts some backward formulas far more than others. The table below
+names those ops; every other saved tensor gets the module's format (the user's
+``bits``). Each entry maps an op kind and the role of the saved tensor in it to a
+:class:`Treatment`:
+
+=============  ==========================================  ================================
+op kind        ops                                         how their saved tensors are kept
+=============  ==========================================  ================================
+``sdpa``       ``F.scaled_dot_product_attention`` (fused   q, k: at least 8 bits (bf16 when
+               kernels: flash, efficient, cuDNN; CPU and   the module's format is 8 bits or
+               CUDA)                                       fp8); v: the module's format;
+                                                           the output and logsumexp: not
+                                                           stored, recomputed in backward
+                                                           from the decoded q, k, v; fused
+                                                           with dropout or on autocast's
+                                                           copies: all exact; the math
+                                                           backend: the module's format
+``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
+               ``Tensor.relu(_)``, ``nn.ReLU``
+``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
+               ``nn.Hardtanh``                             ``min < x < max`` (0 and 6 for
+                                                           ReLU6)
+``leaky_relu`` ``F.leaky_relu``, ``nn.LeakyReLU``          a 1-bit mask of ``x > 0``
+``threshold``  ``F.threshold``, ``nn.Threshold``           a 1-bit mask of ``x > threshold``
+``gelu``       ``F.gelu``, ``nn.GELU`` (exact and tanh)    at 4 and 2 bits: a few-bit
+                                                           derivative (the level of
+                                                           ``f'(x)``, decoded to an ``x``
+                                                           with that derivative); at 8
+                                                           bits: the module's format
+``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
+``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: the module's format;
+               ``F.batch_norm``, ``F.instance_norm``,      the statistics (mean, rstd):
+               ``F.rms_norm``                              exact
+=============  ==========================================  ================================
+
+Why:
+
+* **Fused attention** rebuilds the probabilities in backward as ``exp(q kᵀ - lse)``
+  with the saved logsumexp, and uses ``rowsum(dO * O)`` with the saved output. With
+  q and k quantized but the logsumexp exact, the rebuilt softmax is no longer
+  normalised and the error grows with ``|q kᵀ|``; with v quantized but the output
+  exact, ``rowsum(dO * O)`` no longer matches the rebuilt ``dO vᵀ``. So the engine
+  stores q, k (precisely: a small error in them moves sharp softmaxes a lot) and v,
+  and stores nothing for the output and logsumexp: when backward asks for them, they
+  are computed again from the decoded q, k, v (one attention forward, without grad,
+  per call; :func:`consistent_attention`). The backward is then the exact gradient at
+  the decoded inputs, like an explicit softmax without its quantized probabilities.
+  Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
+* **ReLU-like ops**: the backward needs only which side of the kink each element was
+  on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
+  mask decodes to values on the same side (ReLU: 1 and 0; hardtanh: the midpoint and
+  ``max + 1``), so the op's own backward runs unchanged. The same storage is often
+  also saved by the next op (a linear's input) which needs the real values: masks and
+  values are different representations and are never shared (see the engine).
+* **GELU and SiLU** save their input only for ``f'(x)``. Storing which of ``2**bits``
+  derivative levels each element is nearest to (:mod:`memfit.activations.fewbit`)
+  gives a 4 to 5 times smaller gradient error than codes of ``x`` at the same bits
+  (figures in ``docs/guide-plain.md``). Activations written as elementwise formulas
+  (GPT-2's ``gelu_new``, ``tanh``, ``sigmoid``) are separate ops each; their tensors
+  keep the module's format.
+* **Normalisation statistics** are small and their errors scale every element of the
+  row.
+
+The table never makes a tensor less precise than the module's format: "at least 8
+bits" is 8 bits when the module's format is 4 or 2 bits, the module's format when it
+is 8 bits or fp8, and exact when the module keeps tensors (``None``). Masks apply only
+when the module's format is lossy.
+
+How ops are seen: while the engine is active, a ``TorchFunctionMode`` notes which of
+the functions above is running (an O(1) dict lookup per torch call). A function called
+from inside another overridable Python function (``F.multi_head_attention_forward``
+calling attention) is attributed to the outer one, which the table does not name.
+Inside ``torch.compile``'d code the table does not apply: compiled graphs save their
+tensors at run time, outside any op.
+
+Users override the table per op kind with policy keys ``"op:<kind>"``, e.g.
+``policy={"op:sdpa": None}`` (keep attention's tensors exact) or ``{"op:relu": 4}``
+(4-bit codes instead of masks). The value is a setting as for ``bits``; it replaces the
+table's entry for every tensor that op saves, in every module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+#: Prefix of policy keys that name op kinds.
+OP_PREFIX = "op:"
+
+
+@dataclass(frozen=True)
+class Treatment:
+    """How one saved tensor of a table op is stored.
+
+    ``how`` is ``"default"`` (the module's format), ``"at_least_8"``, ``"exact"`` or
+    ``"mask"`` or ``"fewbit"``; for masks, ``predicate(t) -> bool tensor`` and the two
+    values a true and a false element decode to (checked at encode time to satisfy
+    the predicate in the tensor's dtype; otherwise the module's format is used); for
+    few-bit derivatives, the ``function`` (see :mod:`memfit.activations.fewbit`).
+    """
+
+    how: str
+    predicate: Callable[[torch.Tensor], torch.Tensor] | None = None
+    true_value: float = 1.0
+    false_value: float = 0.0
+    function: str | None = None  # for "fewbit": a name in memfit.activations.fewbit.FUNCTIONS
+
+
+DEFAULT = Treatment("default")
+AT_LEAST_8 = Treatment("at_least_8")
+EXACT = Treatment("exact")
+#: Fused attention: q, k and v take the module's format; the output and logsumexp are
+#: replaced by those of the attention at the decoded q, k, v (:func:`consistent_attention`).
+SDPA_INPUT = Treatment("sdpa_input")
+SDPA_OUT = Treatment("sdpa_out")
+SDPA_LSE = Treatment("sdpa_lse")
+
+
+class OpCall:
+    """One running call of a table op: its kind, and enough of its arguments to give
+    each saved tensor its role (:meth:`treatment`)."""
+
+    __slots__ = ("kind", "_treater", "args", "kwargs", "_inputs", "fused", "broken", "saved", "recomputed")
+
+    def __init__(self, kind: str, treater: "Treater", args: tuple, kwargs: dict):
+        self.kind = kind
+        self._treater = treater
+        self.args = args
+        self.kwargs = kwargs
+        self._inputs: dict[tuple, list[str]] | None = None
+        # Fused attention only: which kernel runs, the packed q, k, v (by role), their
+        # recomputed output and logsumexp, and whether the save order defeated that.
+        self.fused: str | None = None
+        self.broken = False
+        self.saved: dict[str, object] = {}
+        self.recomputed: object | None = None  # the engine's recompute, shared by output and lse
+
+    def _arg(self, i: int, name: str, default: Any = None) -> Any:
+        if len(self.args) > i:
+            return self.args[i]
+        return self.kwargs.get(name, default)
+
+    def treatment(self, t: torch.Tensor) -> Treatment:
+        return self._treater(self, t)
+
+    def input(self, role: str) -> torch.Tensor | None:
+        """The argument of role ``role`` (``"q"``, ``"k"``, ``"v"`` or ``"input"``)."""
+        names = _ROLES[self.kind] if self.kind in _ROLES else _ROLES[None]
+        for i, (name, param) in enumerate(names):
+            if name == role:
+                a = self._arg(i, param)
+                return a if isinstance(a, torch.Tensor) else None
+        return None
+
+    def roles(self, t: torch.Tensor) -> list[str]:
+        """The arguments ``t`` is (``"q"``, ``"k"``, ``"v"``, ``"input"``), matched by
+        storage position and geometry; empty for anything else (outputs, statistics)."""
+        if self._inputs is None:
+            self._inputs = {}
+            names = _ROLES[self.kind] if self.kind in _ROLES else _ROLES[None]
+            for i, (role, param) in enumerate(names):
+                a = self._arg(i, param)
+                if isinstance(a, torch.Tensor):
+                    self._inputs.setdefault(_geometry(a), []).append(role)
+        return self._inputs.get(_geometry(t), [])
+
+    def role(self, t: torch.Tensor) -> str | None:
+        """The first of :meth:`roles`, or None."""
+        found = self.roles(t)
+        return found[0] if found else None
+
+
+_ROLES = {"sdpa": (("q", "query"), ("k", "key"), ("v", "value")), None: (("input", "input"),)}
+
+
+def _geometry(t: torch.Tensor) -> tuple:
+    # the storage's _cdata, not data_ptr(): FakeTensors (memory estimates) have none
+    return (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+# --------------------------------------------------------------------------- per kind
+
+
+def _sdpa(call: OpCall, t: torch.Tensor) -> Treatment:
+    if call.fused is None:
+        call.fused = _fused_kind(call)
+    if call.fused == "math":
+        return DEFAULT  # composed ops, each with its own consistent backward
+    if call.fused == "exact" or call.broken:
+        return EXACT
+    if call.role(t) is not None:
+        return SDPA_INPUT
+    q, v = call._arg(0, "query"), call._arg(2, "value")
+    if t.is_floating_point() and t.dim() < q.dim():
+        return SDPA_LSE
+    if tuple(t.shape) == tuple(q.shape[:-1]) + (v.shape[-1],):
+        return SDPA_OUT
+    return EXACT  # seeds, offsets
+
+
+def _fused_kind(call: OpCall) -> str:
+    """``"math"`` when SDPA runs as composed ops, ``"fused"`` for a fused kernel whose
+    output and logsumexp can be recomputed from the decoded inputs, ``"exact"`` when
+    they cannot (dropout in a fused kernel, or inputs that autocast copies)."""
+    q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
+    mask = call._arg(3, "attn_mask")
+    dropout = float(call._arg(4, "dropout_p", 0.0))
+    causal = bool(call._arg(5, "is_causal", False))
+    device = q.device.type
+    cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    if cast is not None and any(t.dtype is not cast for t in (q, k, v)):
+        # Autocast runs attention on copies in its dtype: probe the kernel choice for
+        # those (empty stand-ins of the same layout, nothing is copied).
+        q, k, v = (torch.empty_strided(t.shape, t.stride(), dtype=cast, device=t.device) for t in (q, k, v))
+    try:
+        choice = int(torch._fused_sdp_choice(
+            q, k, v, mask, dropout, causal, scale=call.kwargs.get("scale"),
+            enable_gqa=bool(call.kwargs.get("enable_gqa", False)),
+        ))
+    except Exception:  # an unknown backend or an older torch: keep everything exact
+        return "exact"
+    if choice == 0:
+        return "math"
+    if dropout > 0 or (cast is not None and any(call._arg(i, n).dtype is not cast
+                                                 for i, n in enumerate(("query", "key", "value")))):
+        # The dropout mask cannot be redrawn; autocast's copies cannot be told apart
+        # from the output by their geometry: keep this call's tensors exact.
+        return "exact"
+    return "fused"
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """What an attention call needs, besides q, k and v, to be computed again."""
+
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float | None
+    gqa: bool
+
+    @classmethod
+    def of(cls, call: "OpCall") -> "AttentionParams":
+        return cls(call._arg(3, "attn_mask"), bool(call._arg(5, "is_causal", False)),
+                   call.kwargs.get("scale"), bool(call.kwargs.get("enable_gqa", False)))
+
+
+def consistent_attention(params: AttentionParams, q: torch.Tensor, k: torch.Tensor,
+                         v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and logsumexp of the attention ``params`` describe, at ``q``, ``k``,
+    ``v`` (the decoded inputs): what a fused backward must be given so that the
+    softmax it rebuilds, ``exp(q kᵀ scale - lse)``, is normalised and matches
+    ``rowsum(dO * O)``. The engine calls it in backward, when the kernel's backward
+    asks for its saved output. The logsumexp is taken row chunk by row chunk, so no
+    more than about 1 MB of fp32 scores exist at once."""
+    mask, causal, scale, gqa = params.mask, params.causal, params.scale, params.gqa
+    # Autocast would run the score matmul below in bf16/fp16: the logsumexp must be
+    # computed as precisely as the kernel's own (fp32), and the attention itself
+    # runs on the decoded tensors' dtype, as the original call did after its casts.
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+        kwargs = {"scale": scale} if scale is not None else {}
+        if gqa:
+            kwargs["enable_gqa"] = True
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **kwargs)
+        if gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        factor = scale if scale is not None else q.shape[-1] ** -0.5
+        L, S = q.shape[-2], k.shape[-2]
+        rows = max(1, (1 << 18) // max(1, S * (q.numel() // (L * q.shape[-1]))))
+        kt = k.transpose(-1, -2).to(torch.float32)
+        parts = []
+        for r0 in range(0, L, rows):
+            r1 = min(L, r0 + rows)
+            s = (q[..., r0:r1, :].to(torch.float32) @ kt) * factor
+            if mask is not None:
+                m = mask[..., r0:r1, :] if mask.dim() >= 2 and mask.shape[-2] == L else mask
+                s = s.masked_fill(~m, float("-inf")) if m.dtype is torch.bool else s + m
+            if causal:
+                keep = torch.ones(r1 - r0, S, dtype=torch.bool, device=s.device).tril(r0)
+                s = s.masked_fill(~keep, float("-inf"))
+            parts.append(s.logsumexp(-1))
+        lse = torch.cat(parts, dim=-1)
+    return out, lse
+
+
+def _relu(call: OpCall, t: torch.Tensor) -> Treatment:
+    return Treatment("mask", _positive, 1.0, 0.0)
+
+
+def _leaky_relu(call: OpCall, t: torch.Tensor) -> Treatment:
+    return Treatment("mask", _positive, 1.0, -1.0)
+
+
+def _positive(t: torch.Tensor) -> torch.Tensor:
+    return t > 0
+
+
+def _hardtanh(call: OpCall, t: torch.Tensor) -> Treatment:
+    lo = float(call._arg(1, "min_val", -1.0))
+    hi = float(call._arg(2, "max_val", 1.0))
+    return Treatment("mask", lambda x: (x > lo) & (x < hi), (lo + hi) / 2, hi + max(1.0, abs(hi)))
+
+
+def _relu6(call: OpCall, t: torch.Tensor) -> Treatment:
+    return Treatment("mask", lambda x: (x > 0.0) & (x < 6.0), 3.0, 7.0)
+
+
+def _threshold(call: OpCall, t: torch.Tensor) -> Treatment:
+    th = float(call._arg(1, "threshold", 0.0))
+    return Treatment("mask", lambda x: x > th, th + max(1.0, abs(th)), th)
+
+
+def _gelu(call: OpCall, t: torch.Tensor) -> Treatment:
+    approximate = call._arg(1, "approximate", "none")
+    return Treatment("fewbit", function="gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+def _silu(call: OpCall, t: torch.Tensor) -> Treatment:
+    return Treatment("fewbit", function="silu")
+
+
+def _norm(call: OpCall, t: torch.Tensor) -> Treatment:
+    return DEFAULT if call.role(t) == "input" else EXACT
+
+
+Treater = Callable[["OpCall", torch.Tensor], Treatment]
+
+
+def _functions() -> dict[Callable, tuple[str, Treater]]:
+    table: dict[Callable, tuple[str, Treater]] = {F.scaled_dot_product_attention: ("sdpa", _sdpa)}
+    for f in (F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_):
+        table[f] = ("relu", _relu)
+    table[F.relu6] = ("hardtanh", _relu6)  # hardtanh on [0, 6], without min/max arguments
+    for f in (F.hardtanh, F.hardtanh_):
+        table[f] = ("hardtanh", _hardtanh)
+    for f in (F.leaky_relu, getattr(F, "leaky_relu_", None)):
+        if f is not None:
+            table[f] = ("leaky_relu", _leaky_relu)
+    for f in (F.threshold, F.threshold_, torch.threshold, getattr(torch, "threshold_", None)):
+        if f is not None:
+            table[f] = ("threshold", _threshold)
+    table[F.gelu] = ("gelu", _gelu)
+    table[F.silu] = ("silu", _silu)
+    for f in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, getattr(F, "rms_norm", None)):
+        if f is not None:
+            table[f] = ("norm", _norm)
+    return table
+
+
+_KIND_OF: dict[Callable, tuple[str, Treater]] = _functions()
+
+#: The op kinds a policy may name with ``"op:<kind>"``.
+OP_KINDS: tuple[str, ...] = tuple(sorted({kind for kind, _ in _KIND_OF.values()}))
+
+
+def check_kind(kind: str, where: str) -> None:
+    """Raise ValueError unless ``kind`` is in :data:`OP_KINDS`."""
+    if kind not in OP_KINDS:
+        raise ValueError(f"{where}: unknown op kind {kind!r}; known kinds: {', '.join(OP_KINDS)}")
+
+
+class OpTracker(TorchFunctionMode):
+    """Notes which table op is running, so the pack hook can ask :attr:`current`.
+
+    Only the outermost overridable call is seen (a ``TorchFunctionMode`` is not
+    re-entered inside its own handler), which is what the table wants: ``F.relu6`` is
+    one op even though it calls ``hardtanh`` inside.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: OpCall | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        entry = _KIND_OF.get(func)
+        if entry is None or torch.compiler.is_compiling():
+            # (a compiled graph saves its own tensors, at run time, outside any op)
+            return func(*args, **kwargs)
+        previous = self.current
+        self.current = OpCall(entry[0], entry[1], args, kwargs)
+        if entry[0] == "sdpa":
+            # Decided before the call: inside it, autocast has already cast the inputs
+            # and no longer reports itself as enabled.
+            self.current.fused = _fused_kind(self.current)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.current = previous

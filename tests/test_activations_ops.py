@@ -1,0 +1,437 @@
+"""The op table (memfit.activations.ops), the saved-tensor classifier, the engine's
+former silent wrongs, exact resume and bad policies."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import memfit
+from memfit.activations import ops, saved
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _explicit_attention(q, k, v, causal):
+    s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        n = q.shape[-2]
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _attention_error(fn, bits, causal, policy=None, seeds=3):
+    g = torch.Generator().manual_seed(1)
+    shape = (1, 2, 64, 32)
+    q0, k0 = (torch.randn(shape, generator=g) * 3 for _ in range(2))  # trained-like q, k
+    v0, w = (torch.randn(shape, generator=g) for _ in range(2))
+
+    def grads(mf):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        if mf is None:
+            out = fn(q * 1, k * 1, v * 1, causal)
+        else:
+            with mf:
+                out = fn(q * 1, k * 1, v * 1, causal)
+        (out * w).sum().backward()
+        return torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()])
+
+    exact = grads(None)
+    errors = [rel(grads(memfit.activations(bits=bits, min_bytes=0, seed=s, policy=policy)), exact)
+              for s in range(seeds)]
+    return sum(errors) / len(errors)
+
+
+def _sdpa(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("bits,bar", [(4, 0.3), (2, 1.5)])
+def test_fused_attention_meets_the_bar_and_beats_explicit_softmax(bits, bar, causal):
+    table = _attention_error(_sdpa, bits, causal)
+    explicit = _attention_error(_explicit_attention, bits, causal)
+    assert table <= bar
+    assert table <= explicit
+    # what the table prevents: the same call with plain codes for every saved tensor
+    plain = _attention_error(_sdpa, bits, causal, policy={"op:sdpa": bits}, seeds=1)
+    assert not plain <= 3 * bar  # (also true for inf and nan)
+
+
+def test_fused_attention_stats_say_what_the_table_did():
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
+    counts = mf.stats.by_op["sdpa"].counts
+    assert counts["int8"] == 2  # q and k
+    assert counts["int2"] == 1  # v
+    assert counts["op-recomputed"] == 2  # the output and the logsumexp: stored as nothing
+    assert mf.stats.decode_seconds == 0  # recomputed in backward, not in forward
+    out.sum().backward()
+    assert mf.stats.decode_seconds > 0
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
+    counts = mf.stats.by_op["sdpa"].counts
+    assert counts["op-bfloat16"] == 2 and counts["int8"] == 1  # q and k in bf16, v at 8 bits
+    assert "sdpa" in mf.stats.table(by="op")
+
+
+def test_attention_policy_override_keeps_it_exact():
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(q * 1, k * 1, v * 1).sum(), (q, k, v))
+    mf = memfit.activations(bits=2, min_bytes=0, policy={"op:sdpa": None})
+    with mf:
+        out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
+    got = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes
+
+
+def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_format():
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    mf = memfit.activations(bits=4, min_bytes=0)
+    with mf:
+        F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
+    counts = mf.stats.by_op["sdpa"].counts
+    assert "int4" in counts and "int8" not in counts  # composed ops, each consistent
+
+
+# --------------------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda x: F.relu(x),
+        lambda x: torch.relu(x),
+        lambda x: x.relu(),
+        lambda x: F.relu(x.clone(), inplace=True),
+        lambda x: nn.ReLU6()(x),
+        lambda x: nn.ReLU6(inplace=True)(x.clone()),
+        lambda x: F.hardtanh(x, -0.5, 0.7),
+        lambda x: F.leaky_relu(x, 0.1),
+        lambda x: F.threshold(x, 0.3, -2.0),
+    ],
+    ids=["F.relu", "torch.relu", "Tensor.relu", "relu_", "ReLU6", "ReLU6_", "hardtanh", "leaky_relu", "threshold"],
+)
+def test_relu_like_ops_store_a_lossless_mask(act):
+    x = (torch.randn(64, 512) * 3).requires_grad_()
+    w = torch.randn(64, 512)
+    (g_ref,) = torch.autograd.grad((act(x * 1) * w).sum(), x)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        y = act(x * 1)
+    (g,) = torch.autograd.grad((y * w).sum(), x)
+    assert torch.equal(g, g_ref)  # the mask is lossless for the gradient
+    counts = mf.stats.counts
+    assert counts["op-mask"] == 1 and not any(k.startswith("int") for k in counts)
+    assert mf.stats.stored_bytes <= 64 * 512 / 8 + 64
+
+
+def test_a_mask_never_stands_in_for_values():
+    x = torch.randn(64, 512, requires_grad=True)
+    w = torch.randn(512, 256, requires_grad=True)
+    ref_w = torch.autograd.grad((torch.relu(x * 1) @ w).square().sum(), w)[0]
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        h = torch.relu(x * 1)  # saves h as a mask
+        loss = (h @ w).square().sum()  # the matmul saves h again, and needs its values
+    got_w = torch.autograd.grad(loss, w, retain_graph=True)[0]
+    assert rel(got_w, ref_w) < 0.03
+    assert mf.stats.counts["op-mask"] == 1 and mf.stats.counts["int8"] >= 1
+
+
+def test_policy_can_turn_masks_into_codes():
+    x = torch.randn(64, 512, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0, policy={"op:relu": 4})
+    with mf:
+        torch.relu(x * 1)
+    assert mf.stats.counts["int4"] == 1 and "op-mask" not in mf.stats.counts
+
+
+def test_mobilenet_like_relu6_gradients_are_exact_at_8_bits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU6(inplace=True), nn.Conv2d(16, 8, 3))
+    x = torch.randn(4, 3, 24, 24)
+
+    def grads(mf):
+        model.zero_grad()
+        if mf is None:
+            model(x).square().sum().backward()
+        else:
+            with mf:
+                loss = model(x).square().sum()
+            loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    ref = grads(None)
+    with_table = rel(grads(memfit.activations(model, bits=8, min_bytes=0)), ref)
+    without = rel(grads(memfit.activations(model, bits=8, min_bytes=0, policy={"op:hardtanh": 8})), ref)
+    assert with_table < without
+
+
+# --------------------------------------------------------------------------- exact statistics
+
+
+def test_normalisation_statistics_are_kept_exact():
+    x = torch.randn(64, 512, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        F.layer_norm(x * 1, (512,))
+    counts = mf.stats.by_op["norm"].counts
+    assert counts["op-kept"] == 2  # mean and rstd
+    assert counts["int2"] == 1  # the input
+
+
+def test_bits_none_installs_nothing_and_stays_identical():
+    x = torch.randn(64, 512, requires_grad=True)
+    ref = torch.autograd.grad(F.scaled_dot_product_attention(*(x.view(1, 4, 64, 128),) * 3).sum(), x)[0]
+    mf = memfit.activations(bits=None, min_bytes=0)
+    with mf:
+        assert mf._ops is None
+        out = F.scaled_dot_product_attention(*(x.view(1, 4, 64, 128),) * 3)
+    assert torch.equal(torch.autograd.grad(out.sum(), x)[0], ref)
+
+
+# --------------------------------------------------------------------------- the classifier
+
+
+def test_classify_kinds_and_keys():
+    w = nn.Parameter(torch.randn(4, 4))
+    buf = torch.randn(8)
+    params = saved.parameter_storages([w, buf])
+    assert saved.classify(w, params)[0] == saved.PARAM
+    assert saved.classify(w.t(), params)[0] == saved.PARAM  # a view of a parameter
+    assert saved.classify(buf[2:], params)[0] == saved.PARAM  # on a buffer's storage
+    assert saved.classify(torch.randn(3) > 0, params)[0] == saved.MASK
+    assert saved.classify(torch.randn(3).half(), params)[0] == saved.FLOAT
+    ints = torch.arange(3)
+    assert saved.classify(ints, params) == (saved.OTHER, saved.storage_key(ints.untyped_storage()))
+    assert saved.classify(torch.randn(3).to_sparse(), params) == (saved.NOT_DENSE, None)
+    base = torch.randn(10)
+    assert saved.classify(base[3:], params)[1] == saved.classify(base, params)[1]  # one key per storage
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        a, b = torch.empty(4), torch.empty(4)
+        assert saved.classify(a)[1] != saved.classify(b)[1]  # data_ptr would be 0 for both
+
+
+def test_module_stack_unwinds_after_an_exception():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.Identity()))
+    stack = saved.ModuleStack()
+    stack.attach(model)
+    seen = []
+    model[1][1].register_forward_pre_hook(lambda m, a: seen.append(stack.current))
+    model(torch.randn(2, 4))
+    assert seen == ["1.1"] and stack.current == ""
+
+    def boom(m, a):
+        raise RuntimeError("boom")
+
+    h = model[1][0].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 4))
+    h.remove()
+    model(torch.randn(2, 4))
+    assert stack.names == []
+    stack.detach()
+
+
+# --------------------------------------------------------------------------- silent wrongs
+
+
+def test_without_a_model_bits_apply_to_every_tensor():
+    x = torch.randn(64, 512, requires_grad=True)
+    mf = memfit.activations(bits=4, min_bytes=0)
+    with mf:
+        (x * 1).sin().sum()
+    assert mf.head_format is None
+    assert {k for k in mf.stats.counts if k.startswith("int")} == {"int4"}
+
+
+def test_unsaved_elements_of_a_storage_never_change_saved_ones():
+    w = torch.randn(600)
+
+    def grad_with(tail, bits=8):
+        base = torch.cat([torch.randn(600, generator=torch.Generator().manual_seed(0)), tail])
+        base.requires_grad_()
+        with memfit.activations(bits=bits, min_bytes=0, seed=1):
+            y = base * 1.0
+            loss = (y[:600].sin() * w).sum()  # saves a view covering 60% of y's storage
+        loss.backward()
+        return base.grad[:600]
+
+    exact = torch.randn(600, generator=torch.Generator().manual_seed(0)).cos() * w
+    zeros = grad_with(torch.zeros(400))
+    huge = grad_with(torch.full((400,), 1e30))
+    assert torch.equal(zeros, huge)  # the tail makes no difference at all
+    assert rel(huge[512:], exact[512:]) < 0.05
+    limits = grad_with(torch.tensor([3e38, -3e38]).repeat(200))
+    assert torch.isfinite(limits).all()
+
+
+def test_state_dict_makes_a_resumed_run_exact():
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+
+    data = [torch.randn(32, 64, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+
+    def train(model, opt, mf, steps):
+        losses = []
+        for x in steps:
+            with mf:
+                loss = model(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    straight = train(model, opt, memfit.activations(model, bits=4, min_bytes=0), data)
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mf = memfit.activations(model, bits=4, min_bytes=0)
+    first = train(model, opt, mf, data[:5])
+    checkpoint = {"model": model.state_dict(), "opt": opt.state_dict(), "mf": mf.state_dict()}
+
+    model = make()
+    model.load_state_dict(checkpoint["model"])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.load_state_dict(checkpoint["opt"])
+    mf = memfit.activations(model, bits=4, min_bytes=0)
+    mf.load_state_dict(checkpoint["mf"])
+    resumed = first + train(model, opt, mf, data[5:])
+    assert resumed == straight
+
+    fresh = memfit.activations(model, bits=4, min_bytes=0)  # without the state: other noise
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    assert first + train(model, opt, fresh, data[5:]) != straight
+
+
+def test_load_state_dict_rejects_other_things():
+    mf = memfit.activations(bits=4)
+    with pytest.raises(ValueError, match="state_dict"):
+        mf.load_state_dict({"nope": 1})
+    with pytest.raises(ValueError, match="stream"):
+        mf.load_state_dict({"seed": 0, "rank": None, "stream": (3, (1, 2), None)})
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_unknown_op_kind_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known kinds: .*sdpa"):
+        memfit.activations(bits=4, policy={"op:attention": 8})
+
+
+@pytest.mark.parametrize("policy", [["*.mlp", 4], "*.mlp"])
+def test_a_policy_that_is_not_a_mapping_is_a_value_error(policy):
+    with pytest.raises(ValueError, match="policy must be a mapping"):
+        memfit.activations(nn.Linear(2, 2), bits=4, policy=policy)
+
+
+def test_a_glob_matching_nothing_warns_once_and_strict_raises():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        memfit.activations(model, bits=4, policy={"0": 8, "*.mlp": 2, "encoder.*": 4})
+    messages = [str(w.message) for w in caught if "match no module" in str(w.message)]
+    assert len(messages) == 1 and "*.mlp" in messages[0] and "encoder.*" in messages[0]
+    with pytest.raises(ValueError, match="matches no module"):
+        memfit.activations(model, bits=4, policy={"*.mlp": 2}, strict=True)
+
+
+def test_op_kinds_are_documented():
+    for kind in ops.OP_KINDS:
+        assert f"``{kind}``" in ops.__doc__
+
+
+# --------------------------------------------------------------------------- few-bit derivatives
+
+
+@pytest.mark.parametrize(
+    "act,kind",
+    [(F.gelu, "gelu"), (lambda x: F.gelu(x, approximate="tanh"), "gelu"), (F.silu, "silu"), (nn.GELU(), "gelu")],
+    ids=["gelu", "gelu_tanh", "silu", "nn.GELU"],
+)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_few_bit_derivatives_beat_plain_codes_at_the_same_bytes(act, kind, bits):
+    x = torch.randn(32, 1024, generator=torch.Generator().manual_seed(0)) * 2
+    w = torch.randn(32, 1024, generator=torch.Generator().manual_seed(1))
+    xx = x.clone().requires_grad_()
+    (ref,) = torch.autograd.grad((act(xx) * w).sum(), xx)
+
+    def run(policy):
+        xx = x.clone().requires_grad_()
+        mf = memfit.activations(bits=bits, min_bytes=0, policy=policy)
+        with mf:
+            y = act(xx * 1)
+        (g,) = torch.autograd.grad((y * w).sum(), xx)
+        return rel(g, ref), mf.stats
+
+    table, stats = run(None)
+    plain, plain_stats = run({f"op:{kind}": bits})
+    assert stats.counts[f"op-fewbit{bits}"] == 1
+    assert stats.stored_bytes == plain_stats.stored_bytes
+    assert table < plain / 2.5
+
+
+def test_few_bit_levels_decode_to_inputs_with_that_derivative():
+    from memfit.activations import fewbit
+
+    for function, derivative in fewbit.FUNCTIONS.items():
+        bounds, levels, reps = fewbit.levels(function, 2)
+        assert len(levels) == 4 and torch.all(levels[1:] > levels[:-1])
+        assert torch.allclose(derivative(reps), levels, atol=1e-6)
+        x = torch.linspace(-8, 8, 1001)
+        idx = fewbit.bucket(function, 2, x).long()
+        nearest = (derivative(x)[:, None] - levels[None, :]).abs().argmin(dim=1)
+        assert torch.equal(idx, nearest)
+
+
+def test_few_bit_is_not_used_at_8_bits():
+    x = torch.randn(32, 1024, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        F.gelu(x * 1)
+    assert mf.stats.counts["int8"] == 1 and not any("fewbit" in k for k in mf.stats.counts)
+
+
+def test_attention_under_autocast_with_mixed_inputs_stays_exact():
+    # LLaMA under bf16 autocast: rotary embeddings leave q, k in fp32 while v is bf16;
+    # autocast casts them inside the call, after the op was seen, so the copies it
+    # saves cannot be matched to q, k, v: the table keeps that call exact.
+    g = torch.Generator().manual_seed(0)
+    q0, k0 = (torch.randn(1, 4, 64, 32, generator=g) * 3 for _ in range(2))
+    v0 = torch.randn(1, 2, 64, 32, generator=g).bfloat16()
+
+    def run(mf):
+        q, k = (t.clone().requires_grad_() for t in (q0, k0))
+        v = v0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), mf if mf is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q * 1, k[:, :2] * 1, v * 1, is_causal=True, enable_gqa=True)
+        out.float().square().sum().backward()
+        return torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.float().flatten()])
+
+    ref = run(None)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    assert torch.equal(run(mf), ref)
+    assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes
