@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -269,13 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         described = sorted({(r["model"], r["what"]) for r in recs})
         sections += [f"### {title}", "", note, "", *[f"- {k}: {w}" for k, w in described], "",
                      C.markdown_table(headers, rows), ""]
-    try:
-        info["load average (1/5/15 min, at end)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        pass
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1, default=str))
-        print(f"wrote {args.json}")
+    C.end_bench(info, args.json, out)
     if args.quick or args.no_write:
         print("(docs not updated: " + ("--quick" if args.quick else "--no-write") + ")")
     else:
