@@ -1,5 +1,7 @@
 """Shared helpers for the scripts in ``bench/``.
 
+* :func:`start_bench` / :func:`end_bench`: threads, quiet transformers, the machine
+  logged; the final load average and the JSON output.
 * :func:`machine_info` / :func:`machine_lines`: what ran the bench (CPU, cores,
   threads, torch, memfit codec backend, date, exact command line).
 * :func:`interleaved_timing`: round-robin timing (A B C A B C ...) after a warm-up,
@@ -101,6 +103,38 @@ def machine_info() -> dict[str, str]:
     info["date"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     info["command"] = command_line()
     return info
+
+
+def start_bench(threads: int, log: Callable[[str], None]) -> dict[str, str]:
+    """The common start of a bench on transformers models: ``threads`` torch threads,
+    transformers' FutureWarnings and logging quiet, the machine described (each line
+    through ``log``). Returns :func:`machine_info`."""
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:
+        pass
+    info = machine_info()
+    for k, v in info.items():
+        log(f"{k}: {v}")
+    return info
+
+
+def end_bench(info: dict[str, str], json_path: str | None, payload: Mapping) -> None:
+    """The common end of a bench: the load average now into ``info``, and ``payload``
+    written as JSON to ``json_path`` when one is given."""
+    import json
+
+    try:
+        info["load average (1/5/15 min, at end)"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        pass
+    if json_path:
+        Path(json_path).write_text(json.dumps(payload, indent=1, default=str))
+        print(f"wrote {json_path}")
 
 
 def machine_lines(info: Mapping[str, str]) -> list[str]:

@@ -37,7 +37,6 @@ import gc
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -144,20 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - set(MODELS)
     if unknown:
         ap.error(f"unknown model(s): {', '.join(sorted(unknown))}")
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    try:
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.set_verbosity_error()
-    except Exception:
-        pass
+    info = C.start_bench(args.threads, log)
 
     from memfit.plan import estimate, measure_peak
-
-    info = C.machine_info()
-    for k, v in info.items():
-        log(f"{k}: {v}")
     rows, sections, fails = [], [], 0
     for key in models:
         title, model, batch, blocks = build(key, args.quick)

@@ -28,14 +28,24 @@ Known differences from a real run:
   (under fake tensors), where a real run may skip it (SDPA's ``is_causal``): with
   checkpointed blocks, which then keep the mask, the estimate is a little high (a
   few hundred KB on GPT-2-small, 0.02%).
-* A step whose Python code depends on tensor values (``.item()``, ``nonzero``, boolean
-  mask indexing, data-dependent branches) cannot run on fake tensors: RuntimeError.
+
+When the step cannot run on fake tensors (Python code that depends on tensor values:
+``.item()``, ``nonzero``, boolean mask indexing; or a fake kernel stricter than the
+real one, such as ``aten._grouped_mm`` in MoE models), ``estimate`` measures the step
+on real tensors instead, as :func:`~memfit.plan.measure_peak` does, says so in
+``Estimate.method`` (``"measured"``) and warns, naming the cause. A model on the
+``meta`` device cannot be measured: RuntimeError naming the cause.
+
+Frozen parameters (``requires_grad=False``: a peft adapter's base, fixed position
+tables) count as parameters, with no gradient and no optimizer state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import types
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -45,6 +55,7 @@ from .._units import MB
 from ..step import (
     Loss,
     StepConfig,
+    StepInputError,
     as_config,
     inner_optimizers,
     main_device,
@@ -61,7 +72,12 @@ class Estimate:
     """The memory of one training step (the last of the steps run), in bytes.
 
     Attributes:
-        param_bytes: parameters (each storage once: tied weights count once).
+        method: how the step was seen: ``"fake"`` (fake tensors, nothing run or
+            allocated) or ``"measured"`` (fake tensors could not run the step, so one
+            real step was measured; ``fake_error`` says why).
+        fake_error: why fake tensors could not run the step (``""`` when they could).
+        param_bytes: parameters (each storage once: tied weights count once; frozen
+            ones included).
         buffer_bytes: buffers (BatchNorm statistics, position ids, ...).
         input_bytes: the batch's tensors.
         grad_bytes: the most gradient bytes alive at once: all of them normally; with
@@ -85,6 +101,8 @@ class Estimate:
         config: the :class:`~memfit.plan.StepConfig` as a dict.
     """
 
+    method: str = "fake"
+    fake_error: str = ""
     param_bytes: int = 0
     buffer_bytes: int = 0
     input_bytes: int = 0
@@ -112,9 +130,17 @@ class Estimate:
 
     # -- display ----------------------------------------------------------------------
 
+    def method_label(self) -> str:
+        if self.method == "measured":
+            return "real tensors, measured" + (f" (fake tensors failed: {self.fake_error})" if self.fake_error else "")
+        if self.method == "fake":
+            return "fake tensors (nothing run)"
+        return self.method
+
     def rows(self) -> list[tuple[str, str]]:
         bd = self.peak_breakdown
         out = [
+            ("method", self.method_label()),
             ("peak", f"{self.peak_bytes / MB:,.1f} MB  (in {self.peak_phase})"),
             ("  params at peak", f"{bd.get('params', 0) / MB:,.1f} MB"),
             ("  buffers + inputs at peak", f"{(bd.get('buffers', 0) + bd.get('inputs', 0)) / MB:,.1f} MB"),
@@ -384,6 +410,7 @@ def estimate(
     optimizer_in_backward: bool = False,
     config: StepConfig | None = None,
     steps: int = 2,
+    autocast: Any = None,
 ) -> Estimate:
     """Estimate the peak memory of one training step of ``model`` on ``batch``,
     without real computation or allocation.
@@ -405,26 +432,34 @@ def estimate(
             must then be left at their defaults).
         steps: training steps to run (the last one is reported; 2 by default, so the
             optimizer state already exists).
+        autocast: run the forward under ``torch.autocast``: None, ``"bf16"`` or
+            ``"fp16"`` (:attr:`StepConfig.autocast`); its casts and cached weight
+            copies are counted.
 
     Returns:
-        :class:`Estimate`. Raises ``ValueError`` for batches the model rejects and
-        losses that are not scalar tensors, and ``RuntimeError`` for models whose
-        forward depends on tensor values (``.item()``, data-dependent shapes), which
-        fake tensors cannot run.
+        :class:`Estimate` (``method == "fake"``). When the step cannot run on fake
+        tensors (data-dependent code, a fake kernel stricter than the real one), one
+        real step is measured instead (``method == "measured"``, with a
+        ``RuntimeWarning`` naming the cause); if the real step fails too, its own
+        error is raised. Raises ``ValueError`` for batches the model's forward does not
+        accept and losses that are not scalar tensors, and ``RuntimeError`` when fake
+        tensors cannot run the step of a model on the ``meta`` device.
     """
     if config is not None and (
         optimizer != "adamw" or state_bits != 32 or policy is not None or tuple(checkpoint) or optimizer_in_backward
+        or autocast is not None
     ):
         raise ValueError("pass either config=StepConfig(...) or the individual step options, not both")
     cfg = as_config(config, optimizer=optimizer, state_bits=state_bits, policy=policy,
-                    checkpoint=checkpoint, optimizer_in_backward=optimizer_in_backward)
+                    checkpoint=checkpoint, optimizer_in_backward=optimizer_in_backward, autocast=autocast)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fn = resolve_loss_fn(loss_fn)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     _prewarm_codebooks()
-    with preserved_state(model, values=False):
+    fake_error: Exception | None = None
+    with preserved_state(model, values=False), quiet_fake_kernel_log():
         model.train()
         fm = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_model(model, fm) as faker:
@@ -434,15 +469,74 @@ def estimate(
                 _patch_quantized(opt)
                 try:
                     res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
+                except StepInputError:
+                    raise  # the batch or the loss is wrong: a real step would say the same
                 except Exception as exc:
-                    from ..step.loss import is_fake_limitation
-
-                    if is_fake_limitation(exc):
-                        raise RuntimeError(
-                            "memfit.plan.estimate: the step depends on tensor values (e.g. .item(), "
-                            "nonzero, boolean masks), which cannot be estimated without data: "
-                            f"{type(exc).__name__}: {exc}. Measure it instead (memfit.plan.measure_peak)."
-                        ) from exc
-                    raise
+                    fake_error = exc
             del opt
+    if fake_error is not None:
+        return _measured_instead(model, batch, cfg, fn, steps, fake_error)
     return fill(Estimate(), res, cfg)
+
+
+@contextlib.contextmanager
+def quiet_fake_kernel_log() -> Iterator[None]:
+    """Silence torch's log of a fake kernel's failure (an ERROR record with its whole
+    traceback) inside the block: the estimator reports the failure itself."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+def _fake_cause(exc: BaseException) -> str:
+    """What kept fake tensors from running the step, in one line."""
+    from ..step.loss import is_fake_limitation
+
+    first = (str(exc).strip().splitlines() or [""])[0]
+    what = f"{type(exc).__name__}: {first}"
+    if is_fake_limitation(exc):
+        return f"the step depends on tensor values (.item(), nonzero, boolean masks): {what}"
+    return what
+
+
+def _has_meta(model: torch.nn.Module, batch: Any) -> bool:
+    from ..step import tensors_in
+
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()) + tensors_in(batch))
+
+
+def _measured_instead(model: torch.nn.Module, batch: Any, cfg: StepConfig, fn: Loss, steps: int,
+                      fake_error: Exception) -> Estimate:
+    """The estimate of a step fake tensors cannot run: one real step, measured."""
+    cause = _fake_cause(fake_error)
+    if _has_meta(model, batch):
+        raise RuntimeError(
+            f"memfit.plan.estimate: the step cannot run on fake tensors ({cause}), and a model or batch on "
+            "the meta device cannot be measured instead; build it with real weights and measure it "
+            "(memfit.plan.measure_peak)"
+        ) from fake_error
+    from .measure import measure_peak
+
+    try:
+        measured = measure_peak(model, batch, cfg, fn, steps)
+    except Exception as exc:
+        exc.add_note(f"memfit.plan.estimate: this real step was measured because fake tensors could not run "
+                     f"it ({cause})")
+        raise
+    warnings.warn(
+        f"memfit.plan.estimate: the step cannot run on fake tensors ({cause}); measured a real step "
+        "instead (Estimate.method == 'measured')",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    out = Estimate.from_dict(measured.to_dict())
+    out.method = "measured"
+    out.fake_error = cause
+    return out

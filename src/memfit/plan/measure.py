@@ -27,6 +27,7 @@ class MeasuredPeak(Estimate):
     timing)."""
 
     step_seconds: list[float] = field(default_factory=list)
+    method: str = "measured"
 
     kind = "measured"
 

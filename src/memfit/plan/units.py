@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..activations.policy import main_blocks
-from ..step import Loss, preserved_state, resolve_loss_fn
+from ..step import Loss, autocast_context, preserved_state, resolve_loss_fn, tracker_class
 
 __all__ = ["MIN_BYTES", "Trace", "UnitSpec", "discover_units", "param_ownership", "trace_units", "unit_of"]
 
@@ -106,16 +106,19 @@ class Trace:
 
 
 def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names: Sequence[str],
-                min_bytes: int = MIN_BYTES) -> Trace:
+                min_bytes: int = MIN_BYTES, autocast: Any = None) -> Trace:
     """One plain forward and backward on fake tensors (nothing computed or allocated),
     under MemTracker: each unit's first-call order, input and output bytes, what
     autograd saves in it (compressible floats, bool masks, the rest; each storage
     once, parameters excluded), and the live-bytes peak during its forward and its
-    backward. No optimizer: the planner adds the state itself."""
+    backward. No optimizer: the planner adds the state itself. ``autocast`` (None,
+    ``"bf16"``, ``"fp16"``: :attr:`~memfit.step.StepConfig.autocast`) runs the forward
+    under ``torch.autocast``, as the step will. Frozen parameters are tracked as
+    parameters that never get a gradient."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker, _ModState
+    from torch.distributed._tools.mem_tracker import _ModState
 
-    from .estimate import fake_model
+    from .estimate import fake_model, quiet_fake_kernel_log
 
     fn = resolve_loss_fn(loss_fn)
     order: dict[str, int] = {}
@@ -127,7 +130,7 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
     modules = dict(model.named_modules())
     unit_set = set(names)
     device = torch.device("cpu")
-    with preserved_state(model, values=False):
+    with preserved_state(model, values=False), quiet_fake_kernel_log():
         model.train()
         fm = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_model(model, fm) as faker:
@@ -186,11 +189,12 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
                 with fm:
                     from torch.utils._pytree import tree_leaves
 
-                    mt = MemTracker()
+                    mt = tracker_class()()
                     mt.track_external(model, *[t for t in tree_leaves(fbatch) if isinstance(t, torch.Tensor)])
                     with mt:
                         start = total(mt.get_tracker_snapshot("current"))
-                        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+                                autocast_context(model, autocast):
                             loss = fn(model, fbatch)
                         fwd_peak = total(mt.get_tracker_snapshot("peak"))
                         loss.backward()

@@ -2,7 +2,7 @@
 
 This module owns the configuration only (activation policy, checkpointed modules,
 optimizer and its state bits, optimizer-in-backward, gradient accumulation and
-clipping), its validation, its JSON form and :func:`as_config`. Installing it on a
+clipping, autocast), its validation, its JSON form and :func:`as_config`. Installing it on a
 model is :mod:`memfit.step.run`'s job.
 """
 
@@ -11,10 +11,33 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-__all__ = ["OPTIMIZERS", "STATE_BITS", "StepConfig", "as_config"]
+import torch
+
+__all__ = ["AUTOCAST_DTYPES", "OPTIMIZERS", "STATE_BITS", "StepConfig", "as_config", "autocast_name"]
 
 OPTIMIZERS = ("adamw", "sgd", "lion")
 STATE_BITS = (32, 8, 4)
+# autocast's names for the dtypes it computes in, and the spellings accepted for them
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_AUTOCAST_ALIASES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def autocast_name(value: Any) -> str | None:
+    """``None``, ``"bf16"`` or ``"fp16"`` for an autocast setting: None, one of those
+    names (also ``"bfloat16"``, ``"float16"``, ``"half"``) or ``torch.bfloat16`` /
+    ``torch.float16``. Anything else raises ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dt in AUTOCAST_DTYPES.items():
+            if value == dt:
+                return name
+    elif isinstance(value, str) and value.lower() in _AUTOCAST_ALIASES:
+        return _AUTOCAST_ALIASES[value.lower()]
+    raise ValueError(
+        f"autocast must be None, 'bf16', 'fp16', torch.bfloat16 or torch.float16, got {value!r}"
+    )
+
 
 @dataclass
 class StepConfig:
@@ -43,6 +66,10 @@ class StepConfig:
         optimizer_kwargs: extra keyword arguments for the optimizer (lr, betas, ...).
         activation_kwargs: extra keyword arguments for ``memfit.activations``
             (``head_bits``, ``min_bytes``, ``block_size``, ...).
+        autocast: run each forward (the loss included) under ``torch.autocast`` in
+            this dtype, on the model's device type: None (no autocast), ``"bf16"`` or
+            ``"fp16"`` (``torch.bfloat16`` / ``torch.float16`` are accepted and stored
+            by name). Backward runs outside it, as autocast recommends.
     """
 
     policy: Any = None
@@ -54,8 +81,10 @@ class StepConfig:
     max_grad_norm: float | None = None
     optimizer_kwargs: dict = field(default_factory=dict)
     activation_kwargs: dict = field(default_factory=dict)
+    autocast: str | None = None
 
     def __post_init__(self):
+        self.autocast = autocast_name(self.autocast)
         if isinstance(self.checkpoint, str):
             self.checkpoint = (self.checkpoint,)
         self.checkpoint = tuple(self.checkpoint)
@@ -119,6 +148,8 @@ class StepConfig:
             parts.append(f"accum={self.accumulation_steps}")
         if self.max_grad_norm is not None:
             parts.append(f"clip={self.max_grad_norm:g}")
+        if self.autocast is not None:
+            parts.append(f"autocast={self.autocast}")
         return " ".join(parts)
 
 
@@ -130,6 +161,7 @@ def as_config(
     policy: Any = None,
     checkpoint: Sequence[str] = (),
     optimizer_in_backward: bool = False,
+    autocast: Any = None,
 ) -> StepConfig:
     """``config`` if given, else a StepConfig from the keyword arguments."""
     if config is not None:
@@ -138,6 +170,6 @@ def as_config(
         return config
     return StepConfig(
         policy=policy, checkpoint=tuple(checkpoint), optimizer=optimizer, state_bits=state_bits,
-        optimizer_in_backward=optimizer_in_backward,
+        optimizer_in_backward=optimizer_in_backward, autocast=autocast,
     )
 

@@ -2,8 +2,9 @@
 
 This module owns :func:`apply` (checkpoint wrappers, the activation compressor, the
 optimizer-in-backward hooks, all removed on exit), :class:`StepContext` (what
-``apply`` installed), :func:`make_compressor` and :func:`run_step` (forward,
-backward, clipping, ``optimizer.step()``, ``zero_grad``).
+``apply`` installed), :func:`make_compressor`, :func:`autocast_context` (the
+forward's autocast) and :func:`run_step` (forward, backward, clipping,
+``optimizer.step()``, ``zero_grad``).
 """
 
 from __future__ import annotations
@@ -15,16 +16,35 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from ..optim.in_backward import InBackwardOptimizer
-from .config import StepConfig
+from .config import AUTOCAST_DTYPES, StepConfig, autocast_name
 from .loss import Loss, resolve_loss_fn
 from .saved import SavedCounter
 
-__all__ = ["StepContext", "apply", "make_compressor", "run_step"]
+__all__ = ["StepContext", "apply", "autocast_context", "main_device", "make_compressor", "run_step"]
+
+
+def main_device(model: torch.nn.Module) -> torch.device:
+    """The device whose memory a tracker reports: that of the model's first parameter
+    or buffer (CPU for a meta-device model, which the estimator fakes on CPU)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        return torch.device("cpu") if t.device.type == "meta" else t.device
+    return torch.device("cpu")
+
+
+def autocast_context(model: torch.nn.Module, autocast: Any):
+    """``torch.autocast`` in the dtype ``autocast`` names (see
+    :attr:`StepConfig.autocast`) on the device type of ``model``
+    (:func:`main_device`), or a context that does nothing when it is None."""
+    name = autocast_name(autocast)
+    if name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=main_device(model).type, dtype=AUTOCAST_DTYPES[name])
 
 
 class StepContext:
     """What :func:`apply` installed: ``forward()`` is the context to run each forward
-    pass in (it enters the activation compressor or the saved-tensor counter);
+    pass in (it enters the activation compressor or the saved-tensor counter, and
+    ``config.autocast``'s autocast, so ``with plan:`` and the integrations get it too);
     ``saved_bytes()`` gives the bytes held for backward per innermost module after
     the latest forward (compressed sizes under a policy); ``recompute_seconds`` sums,
     per checkpointed module, the time its forward took when recomputed in backward."""
@@ -40,11 +60,10 @@ class StepContext:
         self.recompute_seconds: dict[str, float] = {}
 
     def forward(self):
-        if self.compressor is not None:
-            return self.compressor
-        if self.counter is not None:
-            return self.counter
-        return contextlib.nullcontext()
+        hooks = self.compressor if self.compressor is not None else self.counter
+        if self.config.autocast is None:
+            return hooks if hooks is not None else contextlib.nullcontext()
+        return _within(hooks, autocast_context(self.model, self.config.autocast))
 
     def saved_bytes(self) -> dict[str, int]:
         if self.compressor is not None:
@@ -52,6 +71,13 @@ class StepContext:
         if self.counter is not None:
             return self.counter.stats_bytes()
         return {}
+
+
+@contextlib.contextmanager
+def _within(hooks, autocast) -> Iterator[Any]:
+    """``hooks`` (the compressor or counter, or None) with ``autocast`` inside it."""
+    with hooks if hooks is not None else contextlib.nullcontext() as entered, autocast:
+        yield entered
 
 
 def _check_checkpoint_names(model: torch.nn.Module, names: Sequence[str]) -> dict[str, torch.nn.Module]:
@@ -165,7 +191,7 @@ def run_step(
     on_phase: Callable[[str], None] | None = None,
 ) -> torch.Tensor:
     """One training step: ``config.accumulation_steps`` times forward (inside
-    ``context.forward()``) and backward, then clipping if configured,
+    ``context.forward()``, with ``config.autocast``'s autocast) and backward, then clipping if configured,
     ``optimizer.step()`` and ``optimizer.zero_grad(set_to_none=True)``. Returns the
     mean loss, detached.
 

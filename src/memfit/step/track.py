@@ -1,6 +1,7 @@
 """Peak memory of training steps, from ``MemTracker``: one tracker for memfit.
 
-This module owns :func:`peak_tracker_class` (``MemTracker`` keeping only the global
+This module owns :func:`tracker_class` (``MemTracker`` that accepts frozen parameters,
+used to trace units), :func:`peak_tracker_class` (the same keeping only the global
 peak, used by the integrations' ``PeakMeter``), :func:`phase_tracker_class` (the same,
 also remembering the phase of the peak and each category's largest value) and
 :func:`tracked_steps`, which runs steps under it for the estimator (fake tensors) and
@@ -20,21 +21,53 @@ import torch
 from .config import StepConfig
 from .loss import Loss
 from .optimizer import optimizer_state_bytes
-from .run import apply, run_step
+from .run import apply, main_device, run_step
 
-__all__ = ["PHASES", "main_device", "peak_tracker_class", "phase_tracker_class", "tensors_in", "tracked_steps"]
+__all__ = ["PHASES", "main_device", "peak_tracker_class", "phase_tracker_class", "tensors_in", "tracked_steps",
+           "tracker_class"]
 
 PHASES = ("forward", "backward", "optimizer")
 
 
+class _NoHook:
+    """Stands in for a hook handle MemTracker never needs (see :func:`tracker_class`)."""
+
+    def remove(self) -> None:
+        pass
+
+
 @functools.lru_cache(maxsize=None)
-def peak_tracker_class() -> type:
-    """``MemTracker`` keeping only the global peak: its per-module peaks (a loop over
-    every module at each op) are not used by memfit and dominate its overhead. The
-    class is built on first use (importing ``MemTracker`` is not free)."""
+def tracker_class() -> type:
+    """``MemTracker`` that works on models with frozen parameters (peft adapters on a
+    frozen base, Whisper's fixed positions, ...). ``MemTracker`` hooks every parameter
+    it meets in a forward to see its gradient, and torch refuses a hook on a tensor
+    that does not require grad; a frozen parameter never gets a gradient, so it is
+    counted as a parameter and left unhooked. Every tracker in memfit derives from it.
+    The class is built on first use (importing ``MemTracker`` is not free)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    class GlobalPeakTracker(MemTracker):
+    class FrozenAwareTracker(MemTracker):
+        """MemTracker that does not hook the gradients of frozen parameters."""
+
+        def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+            if install_grad_hooks:
+                handles = self._param_to_grad_hook_handles
+                for p in module.parameters():
+                    if not p.requires_grad and handles.get(p, None) is None:
+                        # MemTracker hooks only parameters without handles; removing
+                        # them (on exit) must do nothing
+                        handles[p] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    return FrozenAwareTracker
+
+
+@functools.lru_cache(maxsize=None)
+def peak_tracker_class() -> type:
+    """:func:`tracker_class` keeping only the global peak: its per-module peaks (a loop
+    over every module at each op) are not used by memfit and dominate its overhead."""
+
+    class GlobalPeakTracker(tracker_class()):
         """MemTracker updating only the global peak (``_peak_mem``, ``_peak_mem_snap``)."""
 
         _fast: bool | None = None
@@ -214,11 +247,3 @@ def tracked_steps(
                                    default=0),
         "seconds": seconds,
     }
-
-
-def main_device(model: torch.nn.Module) -> torch.device:
-    """The device whose memory a tracker reports: that of the model's first parameter
-    or buffer (CPU for a meta-device model, which the estimator fakes on CPU)."""
-    for t in list(model.parameters()) + list(model.buffers()):
-        return torch.device("cpu") if t.device.type == "meta" else t.device
-    return torch.device("cpu")
