@@ -153,14 +153,6 @@ LLAMA_TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128
               "max_position_embeddings": 64, "torch_dtype": "float32"}
 
 
-@pytest.fixture
-def frozen_params_tracked(monkeypatch):
-    """MemTracker on frozen parameters (see tests/_frozen_tracker.py)."""
-    from _frozen_tracker import track_frozen_params
-
-    track_frozen_params(monkeypatch)
-
-
 def _config(tmp_path, name="config.json", **over):
     path = tmp_path / name
     path.write_text(json.dumps({**LLAMA_TINY, **over}))
@@ -202,7 +194,7 @@ def test_model_path_errors(capsys, tmp_path):
     assert "as JSON" in capsys.readouterr().err
 
 
-def test_estimate_lora_weights_dtype_accumulation_loss_autocast(capsys, tmp_path, frozen_params_tracked):
+def test_estimate_lora_weights_dtype_accumulation_loss_autocast(capsys, tmp_path):
     pytest.importorskip("peft")
     path = str(_config(tmp_path))
     args = ["estimate", "--model", path, "--batch", "2x32"]
@@ -242,7 +234,7 @@ def test_lora_without_peft_is_refused(capsys, tmp_path, monkeypatch):
     assert "--lora needs peft" in capsys.readouterr().err
 
 
-def test_llama_8b_from_config_estimates_on_meta_allocating_nothing(capsys, tmp_path, frozen_params_tracked):
+def test_llama_8b_from_config_estimates_on_meta_allocating_nothing(capsys, tmp_path):
     """'Does Llama-3-8B fit in 24 GB with LoRA?' from a config file alone."""
     pytest.importorskip("peft")
     import resource
@@ -261,7 +253,7 @@ def test_llama_8b_from_config_estimates_on_meta_allocating_nothing(capsys, tmp_p
     assert grown_kb < 2_000_000  # the estimate allocated nothing of the model's size
 
 
-def test_plan_weights_and_accumulation_options(capsys, tmp_path, frozen_params_tracked):
+def test_plan_weights_and_accumulation_options(capsys, tmp_path):
     pytest.importorskip("peft")
     path = str(_config(tmp_path))
     base = ["plan", "--model", path, "--batch", "2x32", "--lora", "4", "--accumulation", "2"]

@@ -12,17 +12,8 @@ import memfit
 from memfit.plan import Plan, estimate, measure_peak
 from memfit.plan import frozen as F
 from memfit.weights import compress_weights
-from _frozen_tracker import track_frozen_params
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def frozen_params_tracked():
-    """MemTracker on frozen parameters (see tests/_frozen_tracker.py)."""
-    with pytest.MonkeyPatch.context() as mp:
-        track_frozen_params(mp)
-        yield
 
 
 def _frozen_llama(seed=0):
@@ -83,7 +74,7 @@ def test_shadow_model_estimates_as_the_compressed_model():
 
 
 @pytest.fixture(scope="module")
-def planned(frozen_params_tracked):
+def planned():
     """One plan of the frozen Llama at a budget that the activation levers alone cannot
     meet (shared by the tests below: planning takes a while on 2 cores)."""
     model, batch = _frozen_llama()
