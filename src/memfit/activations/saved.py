@@ -97,16 +97,22 @@ class ModuleStack:
 
     ``on_enter(name)`` / ``on_exit(name)``, when given, run after each push and before
     each pop, for callers that track more than the stack (the engine's loss head).
+    With ``with_io=True`` they are called as ``on_enter(name, args, kwargs)`` and
+    ``on_exit(name, output)`` (the planner's tracer sizes each unit's inputs and
+    outputs).
     """
 
     def __init__(
         self,
-        on_enter: Callable[[str], None] | None = None,
-        on_exit: Callable[[str], None] | None = None,
+        on_enter: Callable[..., None] | None = None,
+        on_exit: Callable[..., None] | None = None,
+        *,
+        with_io: bool = False,
     ):
         self.names: list[str] = []
         self._on_enter = on_enter
         self._on_exit = on_exit
+        self._with_io = with_io
         self._handles: list = []
 
     @property
@@ -115,9 +121,10 @@ class ModuleStack:
 
     def attach(self, model: torch.nn.Module) -> None:
         self.names = []
+        io = self._with_io
         for name, module in model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name)))
-            self._handles.append(module.register_forward_hook(self._post_hook(name), always_call=True))
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook(name), with_kwargs=io))
+            self._handles.append(module.register_forward_hook(self._post_hook(name), with_kwargs=io, always_call=True))
 
     def detach(self) -> None:
         for h in self._handles:
@@ -126,6 +133,15 @@ class ModuleStack:
         self.names = []
 
     def _pre_hook(self, name: str):
+        if self._with_io:
+
+            def hook_io(module, args, kwargs):
+                self.names.append(name)
+                if self._on_enter is not None:
+                    self._on_enter(name, args, kwargs)
+
+            return hook_io
+
         def hook(module, args):
             self.names.append(name)
             if self._on_enter is not None:
@@ -134,13 +150,25 @@ class ModuleStack:
         return hook
 
     def _post_hook(self, name: str):
+        if self._with_io:
+
+            def hook_io(module, args, kwargs, output):
+                if self._on_exit is not None:
+                    self._on_exit(name, output)
+                self._pop(name)
+
+            return hook_io
+
         def hook(module, args, output):
             if self._on_exit is not None:
                 self._on_exit(name)
-            names = self.names
-            if names and names[-1] == name:
-                names.pop()
-            elif name in names:  # an exception unwound inner modules without their hooks
-                del names[names.index(name) :]
+            self._pop(name)
 
         return hook
+
+    def _pop(self, name: str) -> None:
+        names = self.names
+        if names and names[-1] == name:
+            names.pop()
+        elif name in names:  # an exception unwound inner modules without their hooks
+            del names[names.index(name) :]

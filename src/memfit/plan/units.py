@@ -19,12 +19,12 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..activations.policy import main_blocks
+from ..activations.saved import FLOAT, MASK, NOT_DENSE, PARAM, ModuleStack, classify, parameter_storages
 from ..step import Loss, autocast_context, preserved_state, resolve_loss_fn, tracker_class
 
 __all__ = ["MIN_BYTES", "Trace", "UnitSpec", "discover_units", "param_ownership", "trace_units", "unit_of"]
 
 MIN_BYTES = 32 * 1024  # memfit.activations' default: smaller storages are kept
-_FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -125,55 +125,43 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
     in_b: dict[str, int] = {}
     out_b: dict[str, int] = {}
     saved: dict[str, Counter] = {n: Counter() for n in names}
-    stack: list[str] = []
-    handles = []
     modules = dict(model.named_modules())
     unit_set = set(names)
     device = torch.device("cpu")
+
+    def entered(name, args, kwargs):
+        if name in unit_set and name not in order:
+            order[name] = len(order)
+            in_b[name] = _storage_nbytes((args, kwargs))
+
+    def exited(name, output):
+        if name in unit_set and name not in out_b:
+            out_b[name] = _storage_nbytes(output)
+
+    stack = ModuleStack(entered, exited, with_io=True)
     with preserved_state(model, values=False), quiet_fake_kernel_log():
         model.train()
         fm = FakeTensorMode(allow_non_fake_inputs=True)
         with fake_model(model, fm) as faker:
             fbatch = faker.batch(batch)
-            params = {p.untyped_storage()._cdata for p in list(model.parameters()) + list(model.buffers())}
+            params = parameter_storages(list(model.parameters()) + list(model.buffers()))
             seen: dict[int, Any] = {}
 
-            def pre(name):
-                def hook(module, args, kwargs):
-                    stack.append(name)
-                    if name in unit_set and name not in order:
-                        order[name] = len(order)
-                        in_b[name] = _storage_nbytes((args, kwargs))
-                return hook
-
-            def post(name):
-                def hook(module, args, kwargs, output):
-                    if stack and stack[-1] == name:
-                        stack.pop()
-                    elif name in stack:
-                        del stack[stack.index(name):]
-                    if name in unit_set and name not in out_b:
-                        out_b[name] = _storage_nbytes(output)
-                return hook
-
             def pack(t):
-                unit = unit_of(stack[-1] if stack else "", names)
-                if t.layout is not torch.strided or t.is_nested or t.is_quantized:
+                kind, key = classify(t, params)
+                if kind in (PARAM, NOT_DENSE):
                     return t
                 st = t.untyped_storage()
-                key = st._cdata
-                if (t.requires_grad and t.is_leaf) or key in params:
-                    return t
                 old = seen.get(key)
                 if old is not None and old() is st:
                     return t
                 seen[key] = weakref.ref(st)  # never keep a saved tensor alive
                 nb = st.nbytes()
-                c = saved[unit]
+                c = saved[unit_of(stack.current, names)]
                 c["total"] += nb
-                if t.dtype is torch.bool:
+                if kind == MASK:
                     c["mask"] += nb
-                elif t.dtype in _FLOAT and nb >= min_bytes:
+                elif kind == FLOAT and nb >= min_bytes:
                     c["float"] += nb
                 else:
                     c["other"] += nb
@@ -183,9 +171,7 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
                 return int(snap.get(device, {}).get("Total", 0))
 
             try:
-                for n, m in modules.items():
-                    handles.append(m.register_forward_pre_hook(pre(n), with_kwargs=True))
-                    handles.append(m.register_forward_hook(post(n), with_kwargs=True, always_call=True))
+                stack.attach(model)
                 with fm:
                     from torch.utils._pytree import tree_leaves
 
@@ -215,8 +201,7 @@ def trace_units(model: torch.nn.Module, batch: Any, loss_fn: Loss | None, names:
                     for p in model.parameters():
                         p.grad = None
             finally:
-                for h in handles:
-                    h.remove()
+                stack.detach()
                 seen.clear()
     order.setdefault("", len(order))
     # The root runs first but its own work (the loss) comes last.

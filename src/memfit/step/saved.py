@@ -2,7 +2,8 @@
 
 This module owns the per-module count (bytes, by dtype, each storage once) that the
 estimator and the profiler report when no compression runs; it changes nothing the
-step computes.
+step computes. What a saved tensor is and which module saved it follow the engine's
+own rule (:mod:`memfit.activations.saved`), so counts and compression agree.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from ..activations.saved import NOT_DENSE, PARAM, ModuleStack, classify, parameter_storages
 
 __all__ = ["SavedCounter", "SavedModuleStats"]
 
@@ -40,63 +43,41 @@ class SavedCounter:
         self.model = model
         self.exclude = list(exclude)
         self.stats: dict[str, SavedModuleStats] = {}
-        self._stack: list[str] = []
-        self._handles: list = []
+        self._modules = ModuleStack()
         self._hooks = None
         self._seen: dict[int, weakref.ref] = {}
         self._params: set[int] = set()
 
     def __enter__(self) -> "SavedCounter":
         self.stats = {}
-        self._stack = []
         self._seen = {}
-        self._params = {
-            t.untyped_storage()._cdata
-            for t in list(self.model.parameters()) + list(self.model.buffers()) + list(self.exclude)
-        }
-        for name, module in self.model.named_modules():
-            self._handles.append(module.register_forward_pre_hook(self._enter(name)))
-            self._handles.append(module.register_forward_hook(self._exit(name), always_call=True))
+        self._params = parameter_storages(
+            list(self.model.parameters()) + list(self.model.buffers()) + list(self.exclude)
+        )
+        self._modules.attach(self.model)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
         self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._modules.detach()
         self._seen = {}
         hooks, self._hooks = self._hooks, None
         hooks.__exit__(*exc)
 
-    def _enter(self, name: str):
-        def hook(module, args):
-            self._stack.append(name)
-
-        return hook
-
-    def _exit(self, name: str):
-        def hook(module, args, output):
-            if self._stack and self._stack[-1] == name:
-                self._stack.pop()
-            elif name in self._stack:
-                del self._stack[self._stack.index(name):]
-
-        return hook
-
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        name = self._stack[-1] if self._stack else ""
+        name = self._modules.current
         m = self.stats.get(name)
         if m is None:
             m = self.stats[name] = SavedModuleStats()
-        if t.layout is not torch.strided or t.is_nested or t.is_quantized:
+        kind, key = classify(t, self._params)
+        if kind == NOT_DENSE:
             m.counts["other"] += 1
             return t
-        st = t.untyped_storage()
-        key = st._cdata
-        if (t.requires_grad and t.is_leaf) or key in self._params:
+        if kind == PARAM:
             m.counts["param"] += 1
             return t
+        st = t.untyped_storage()
         seen = self._seen.get(key)
         if seen is not None and seen() is st:
             m.counts["shared"] += 1
