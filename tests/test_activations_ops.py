@@ -75,7 +75,7 @@ def test_fused_attention_stats_say_what_the_table_did():
         out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
     counts = mf.stats.by_op["sdpa"].counts
     assert counts["int8"] == 2  # q and k
-    assert counts["int2"] == 1  # v
+    assert counts["int4"] == 1  # v: at least 4 bits
     assert counts["op-recomputed"] == 2  # the output and the logsumexp: stored as nothing
     assert mf.stats.decode_seconds == 0  # recomputed in backward, not in forward
     out.sum().backward()
@@ -106,6 +106,44 @@ def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_form
         F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
     counts = mf.stats.by_op["sdpa"].counts
     assert "int4" in counts and "int8" not in counts  # composed ops, each consistent
+
+
+def _biased_attention(bias):
+    """T5's attention: a learned float bias as the mask (so SDPA runs its math path,
+    which differentiates the mask), no 1/sqrt(d) scaling."""
+    def fn(q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    return fn
+
+
+def test_attention_math_path_keeps_q_k_and_probabilities_precise():
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
+    assert int(torch._fused_sdp_choice(q, k, v, bias.detach().requires_grad_(), 0.0, False)) == 0  # math
+    # q and k of std 3 / d**0.25: the scores spread as a scaled attention's of std 3
+    fn = _biased_attention(bias)
+    errors = {}
+    for bits in (2,):
+        g = torch.Generator().manual_seed(1)
+        q0, k0 = (torch.randn(1, 2, 64, 32, generator=g) * 3 / 32 ** 0.25 for _ in range(2))
+        v0 = torch.randn(1, 2, 64, 32, generator=g)
+
+        def grads(mf):
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+            with mf if mf is not None else contextlib.nullcontext():
+                out = fn(q * 1, k * 1, v * 1, False)
+            out.square().sum().backward()
+            return torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()])
+
+        exact = grads(None)
+        for policy in (None, {"op:sdpa": bits}):  # the table, and plain codes for all
+            mf = memfit.activations(bits=bits, min_bytes=0, policy=policy)
+            errors[bits, policy is None] = rel(grads(mf), exact)
+            if policy is None:
+                counts = mf.stats.by_op["sdpa"].counts
+                assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+    assert errors[2, True] < errors[2, False] / 10
+    assert errors[2, True] <= 1.5
 
 
 # --------------------------------------------------------------------------- masks

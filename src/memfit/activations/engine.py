@@ -97,6 +97,8 @@ from .ops import (
     SDPA_INPUT,
     SDPA_LSE,
     SDPA_OUT,
+    SDPA_QK,
+    SDPA_V,
     AttentionParams,
     OpCall,
     OpTracker,
@@ -646,17 +648,20 @@ class ActivationCompressor:
             if isinstance(fmt, IntFormat) and fmt.bits <= 4:
                 return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
             return fmt, None
-        if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
+        if treatment in (SDPA_INPUT, SDPA_OUT, SDPA_LSE, SDPA_QK, SDPA_V):
             # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
-            # of these alone would cost more than 8 bits everywhere else
-            # (docs/guide-plain.md, "Op-aware formats"). The output and logsumexp are
-            # not stored at all (_pack_attention_output).
-            precise = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
-            if not precise:
-                return fmt, treatment
-            if isinstance(fmt, IntFormat) and fmt.bits < 8:
-                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
-            return BF16, treatment
+            # of these alone would cost more than 8 bits everywhere else; v: at
+            # least 4 bits, since at 2 bits its error dominates what reaches q and k
+            # through sharp softmaxes (docs/guide-plain.md, "Op-aware formats"). The
+            # output and logsumexp are not stored at all (_pack_attention_output).
+            role = call.role(t) if treatment is SDPA_INPUT else None
+            if treatment is SDPA_QK or role in ("q", "k"):
+                if isinstance(fmt, IntFormat) and fmt.bits < 8:
+                    return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+                return BF16, treatment
+            if (treatment is SDPA_V or role == "v") and isinstance(fmt, IntFormat) and fmt.bits < 4:
+                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+            return fmt, treatment
         return fmt, None
 
     def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
