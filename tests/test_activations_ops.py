@@ -69,6 +69,7 @@ def test_fused_attention_meets_the_bar_and_beats_explicit_softmax(bits, bar, cau
 
 
 def test_fused_attention_stats_say_what_the_table_did():
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
     mf = memfit.activations(bits=2, min_bytes=0)
     with mf:
@@ -473,3 +474,62 @@ def test_attention_under_autocast_with_mixed_inputs_stays_exact():
     mf = memfit.activations(bits=2, min_bytes=0)
     assert torch.equal(run(mf), ref)
     assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes
+
+
+# --------------------------------------------------------------------------- outlier channels
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_outlier_channels_do_not_widen_every_block(bits):
+    # What follows a trained model's norm: a few channels far wider than the rest.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(256, 128, generator=g)
+    outliers = torch.tensor([3, 40, 77, 120])
+    x0[:, outliers] *= 8
+    w = torch.randn(128, 64, generator=g)
+    up = torch.randn(256, 64, generator=g)
+
+    def weight_grad(mf):
+        x, wt = x0.clone().requires_grad_(), w.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext():
+            y = (x * 1) @ wt
+        (y * up).sum().backward()
+        return wt.grad
+
+    exact = weight_grad(None)
+    mf = memfit.activations(bits=bits, min_bytes=0, seed=0)
+    got = weight_grad(mf)
+    assert mf.stats.counts[f"int{bits}"] == 1
+    # the same codes without channel scaling: blocks of 256 along the rows
+    fmt = memfit.codec.IntFormat(bits=bits)
+    plain = memfit.codec.decode(memfit.codec.encode(x0, fmt, seed=0)).T @ up
+    normal = torch.ones(128, dtype=torch.bool)
+    normal[outliers] = False
+    assert rel(got[normal], exact[normal]) < rel(plain[normal], exact[normal]) / 2
+    assert rel(got, exact) < rel(plain, exact)
+
+
+def test_even_channels_are_not_rescaled():
+    x = torch.randn(256, 128, requires_grad=True)
+    mf = memfit.activations(bits=4, min_bytes=0)
+    with mf:
+        y = x * 1
+        z = (y * y).sum()
+    packed_bytes = mf.stats.stored_bytes
+    enc = memfit.codec.encode(torch.randn(256, 128), memfit.codec.IntFormat(bits=4))
+    assert packed_bytes == enc.nbytes  # no per-channel scales stored
+
+
+def test_channel_scaling_keeps_non_finite_values_and_the_range():
+    x = torch.randn(64, 128)
+    x[:, 5] *= 50
+    x[3, 7], x[4, 9], x[10, 5] = float("inf"), float("nan"), float("-inf")
+    wt = torch.randn(64, 128, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0, rounding="nearest")
+    with mf:
+        y = wt * x  # saves x for wt's gradient
+    back = y.grad_fn._saved_other
+    assert torch.isinf(back[3, 7]) and back[3, 7] > 0 and torch.isnan(back[4, 9]) and back[10, 5] < 0
+    finite = torch.isfinite(x)
+    step = x.abs().where(finite, 0).amax(0) / 127  # 8-bit steps of each channel's own range
+    assert ((back - x).abs().where(finite, 0) <= step + 1e-6).all()

@@ -18,7 +18,9 @@ memfit, by :func:`memfit.activations.saved.classify`):
   tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
 * bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
 * float tensors: the format of the module that saved them (8/4/2-bit block-wise
-  integer codes, fp8, or kept), unless the op that saves them is in the op table
+  integer codes, fp8, or kept; integer codes of a tensor with a few outlier channels
+  are coded per-channel scaled, see :func:`_channel_scaled`), unless the op that
+  saves them is in the op table
   (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
   statistics), which says how that op's tensors are stored.
 
@@ -223,12 +225,14 @@ class _StorageEntry:
     through ``lookup``)."""
 
     __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
-                 "_decoded", "__weakref__")
+                 "channel_scale", "_decoded", "__weakref__")
 
     def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
                  mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
         self.encoded = encoded
         self.lookup = lookup  # few-bit levels: codes are indices into this table
+        # Per-channel scales the codes were divided by (see _channel_scaled), or None.
+        self.channel_scale: torch.Tensor | None = None
         # (size, stride) of the one view this encodes, in its element order, when the
         # view is not laid out contiguously: decoding rebuilds that layout, which
         # compiled backward graphs check.
@@ -254,6 +258,9 @@ class _StorageEntry:
     def decode_uncached(self) -> torch.Tensor:
         """The buffer the saved views are rebuilt from, decoded now."""
         flat = decode(self.encoded)
+        if self.channel_scale is not None:
+            scale = self.channel_scale
+            flat = (flat.view(-1, scale.numel()).to(torch.float32) * scale).view(-1)
         if self.lookup is not None:
             flat = self.lookup[flat.round().long()]
         if flat.dtype is not self.dtype and flat.dtype is not torch.bool:
@@ -740,8 +747,15 @@ class ActivationCompressor:
             # ones (they may hold anything, even values near the float limits).
             flat = t.contiguous()
             entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
+        channel_scale = None
+        if isinstance(fmt, IntFormat) and (len(entry_key) > 3 or t.is_contiguous()):
+            flat, channel_scale = _channel_scaled(flat, t.shape[-1] if t.dim() else 1)
         encoded = self._encode(flat, fmt, stats[0])
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
+        entry.channel_scale = channel_scale
+        if channel_scale is not None:
+            stats[0].stored_bytes += channel_scale.numel() * 4
+            stats[1].stored_bytes += channel_scale.numel() * 4
         self._entries[entry_key] = entry
         self._count_original(storage, key, stats)
         for s in stats:
@@ -809,6 +823,32 @@ def _unpack(packed) -> torch.Tensor:
         raise _inplace_error(packed.type_name, packed.size, current, packed.version)
     flat = packed.entry.decoded()
     return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+
+#: Channel scaling applies when the last dimension is at least this wide and the
+#: largest channel's range is at least this many times the median channel's.
+_MIN_CHANNELS = 16
+_OUTLIER_SPREAD = 2.0
+
+
+def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``flat`` (row-major, rows of ``channels`` elements) divided by each channel's
+    absmax over all rows, and those scales (fp32), when a few channels are far wider
+    than the rest: the outlier channels of trained transformers. Blocks run along the
+    rows, so one outlier channel otherwise sets the step of every block it falls in.
+    ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
+    n = flat.numel()
+    if is_fake(flat) or channels < _MIN_CHANNELS or n % channels or n // channels < 2:
+        return flat, None
+    rows = flat.view(-1, channels)
+    with torch.no_grad():
+        absmax = rows.abs().nan_to_num_(0.0, posinf=0.0, neginf=0.0).amax(0).to(torch.float32)
+        positive = absmax[absmax > 0]
+        if positive.numel() == 0 or float(positive.max()) < _OUTLIER_SPREAD * float(positive.median()):
+            return flat, None
+        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        scaled = (rows.to(torch.float32) / scale).to(flat.dtype).view(-1)
+    return scaled, scale
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:
