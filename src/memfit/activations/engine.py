@@ -838,16 +838,23 @@ def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, to
     rows, so one outlier channel otherwise sets the step of every block it falls in.
     ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
     n = flat.numel()
-    if is_fake(flat) or channels < _MIN_CHANNELS or n % channels or n // channels < 2:
+    if channels < _MIN_CHANNELS or n % channels or n // channels < 2:
         return flat, None
     rows = flat.view(-1, channels)
     with torch.no_grad():
-        absmax = rows.abs().nan_to_num_(0.0, posinf=0.0, neginf=0.0).amax(0).to(torch.float32)
-        positive = absmax[absmax > 0]
+        if is_fake(flat):
+            # A memory estimate: without the data to decide, count the scales a real
+            # run may hold (the scaled copy lives only while it is coded).
+            return flat, rows.new_ones(channels, dtype=torch.float32)
+        lo, hi = torch.aminmax(rows, dim=0)  # no full-size temporary
+        absmax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+        # A channel holding inf or nan keeps scale 1 (the codec keeps those exact).
+        usable = torch.isfinite(absmax) & (absmax > 0)
+        positive = absmax[usable]
         if positive.numel() == 0 or float(positive.max()) < _OUTLIER_SPREAD * float(positive.median()):
             return flat, None
-        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        scaled = (rows.to(torch.float32) / scale).to(flat.dtype).view(-1)
+        scale = torch.where(usable, absmax, torch.ones_like(absmax))
+        scaled = (rows / scale.to(rows.dtype)).view(-1)
     return scaled, scale
 
 
