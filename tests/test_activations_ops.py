@@ -535,3 +535,23 @@ def test_channel_scaling_keeps_non_finite_values_and_the_range():
     step = x.abs().where(finite, 0).amax(0) / 127  # 8-bit steps of each channel's own range
     step[[7, 9, 11]] = x[:, 5].abs().max() / 127  # channels holding inf or nan are not rescaled
     assert ((back - x).abs().where(finite, 0) <= step + 1e-6).all()
+
+
+def test_autocast_weight_copies_are_kept_like_the_parameters():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    x0 = torch.randn(512, 128)
+    up = torch.randn(512, 128)
+
+    def input_grad(mf):
+        x = x0.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x * 1)
+        (y.float() * up).sum().backward()
+        return x.grad
+
+    exact = input_grad(None)
+    mf = memfit.activations(lin, bits=2, min_bytes=0)
+    got = input_grad(mf)
+    assert mf.stats.counts["param"] >= 1  # the bf16 copy of the weight: by reference
+    assert torch.equal(got, exact)  # the input's gradient needs only the weight

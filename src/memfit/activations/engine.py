@@ -12,7 +12,8 @@ work, including ``F.*`` calls that module-swapping tools miss.
 What each saved tensor becomes (what it *is* is decided once, for every pack hook of
 memfit, by :func:`memfit.activations.saved.classify`):
 
-* parameters, views of parameters and other leaves that require grad: kept by
+* parameters, views of parameters and other leaves that require grad, and dtype
+  casts of them (autocast's weight copies, which its cache holds anyway): kept by
   reference (they are alive anyway, a copy would only cost memory);
 * tensors autograd cannot re-encode (integer, complex, sparse, quantized, nested,
   tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
