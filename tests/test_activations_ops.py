@@ -69,13 +69,14 @@ def test_fused_attention_meets_the_bar_and_beats_explicit_softmax(bits, bar, cau
 
 
 def test_fused_attention_stats_say_what_the_table_did():
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
     mf = memfit.activations(bits=2, min_bytes=0)
     with mf:
         out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1)
     counts = mf.stats.by_op["sdpa"].counts
     assert counts["int8"] == 2  # q and k
-    assert counts["int2"] == 1  # v
+    assert counts["int4"] == 1  # v: at least 4 bits
     assert counts["op-recomputed"] == 2  # the output and the logsumexp: stored as nothing
     assert mf.stats.decode_seconds == 0  # recomputed in backward, not in forward
     out.sum().backward()
@@ -106,6 +107,44 @@ def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_form
         F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
     counts = mf.stats.by_op["sdpa"].counts
     assert "int4" in counts and "int8" not in counts  # composed ops, each consistent
+
+
+def _biased_attention(bias):
+    """T5's attention: a learned float bias as the mask (so SDPA runs its math path,
+    which differentiates the mask), no 1/sqrt(d) scaling."""
+    def fn(q, k, v, causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+    return fn
+
+
+def test_attention_math_path_keeps_q_k_and_probabilities_precise():
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)
+    q, k, v = (torch.randn(1, 2, 64, 32) for _ in range(3))
+    assert int(torch._fused_sdp_choice(q, k, v, bias.detach().requires_grad_(), 0.0, False)) == 0  # math
+    # q and k of std 3 / d**0.25: the scores spread as a scaled attention's of std 3
+    fn = _biased_attention(bias)
+    errors = {}
+    for bits in (2,):
+        g = torch.Generator().manual_seed(1)
+        q0, k0 = (torch.randn(1, 2, 64, 32, generator=g) * 3 / 32 ** 0.25 for _ in range(2))
+        v0 = torch.randn(1, 2, 64, 32, generator=g)
+
+        def grads(mf):
+            q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+            with mf if mf is not None else contextlib.nullcontext():
+                out = fn(q * 1, k * 1, v * 1, False)
+            out.square().sum().backward()
+            return torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()])
+
+        exact = grads(None)
+        for policy in (None, {"op:sdpa": bits}):  # the table, and plain codes for all
+            mf = memfit.activations(bits=bits, min_bytes=0, policy=policy)
+            errors[bits, policy is None] = rel(grads(mf), exact)
+            if policy is None:
+                counts = mf.stats.by_op["sdpa"].counts
+                assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+    assert errors[2, True] < errors[2, False] / 10
+    assert errors[2, True] <= 1.5
 
 
 # --------------------------------------------------------------------------- masks
@@ -435,3 +474,84 @@ def test_attention_under_autocast_with_mixed_inputs_stays_exact():
     mf = memfit.activations(bits=2, min_bytes=0)
     assert torch.equal(run(mf), ref)
     assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes
+
+
+# --------------------------------------------------------------------------- outlier channels
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_outlier_channels_do_not_widen_every_block(bits):
+    # What follows a trained model's norm: a few channels far wider than the rest.
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(256, 128, generator=g)
+    outliers = torch.tensor([3, 40, 77, 120])
+    x0[:, outliers] *= 8
+    w = torch.randn(128, 64, generator=g)
+    up = torch.randn(256, 64, generator=g)
+
+    def weight_grad(mf):
+        x, wt = x0.clone().requires_grad_(), w.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext():
+            y = (x * 1) @ wt
+        (y * up).sum().backward()
+        return wt.grad
+
+    exact = weight_grad(None)
+    mf = memfit.activations(bits=bits, min_bytes=0, seed=0)
+    got = weight_grad(mf)
+    assert mf.stats.counts[f"int{bits}"] == 1
+    # the same codes without channel scaling: blocks of 256 along the rows
+    fmt = memfit.codec.IntFormat(bits=bits)
+    plain = memfit.codec.decode(memfit.codec.encode(x0, fmt, seed=0)).T @ up
+    normal = torch.ones(128, dtype=torch.bool)
+    normal[outliers] = False
+    assert rel(got[normal], exact[normal]) < rel(plain[normal], exact[normal]) / 2
+    assert rel(got, exact) < rel(plain, exact)
+
+
+def test_even_channels_are_not_rescaled():
+    x = torch.randn(256, 128, requires_grad=True)
+    mf = memfit.activations(bits=4, min_bytes=0)
+    with mf:
+        y = x * 1
+        z = (y * y).sum()
+    packed_bytes = mf.stats.stored_bytes
+    enc = memfit.codec.encode(torch.randn(256, 128), memfit.codec.IntFormat(bits=4))
+    assert packed_bytes == enc.nbytes  # no per-channel scales stored
+
+
+def test_channel_scaling_keeps_non_finite_values_and_the_range():
+    x = torch.randn(64, 128)
+    x[:, 5] *= 50
+    x[3, 7], x[4, 9], x[10, 11] = float("inf"), float("nan"), float("-inf")
+    wt = torch.randn(64, 128, requires_grad=True)
+    mf = memfit.activations(bits=8, min_bytes=0, rounding="nearest")
+    with mf:
+        y = wt * x  # saves x for wt's gradient
+    back = y.grad_fn._saved_other
+    assert torch.isinf(back[3, 7]) and back[3, 7] > 0 and torch.isnan(back[4, 9])
+    assert torch.isinf(back[10, 11]) and back[10, 11] < 0
+    finite = torch.isfinite(x)
+    step = x.abs().where(finite, 0).amax(0) / 127  # 8-bit steps of each channel's own range
+    step[[7, 9, 11]] = x[:, 5].abs().max() / 127  # channels holding inf or nan are not rescaled
+    assert ((back - x).abs().where(finite, 0) <= step + 1e-6).all()
+
+
+def test_autocast_weight_copies_are_kept_like_the_parameters():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    x0 = torch.randn(512, 128)
+    up = torch.randn(512, 128)
+
+    def input_grad(mf):
+        x = x0.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = lin(x * 1)
+        (y.float() * up).sum().backward()
+        return x.grad
+
+    exact = input_grad(None)
+    mf = memfit.activations(lin, bits=2, min_bytes=0)
+    got = input_grad(mf)
+    assert mf.stats.counts["param"] >= 1  # the bf16 copy of the weight: by reference
+    assert torch.equal(got, exact)  # the input's gradient needs only the weight

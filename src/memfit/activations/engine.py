@@ -12,13 +12,16 @@ work, including ``F.*`` calls that module-swapping tools miss.
 What each saved tensor becomes (what it *is* is decided once, for every pack hook of
 memfit, by :func:`memfit.activations.saved.classify`):
 
-* parameters, views of parameters and other leaves that require grad: kept by
+* parameters, views of parameters and other leaves that require grad, and dtype
+  casts of them (autocast's weight copies, which its cache holds anyway): kept by
   reference (they are alive anyway, a copy would only cost memory);
 * tensors autograd cannot re-encode (integer, complex, sparse, quantized, nested,
   tensor subclasses such as DTensor) and tensors under ``min_bytes``: kept as is;
 * bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
 * float tensors: the format of the module that saved them (8/4/2-bit block-wise
-  integer codes, fp8, or kept), unless the op that saves them is in the op table
+  integer codes, fp8, or kept; integer codes of a tensor with a few outlier channels
+  are coded per-channel scaled, see :func:`_channel_scaled`), unless the op that
+  saves them is in the op table
   (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
   statistics), which says how that op's tensors are stored.
 
@@ -97,6 +100,8 @@ from .ops import (
     SDPA_INPUT,
     SDPA_LSE,
     SDPA_OUT,
+    SDPA_QK,
+    SDPA_V,
     AttentionParams,
     OpCall,
     OpTracker,
@@ -221,12 +226,14 @@ class _StorageEntry:
     through ``lookup``)."""
 
     __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
-                 "_decoded", "__weakref__")
+                 "channel_scale", "_decoded", "__weakref__")
 
     def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
                  mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
         self.encoded = encoded
         self.lookup = lookup  # few-bit levels: codes are indices into this table
+        # Per-channel scales the codes were divided by (see _channel_scaled), or None.
+        self.channel_scale: torch.Tensor | None = None
         # (size, stride) of the one view this encodes, in its element order, when the
         # view is not laid out contiguously: decoding rebuilds that layout, which
         # compiled backward graphs check.
@@ -252,6 +259,9 @@ class _StorageEntry:
     def decode_uncached(self) -> torch.Tensor:
         """The buffer the saved views are rebuilt from, decoded now."""
         flat = decode(self.encoded)
+        if self.channel_scale is not None:
+            scale = self.channel_scale
+            flat = (flat.view(-1, scale.numel()).to(torch.float32) * scale).view(-1)
         if self.lookup is not None:
             flat = self.lookup[flat.round().long()]
         if flat.dtype is not self.dtype and flat.dtype is not torch.bool:
@@ -646,17 +656,20 @@ class ActivationCompressor:
             if isinstance(fmt, IntFormat) and fmt.bits <= 4:
                 return IntFormat(bits=fmt.bits, block_size=fmt.block_size, rounding="nearest"), treatment
             return fmt, None
-        if treatment is SDPA_INPUT or treatment is SDPA_OUT or treatment is SDPA_LSE:
+        if treatment in (SDPA_INPUT, SDPA_OUT, SDPA_LSE, SDPA_QK, SDPA_V):
             # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
-            # of these alone would cost more than 8 bits everywhere else
-            # (docs/guide-plain.md, "Op-aware formats"). The output and logsumexp are
-            # not stored at all (_pack_attention_output).
-            precise = treatment is SDPA_INPUT and call.role(t) in ("q", "k")
-            if not precise:
-                return fmt, treatment
-            if isinstance(fmt, IntFormat) and fmt.bits < 8:
-                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
-            return BF16, treatment
+            # of these alone would cost more than 8 bits everywhere else; v: at
+            # least 4 bits, since at 2 bits its error dominates what reaches q and k
+            # through sharp softmaxes (docs/guide-plain.md, "Op-aware formats"). The
+            # output and logsumexp are not stored at all (_pack_attention_output).
+            role = call.role(t) if treatment is SDPA_INPUT else None
+            if treatment is SDPA_QK or role in ("q", "k"):
+                if isinstance(fmt, IntFormat) and fmt.bits < 8:
+                    return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+                return BF16, treatment
+            if (treatment is SDPA_V or role == "v") and isinstance(fmt, IntFormat) and fmt.bits < 4:
+                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+            return fmt, treatment
         return fmt, None
 
     def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
@@ -735,8 +748,15 @@ class ActivationCompressor:
             # ones (they may hold anything, even values near the float limits).
             flat = t.contiguous()
             entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
+        channel_scale = None
+        if isinstance(fmt, IntFormat) and (len(entry_key) > 3 or t.is_contiguous()):
+            flat, channel_scale = _channel_scaled(flat, t.shape[-1] if t.dim() else 1)
         encoded = self._encode(flat, fmt, stats[0])
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
+        entry.channel_scale = channel_scale
+        if channel_scale is not None:
+            stats[0].stored_bytes += channel_scale.numel() * 4
+            stats[1].stored_bytes += channel_scale.numel() * 4
         self._entries[entry_key] = entry
         self._count_original(storage, key, stats)
         for s in stats:
@@ -804,6 +824,39 @@ def _unpack(packed) -> torch.Tensor:
         raise _inplace_error(packed.type_name, packed.size, current, packed.version)
     flat = packed.entry.decoded()
     return flat.as_strided(packed.size, packed.stride, packed.offset)
+
+
+#: Channel scaling applies when the last dimension is at least this wide and the
+#: largest channel's range is at least this many times the median channel's.
+_MIN_CHANNELS = 16
+_OUTLIER_SPREAD = 2.0
+
+
+def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``flat`` (row-major, rows of ``channels`` elements) divided by each channel's
+    absmax over all rows, and those scales (fp32), when a few channels are far wider
+    than the rest: the outlier channels of trained transformers. Blocks run along the
+    rows, so one outlier channel otherwise sets the step of every block it falls in.
+    ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
+    n = flat.numel()
+    if channels < _MIN_CHANNELS or n % channels or n // channels < 2:
+        return flat, None
+    rows = flat.view(-1, channels)
+    with torch.no_grad():
+        if is_fake(flat):
+            # A memory estimate: without the data to decide, count the scales a real
+            # run may hold (the scaled copy lives only while it is coded).
+            return flat, rows.new_ones(channels, dtype=torch.float32)
+        lo, hi = torch.aminmax(rows, dim=0)  # no full-size temporary
+        absmax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+        # A channel holding inf or nan keeps scale 1 (the codec keeps those exact).
+        usable = torch.isfinite(absmax) & (absmax > 0)
+        positive = absmax[usable]
+        if positive.numel() == 0 or float(positive.max()) < _OUTLIER_SPREAD * float(positive.median()):
+            return flat, None
+        scale = torch.where(usable, absmax, torch.ones_like(absmax))
+        scaled = (rows / scale.to(rows.dtype)).view(-1)
+    return scaled, scale
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:

@@ -10,13 +10,16 @@ op kind        ops                                         how their saved tenso
 =============  ==========================================  ================================
 ``sdpa``       ``F.scaled_dot_product_attention`` (fused   q, k: at least 8 bits (bf16 when
                kernels: flash, efficient, cuDNN; CPU and   the module's format is 8 bits or
-               CUDA)                                       fp8); v: the module's format;
+               CUDA)                                       fp8); v: at least 4 bits;
                                                            the output and logsumexp: not
                                                            stored, recomputed in backward
                                                            from the decoded q, k, v; fused
                                                            with dropout or on autocast's
                                                            copies: all exact; the math
-                                                           backend: the module's format
+                                                           backend: q, k, v as above and
+                                                           the probabilities at least 8
+                                                           bits, or with dropout the
+                                                           module's format
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
                ``Tensor.relu(_)``, ``nn.ReLU``
 ``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
@@ -47,6 +50,8 @@ Why:
   are computed again from the decoded q, k, v (one attention forward, without grad,
   per call; :func:`consistent_attention`). The backward is then the exact gradient at
   the decoded inputs, like an explicit softmax without its quantized probabilities.
+  v's error reaches q and k through ``dO vᵀ`` and the softmax's backward, which sharp
+  attention amplifies: below 4 bits it dominated, so v gets at least 4 bits.
   Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
@@ -118,6 +123,9 @@ EXACT = Treatment("exact")
 #: Fused attention: q, k and v take the module's format; the output and logsumexp are
 #: replaced by those of the attention at the decoded q, k, v (:func:`consistent_attention`).
 SDPA_INPUT = Treatment("sdpa_input")
+#: The math backend's copies of q and k, and its v (see :func:`_sdpa_math`).
+SDPA_QK = Treatment("sdpa_qk")
+SDPA_V = Treatment("sdpa_v")
 SDPA_OUT = Treatment("sdpa_out")
 SDPA_LSE = Treatment("sdpa_lse")
 
@@ -191,7 +199,7 @@ def _sdpa(call: OpCall, t: torch.Tensor) -> Treatment:
     if call.fused is None:
         call.fused = _fused_kind(call)
     if call.fused == "math":
-        return DEFAULT  # composed ops, each with its own consistent backward
+        return _sdpa_math(call, t)
     if call.fused == "exact" or call.broken:
         return EXACT
     if call.role(t) is not None:
@@ -202,6 +210,26 @@ def _sdpa(call: OpCall, t: torch.Tensor) -> Treatment:
     if tuple(t.shape) == tuple(q.shape[:-1]) + (v.shape[-1],):
         return SDPA_OUT
     return EXACT  # seeds, offsets
+
+
+def _sdpa_math(call: OpCall, t: torch.Tensor) -> Treatment:
+    """The math backend's composed ops save scaled copies and views of q and k (for
+    the score matmul), the probabilities and v. Without dropout (a float mask that
+    requires grad, as T5's learned position bias, sends SDPA here) the copies of q
+    and k get the precision of a fused call's q and k, v that of its v, and the
+    probabilities at least 8 bits. With dropout (CPU training of most models) every
+    tensor gets the module's format: there the probabilities are the largest tensors,
+    and the dropout's own noise dominates."""
+    q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
+    if float(call._arg(4, "dropout_p", 0.0)) > 0.0:
+        return DEFAULT
+    if t.untyped_storage()._cdata == v.untyped_storage()._cdata:
+        return SDPA_V  # v or a view of it
+    if t.is_floating_point() and t.numel() in (q.numel(), k.numel()):
+        return SDPA_QK
+    if t.is_floating_point():
+        return AT_LEAST_8  # the probabilities
+    return DEFAULT
 
 
 def _fused_kind(call: OpCall) -> str:

@@ -78,13 +78,25 @@ def classify(t: torch.Tensor, param_storages: set[int] | frozenset[int] = frozen
         return PARAM, key
     if not dense:
         return NOT_DENSE, None
-    if key in param_storages:
+    if key in param_storages or _is_parameter_cast(t) or (base is not None and _is_parameter_cast(base)):
         return PARAM, key
     if t.dtype is torch.bool:
         return MASK, key
     if t.dtype in _FLOATS:
         return FLOAT, key
     return OTHER, key
+
+
+def _is_parameter_cast(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a dtype cast of a leaf that requires grad: the copies of the
+    weights autocast makes (and caches for the whole region). They are parameters in
+    another dtype, alive while autocast's cache holds them; coding them would put the
+    weights' quantization error into every input gradient."""
+    fn = t.grad_fn
+    if fn is None or type(fn).__name__ != "ToCopyBackward0":
+        return False
+    nexts = fn.next_functions
+    return len(nexts) == 1 and nexts[0][0] is not None and type(nexts[0][0]).__name__ == "AccumulateGrad"
 
 
 class ModuleStack:
