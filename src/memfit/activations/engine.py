@@ -646,9 +646,10 @@ class ActivationCompressor:
         how = treatment.how
         if how == "exact":
             return RAW, EXACT
-        if how == "at_least_8":
-            if isinstance(fmt, IntFormat) and fmt.bits < 8:
-                return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+        if how in ("at_least_8", "at_least_4"):
+            floor = 8 if how == "at_least_8" else 4
+            if isinstance(fmt, IntFormat) and fmt.bits < floor:
+                return IntFormat(bits=floor, block_size=fmt.block_size, rounding=fmt.rounding), treatment
             return fmt, treatment
         if how == "mask" and _mask_values_hold(treatment, t.dtype):
             return MASK, treatment

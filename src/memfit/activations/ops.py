@@ -18,8 +18,10 @@ op kind        ops                                         how their saved tenso
                                                            copies: all exact; the math
                                                            backend: q, k, v as above and
                                                            the probabilities at least 8
-                                                           bits, or with dropout the
-                                                           module's format
+                                                           bits; with dropout q, k, v at
+                                                           least 4 bits and the
+                                                           probabilities the module's
+                                                           format
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
                ``Tensor.relu(_)``, ``nn.ReLU``
 ``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
@@ -33,9 +35,9 @@ op kind        ops                                         how their saved tenso
                                                            with that derivative); at 8
                                                            bits: the module's format
 ``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
-``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: the module's format;
-               ``F.batch_norm``, ``F.instance_norm``,      the statistics (mean, rstd):
-               ``F.rms_norm``                              exact
+``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: at least 4 bits; the
+               ``F.batch_norm``, ``F.instance_norm``,      statistics (mean, rstd): exact
+               ``F.rms_norm``
 =============  ==========================================  ================================
 
 Why:
@@ -66,7 +68,10 @@ Why:
   (GPT-2's ``gelu_new``, ``tanh``, ``sigmoid``) are separate ops each; their tensors
   keep the module's format.
 * **Normalisation statistics** are small and their errors scale every element of the
-  row.
+  row. The norm's **input** gets at least 4 bits: its backward normalises the decoded
+  input with the exact statistics, and at 2 bits the two disagree enough to blow the
+  gradient up on pretrained weights (the real all-MiniLM-L6-v2's post-LN residual
+  stream; figures in ``docs/guide-plain.md``).
 
 The table never makes a tensor less precise than the module's format: "at least 8
 bits" is 8 bits when the module's format is 4 or 2 bits, the module's format when it
@@ -119,6 +124,7 @@ class Treatment:
 
 DEFAULT = Treatment("default")
 AT_LEAST_8 = Treatment("at_least_8")
+AT_LEAST_4 = Treatment("at_least_4")
 EXACT = Treatment("exact")
 #: Fused attention: q, k and v take the module's format; the output and logsumexp are
 #: replaced by those of the attention at the decoded q, k, v (:func:`consistent_attention`).
@@ -217,17 +223,17 @@ def _sdpa_math(call: OpCall, t: torch.Tensor) -> Treatment:
     the score matmul), the probabilities and v. Without dropout (a float mask that
     requires grad, as T5's learned position bias, sends SDPA here) the copies of q
     and k get the precision of a fused call's q and k, v that of its v, and the
-    probabilities at least 8 bits. With dropout (CPU training of most models) every
-    tensor gets the module's format: there the probabilities are the largest tensors,
-    and the dropout's own noise dominates."""
+    probabilities at least 8 bits. With dropout (CPU training of most models) the
+    copies of q and k and v get at least 4 bits and the probabilities, the largest
+    tensors, the module's format: 2-bit q and k blew the real MiniLM's gradient up,
+    and the dropout's own noise dominates the probabilities' (docs/guide-plain.md)."""
     q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
-    if float(call._arg(4, "dropout_p", 0.0)) > 0.0:
-        return DEFAULT
+    dropout = float(call._arg(4, "dropout_p", 0.0)) > 0.0
     if t.untyped_storage()._cdata == v.untyped_storage()._cdata:
         return SDPA_V  # v or a view of it
     if t.is_floating_point() and t.numel() in (q.numel(), k.numel()):
-        return SDPA_QK
-    if t.is_floating_point():
+        return AT_LEAST_4 if dropout else SDPA_QK
+    if t.is_floating_point() and not dropout:
         return AT_LEAST_8  # the probabilities
     return DEFAULT
 
@@ -353,7 +359,7 @@ def _silu(call: OpCall, t: torch.Tensor) -> Treatment:
 
 
 def _norm(call: OpCall, t: torch.Tensor) -> Treatment:
-    return DEFAULT if call.role(t) == "input" else EXACT
+    return AT_LEAST_4 if call.role(t) == "input" else EXACT
 
 
 Treater = Callable[["OpCall", torch.Tensor], Treatment]
