@@ -827,20 +827,25 @@ def _unpack(packed) -> torch.Tensor:
     return flat.as_strided(packed.size, packed.stride, packed.offset)
 
 
-#: Channel scaling applies when the last dimension is at least this wide and the
-#: largest channel's range is at least this many times the median channel's.
+#: Channel scaling applies when the last dimension is at least this wide (and at most
+#: _MAX_CHANNELS: wider ones are vocabularies, the logits, whose columns are not
+#: channels and which would pay a scaled copy for nothing) and the largest channel's
+#: range is at least this many times the median channel's.
 _MIN_CHANNELS = 16
+_MAX_CHANNELS = 16384
 _OUTLIER_SPREAD = 2.0
+#: Rows sampled to find (and scale) outlier channels.
+_SAMPLE_ROWS = 64
 
 
 def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``flat`` (row-major, rows of ``channels`` elements) divided by each channel's
-    absmax over all rows, and those scales (fp32), when a few channels are far wider
+    absmax over a sample of rows, and those scales (fp32), when a few channels are far wider
     than the rest: the outlier channels of trained transformers. Blocks run along the
     rows, so one outlier channel otherwise sets the step of every block it falls in.
     ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
     n = flat.numel()
-    if channels < _MIN_CHANNELS or n % channels or n // channels < 2:
+    if not _MIN_CHANNELS <= channels <= _MAX_CHANNELS or n % channels or n // channels < 2:
         return flat, None
     rows = flat.view(-1, channels)
     with torch.no_grad():
@@ -848,7 +853,11 @@ def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, to
             # A memory estimate: without the data to decide, count the scales a real
             # run may hold (the scaled copy lives only while it is coded).
             return flat, rows.new_ones(channels, dtype=torch.float32)
-        lo, hi = torch.aminmax(rows, dim=0)  # no full-size temporary
+        # Decided, and scaled, from a sample of rows: any positive per-channel scale is
+        # correct (the codec takes each block's own range afterwards), and a column-wise
+        # reduction over every row costs as much as coding the tensor.
+        step = max(1, rows.shape[0] // _SAMPLE_ROWS)
+        lo, hi = torch.aminmax(rows[::step], dim=0)
         absmax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
         # A channel holding inf or nan keeps scale 1 (the codec keeps those exact).
         usable = torch.isfinite(absmax) & (absmax > 0)
