@@ -834,13 +834,11 @@ def _unpack(packed) -> torch.Tensor:
 _MIN_CHANNELS = 16
 _MAX_CHANNELS = 16384
 _OUTLIER_SPREAD = 2.0
-#: Rows sampled to find (and scale) outlier channels.
-_SAMPLE_ROWS = 64
 
 
 def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``flat`` (row-major, rows of ``channels`` elements) divided by each channel's
-    absmax over a sample of rows, and those scales (fp32), when a few channels are far wider
+    absmax over all rows, and those scales (fp32), when a few channels are far wider
     than the rest: the outlier channels of trained transformers. Blocks run along the
     rows, so one outlier channel otherwise sets the step of every block it falls in.
     ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
@@ -853,12 +851,10 @@ def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, to
             # A memory estimate: without the data to decide, count the scales a real
             # run may hold (the scaled copy lives only while it is coded).
             return flat, rows.new_ones(channels, dtype=torch.float32)
-        # Decided, and scaled, from a sample of rows: any positive per-channel scale is
-        # correct (the codec takes each block's own range afterwards), and a column-wise
-        # reduction over every row costs as much as coding the tensor.
-        step = max(1, rows.shape[0] // _SAMPLE_ROWS)
-        lo, hi = torch.aminmax(rows[::step], dim=0)
-        absmax = torch.maximum(lo.abs(), hi.abs()).to(torch.float32)
+        # Over every row (a sample misses the few tokens with massive activations that
+        # pretrained models have), as two plain reductions: no full-size temporary, and
+        # about ten times faster than torch.aminmax along the rows on CPU.
+        absmax = torch.maximum(rows.amax(dim=0).abs(), rows.amin(dim=0).abs()).to(torch.float32)
         # A channel holding inf or nan keeps scale 1 (the codec keeps those exact).
         usable = torch.isfinite(absmax) & (absmax > 0)
         positive = absmax[usable]
