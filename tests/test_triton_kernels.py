@@ -74,7 +74,7 @@ def _interpreter_setting():
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
-        not INTERPRETED, reason="CUDA present: the interpreter run is test_cpu_interpreter_run")),
+        not INTERPRETED, reason="this process runs triton compiled: test_cpu_interpreter_run runs the interpreter half")),
     pytest.param("cuda", marks=pytest.mark.skipif(INTERPRETED, reason="no CUDA device")),
 ]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
