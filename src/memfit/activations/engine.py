@@ -750,8 +750,10 @@ class ActivationCompressor:
             flat = t.contiguous()
             entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
         channel_scale = None
-        if isinstance(fmt, IntFormat) and (len(entry_key) > 3 or t.is_contiguous()):
-            flat, channel_scale = _channel_scaled(flat, t.shape[-1] if t.dim() else 1)
+        # Rows of channels: what linear layers save ([tokens, C], [batch, tokens, C]).
+        # The last dimension of a 4-D tensor (NCHW width, attention's keys) is no channel.
+        if isinstance(fmt, IntFormat) and t.dim() in (2, 3) and (len(entry_key) > 3 or t.is_contiguous()):
+            flat, channel_scale = _channel_scaled(flat, t.shape[-1])
         encoded = self._encode(flat, fmt, stats[0])
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
         entry.channel_scale = channel_scale
