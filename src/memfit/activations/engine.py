@@ -108,7 +108,17 @@ from .ops import (
     Treatment,
     consistent_attention,
 )
-from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
+from .offload import OFFLOAD, Offload, OffloadedEncoded, Offloader
+from .policy import (
+    MASK,
+    RAW,
+    Setting,
+    main_blocks,
+    module_formats,
+    offloaded_modules,
+    resolve_setting,
+    split_policy,
+)
 from .saved import MASK as MASK_KIND
 
 # The representation "cast to bfloat16" for fused attention's q and k (see _op_format).
@@ -124,7 +134,8 @@ class ModuleStats:
     """What one module saved for backward during the last forward pass."""
 
     original_bytes: int = 0  # what plain autograd would have kept alive
-    stored_bytes: int = 0  # what memfit holds instead
+    stored_bytes: int = 0  # what memfit holds instead, on the tensors' device
+    host_bytes: int = 0  # what memfit holds in host memory instead (offload)
     counts: Counter = field(default_factory=Counter)  # saved tensors by kind
     # Host time in the codec's encode (forward) and decode (backward). Measurements,
     # not outcomes: left out of ==, so the same step compares equal across runs.
@@ -170,6 +181,11 @@ class ActivationStats:
         return sum(m.stored_bytes for m in self.by_module.values())
 
     @property
+    def host_bytes(self) -> int:
+        """Bytes offloaded to host memory (``"offload"`` settings); not in ``stored_bytes``."""
+        return sum(m.host_bytes for m in self.by_module.values())
+
+    @property
     def ratio(self) -> float:
         s = self.stored_bytes
         return self.original_bytes / s if s else float("inf")
@@ -203,6 +219,8 @@ class ActivationStats:
             f"{'total':<{width}}  {self.original_bytes / MB:>10.2f}  "
             f"{self.stored_bytes / MB:>10.2f}  {self.ratio:>7.2f}"
         )
+        if self.host_bytes:
+            lines.append(f"{'offloaded to host':<{width}}  {'':>10}  {self.host_bytes / MB:>10.2f}")
         return "\n".join(lines)
 
 
@@ -226,7 +244,7 @@ class _StorageEntry:
     through ``lookup``)."""
 
     __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
-                 "channel_scale", "_decoded", "__weakref__")
+                 "channel_scale", "offloaded", "_decoded", "__weakref__")
 
     def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
                  mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
@@ -243,6 +261,8 @@ class _StorageEntry:
         self.dtype = dtype
         self.stats = stats
         self.mask_values = mask_values
+        # The encoding's tensors in host memory (activation offload), or None.
+        self.offloaded: OffloadedEncoded | None = None
         self._decoded: weakref.ref | None = None
 
     def decoded(self) -> torch.Tensor:
@@ -258,7 +278,7 @@ class _StorageEntry:
 
     def decode_uncached(self) -> torch.Tensor:
         """The buffer the saved views are rebuilt from, decoded now."""
-        flat = decode(self.encoded)
+        flat = decode(self.encoded if self.offloaded is None else self.offloaded.restore())
         if self.channel_scale is not None:
             scale = self.channel_scale
             flat = (flat.view(-1, scale.numel()).to(torch.float32) * scale).view(-1)
@@ -387,6 +407,7 @@ class ActivationCompressor:
         seed: int = 0,
         head_bits: Setting = "auto",
         rank: int | None = None,
+        offload: Offload | None = None,
     ):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -395,7 +416,7 @@ class ActivationCompressor:
         model = _unwrap_ddp(model)
         if not isinstance(min_bytes, int) or min_bytes < 0:
             raise ValueError(f"min_bytes must be a non-negative int, got {min_bytes!r}")
-        default = resolve_setting(bits, block_size=block_size, rounding=rounding, where="bits")
+        default = resolve_setting(bits, block_size=block_size, rounding=rounding, where="bits", offload_ok=True)
         self.model = model
         self.default_format = default
         self.min_bytes = min_bytes
@@ -405,6 +426,10 @@ class ActivationCompressor:
         self._formats, self._ruled = module_formats(
             model, default, rules, block_size=block_size, rounding=rounding, strict=strict
         )
+        self._offloaded_modules = offloaded_modules(model, bits, rules)
+        if offload is not None and not isinstance(offload, Offload):
+            raise TypeError(f"offload must be a memfit.activations.Offload or None, got {type(offload).__name__}")
+        self._offloader = Offloader(offload) if self._offloaded_modules else None
         auto_head = isinstance(head_bits, str) and head_bits == "auto"
         if auto_head:
             low = isinstance(default, IntFormat) and default.bits < 8
@@ -516,6 +541,8 @@ class ActivationCompressor:
                 list(self.model.parameters()) + list(self.model.buffers())
             )
             self._modules.attach(self.model)
+        if self._offloader is not None:
+            self._offloader.begin()
         self._hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         if self._lossy:
@@ -601,7 +628,10 @@ class ActivationCompressor:
                 fmt, treatment = self._op_format(call, t, fmt)
                 if treatment is SDPA_OUT or treatment is SDPA_LSE:
                     return self._pack_attention_output(call, t, treatment, fmt, key, module, op)
-        packed = self._pack_as(t, fmt, treatment, key, module, op)
+        if self._offloader is not None and module in self._offloaded_modules:
+            packed = self._pack_offloaded(t, fmt, treatment, key, module, op)
+        else:
+            packed = self._pack_as(t, fmt, treatment, key, module, op)
         if treatment is SDPA_INPUT:
             for role in call.roles(t):  # q and k may be one tensor
                 call.saved[role] = packed
@@ -633,6 +663,57 @@ class ActivationCompressor:
         for s in self._tally(module, op):
             s.counts["shared"] += 1
         return packed
+
+    # -- activation offload (the copying itself is .offload's) ----------------------
+
+    def _pack_offloaded(self, t, fmt: Format | str, treatment: Treatment | None, key, module: str, op: str):
+        """``t`` packed as in :meth:`_pack_as`, then what it holds moved to host memory:
+        the codes of a compressed tensor, or the whole storage of one kept as is."""
+        if not self._offloader.applies(t):
+            for s in self._tally(module, op):
+                s.counts["offload-noop"] += 1
+            return self._pack_as(t, fmt, treatment, key, module, op)
+        storage = t.untyped_storage()
+        if isinstance(fmt, RawFormat) and storage.nbytes() >= self.min_bytes \
+                and storage.nbytes() % t.element_size() == 0:
+            return self._offload_kept(t, storage, key, module, op)
+        packed = self._pack_as(t, fmt, treatment, key, module, op)
+        if isinstance(packed, _Compressed):
+            stats = self._tally(module, op)
+            entry = packed.entry
+            # An entry another module made (a shared storage) is that module's to offload.
+            if entry.offloaded is None and entry.stats is stats[0]:
+                nbytes = entry.encoded.nbytes
+                entry.offloaded = self._offloader.put(entry.encoded)
+                entry.encoded = entry.offloaded.skeleton
+                for s in stats:
+                    s.stored_bytes -= nbytes
+                    s.host_bytes += nbytes
+                    s.counts["offloaded"] += 1
+            if entry.offloaded is not None:
+                entry.offloaded.uses += 1
+        return packed
+
+    def _offload_kept(self, t, storage, key, module: str, op: str) -> _Compressed:
+        """A tensor kept exact, offloaded: its whole storage, once for every view of it."""
+        stats = self._tally(module, op)
+        entry_key = (key, t.dtype, OFFLOAD)
+        entry = self._entries.get(entry_key)
+        if entry is None or entry.storage_ref() is not storage or entry.version != t._version:
+            flat = t.detach().as_strided((storage.nbytes() // t.element_size(),), (1,), 0)
+            entry = _StorageEntry(encode(flat, RAW), weakref.ref(storage), t._version, t.dtype, stats[0])
+            entry.offloaded = self._offloader.put(entry.encoded)
+            entry.encoded = entry.offloaded.skeleton
+            self._entries[entry_key] = entry
+            self._count_original(storage, key, stats)
+            for s in stats:
+                s.host_bytes += storage.nbytes()
+                s.counts["offloaded"] += 1
+        else:
+            for s in stats:
+                s.counts["shared"] += 1
+        entry.offloaded.uses += 1
+        return _Compressed(entry, t, t.storage_offset())
 
     def _op_format(self, call: OpCall, t: torch.Tensor, fmt: Format) -> tuple[Format, Treatment | None]:
         """The format of ``t``, saved by the table op ``call`` in a module whose format
@@ -985,6 +1066,7 @@ def activations(
     seed: int = 0,
     head_bits: Setting = "auto",
     rank: int | None = None,
+    offload: Offload | None = None,
 ) -> ActivationCompressor:
     """Compress the activations autograd saves for backward, on any model.
 
@@ -1003,7 +1085,11 @@ def activations(
             stats go to ``""``.
         bits: the default setting: 8, 4 or 2 (block-wise integer codes), ``"fp8"``
             (e4m3), ``None`` (keep everything; gradients are then bit-identical to
-            plain PyTorch), or a :mod:`memfit.codec` format.
+            plain PyTorch), a :mod:`memfit.codec` format, ``"offload"`` (kept exact in
+            pinned host memory, copied back before backward needs it) or
+            ``"offload:<bits>"`` (``"offload:4"``: coded, then the codes offloaded); see
+            :mod:`memfit.activations.offload`. Offload moves CUDA tensors; tensors
+            already in host memory stay where they are (counted as ``offload-noop``).
         policy: per-module rules, ``{glob: setting}`` on qualified module names, e.g.
             ``{"transformer.h.*.attn": 8, "*.mlp": 2, "lm_head": None}``. The first
             matching rule wins; modules no rule matches inherit their parent's; a glob
@@ -1027,6 +1113,8 @@ def activations(
             own rounding noise (rank 0 uses ``seed`` as is). None (default): the
             torch.distributed rank when the context is first entered, 0 without a
             process group. Pass it to reproduce one rank's noise in a single process.
+        offload: options of the ``"offload"`` settings (:class:`Offload`: prefetch
+            window, host-memory limit, transport); None for the defaults.
 
     The op that saves a tensor can change its format (fused attention, ReLU-like ops,
     GELU/SiLU, normalisation statistics): see :mod:`memfit.activations.ops`. For an
@@ -1047,4 +1135,5 @@ def activations(
         seed=seed,
         head_bits=head_bits,
         rank=rank,
+        offload=offload,
     )

@@ -1,7 +1,10 @@
 """Which format each module's saved tensors get: one setting, or glob rules by module name.
 
 A policy maps module-name globs to settings; keys ``"op:<kind>"`` instead override the
-op table (:mod:`memfit.activations.ops`) for one op kind.
+op table (:mod:`memfit.activations.ops`) for one op kind. A module's setting may also
+say where its saved tensors live: ``"offload"`` / ``"offload:<bits>"`` (see
+:mod:`memfit.activations.offload`), a per-module choice that op keys and ``head_bits``
+cannot make.
 """
 
 from __future__ import annotations
@@ -13,28 +16,46 @@ from typing import Mapping, Union
 import torch
 
 from ..codec import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
+from .offload import split_offload
 from .ops import OP_PREFIX, check_kind
 
-# What a user may write for a setting: 8, 4, 2, "fp8", None (keep as is) or a codec format.
+# What a user may write for a setting: 8, 4, 2, "fp8", None (keep as is), a codec format,
+# or "offload" / "offload:<bits>" where a module's setting is asked for.
 Setting = Union[int, str, None, IntFormat, FP8Format, RawFormat]
+
+KNOWN_SETTINGS = "8, 4, 2, 'fp8', None, 'offload' or 'offload:<8|4|2|fp8>'"
 
 MASK = BitMaskFormat()
 RAW = RawFormat()
 
 
-def resolve_setting(value: Setting, *, block_size: int, rounding: str, where: str) -> Format:
-    """Turn a user setting into a codec format; ``where`` names the entry in errors."""
+def resolve_setting(value: Setting, *, block_size: int, rounding: str, where: str,
+                    offload_ok: bool = False) -> Format:
+    """Turn a user setting into a codec format; ``where`` names the entry in errors. An
+    offload setting gives the format of what is offloaded, where ``offload_ok`` (a
+    module's setting), else ``ValueError``."""
+    try:
+        inner, offloaded = split_offload(value)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if offloaded:
+        if not offload_ok:
+            raise ValueError(
+                f"{where}: {value!r}: offload is a module's setting (bits, or a module rule of policy); "
+                "op keys and head_bits take 8, 4, 2, 'fp8' or None"
+            )
+        value = inner
     if value is None:
         return RAW
     if isinstance(value, (IntFormat, FP8Format, RawFormat)):
         return value
     if isinstance(value, bool):
-        raise ValueError(f"{where}: invalid bits {value!r}; use 8, 4, 2, 'fp8' or None")
+        raise ValueError(f"{where}: invalid bits {value!r}; use {KNOWN_SETTINGS}")
     if isinstance(value, int) and value in (8, 4, 2):
         return IntFormat(bits=value, block_size=block_size, rounding=rounding)
     if isinstance(value, str) and value.lower() == "fp8":
         return FP8Format(block_size=block_size)
-    raise ValueError(f"{where}: invalid bits {value!r}; use 8, 4, 2, 'fp8' or None")
+    raise ValueError(f"{where}: invalid bits {value!r}; use {KNOWN_SETTINGS}")
 
 
 def split_policy(
@@ -87,7 +108,8 @@ def module_formats(
         if not isinstance(pattern, str):
             raise ValueError(f"policy key {pattern!r} must be a module-name glob string")
         compiled.append(
-            (pattern, resolve_setting(value, block_size=block_size, rounding=rounding, where=f"policy[{pattern!r}]"))
+            (pattern, resolve_setting(value, block_size=block_size, rounding=rounding, where=f"policy[{pattern!r}]",
+                                      offload_ok=True))
         )
     if model is None:
         if compiled:
@@ -115,6 +137,23 @@ def module_formats(
             stacklevel=4,
         )
     return formats, ruled
+
+
+def offloaded_modules(model: torch.nn.Module | None, default: Setting,
+                      rules: Mapping[str, Setting] | None) -> set[str]:
+    """The qualified names of the modules whose saved tensors are offloaded, by the
+    same inheritance as :func:`module_formats` (first matching rule, else the parent's,
+    the root taking ``default``); ``{""}`` or empty without a model."""
+    offloads = [(p, split_offload(v)[1]) for p, v in (rules or {}).items()]
+    if model is None:
+        return {""} if split_offload(default)[1] else set()
+    result: dict[str, bool] = {}
+    for name, _ in model.named_modules():
+        parent = name.rpartition(".")[0] if name else None
+        inherited = result[parent] if parent is not None else split_offload(default)[1]
+        matched = [o for p, o in offloads if fnmatch.fnmatchcase(name, p)]
+        result[name] = matched[0] if matched else inherited
+    return {name for name, on in result.items() if on}
 
 
 def main_blocks(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:

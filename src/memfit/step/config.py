@@ -115,7 +115,7 @@ class StepConfig:
         if self.policy is not None and not isinstance(self.policy, Mapping):
             from ..activations.policy import resolve_setting
 
-            resolve_setting(self.policy, block_size=256, rounding="nearest", where="policy")  # validates
+            resolve_setting(self.policy, block_size=256, rounding="nearest", where="policy", offload_ok=True)
         self.optimizer_kwargs = dict(self.optimizer_kwargs or {})
         self.activation_kwargs = dict(self.activation_kwargs or {})
 
