@@ -264,3 +264,28 @@ def test_step_config_accepts_an_offload_policy():
     assert memfit.StepConfig(policy="offload:4").policy == "offload:4"
     with pytest.raises(ValueError, match="offload"):
         memfit.StepConfig(policy="offload:5")
+
+
+def test_fake_cuda_tensors_count_host_bytes_without_copying():
+    # What memfit.estimate sees for a CUDA model: no copy, host bytes counted, the
+    # copy back an empty tensor of the right size on the device (rule 9). Fake CUDA
+    # tensors need no GPU (autograd on them does, so the Offloader is driven directly).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memfit.activations.offload import Offloader
+    from memfit.codec import Encoded, IntFormat
+
+    with FakeTensorMode():
+        shape = torch.Size([64, 1024])
+        enc = Encoded(IntFormat(bits=4), shape, torch.float32,
+                      codes=torch.empty(32 * 1024, dtype=torch.uint8, device="cuda"),
+                      scale=torch.empty(256, device="cuda"), lo=torch.empty(256, device="cuda"))
+        offloader = Offloader(Offload(host_limit=1))  # fake bytes never hit the limit
+        offloader.begin()
+        handle = offloader.put(enc)
+        assert offloader.host_bytes == enc.nbytes > 0
+        assert handle.skeleton.nbytes == 0  # nothing left on the device
+        handle.uses = 1
+        back = handle.restore()
+        assert back.codes.shape == enc.codes.shape and back.codes.device.type == "cuda"
+        assert back.scale.shape == enc.scale.shape

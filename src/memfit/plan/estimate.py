@@ -62,8 +62,10 @@ from ..step import (
     make_optimizer,
     preserved_state,
     resolve_loss_fn,
+    tensors_in,
     tracked_steps,
 )
+from .reserved import AllocationTrace
 
 
 
@@ -98,6 +100,14 @@ class Estimate:
             forward), ``temporaries`` (made in backward or in the optimizer step, state
             excluded). Sums to ``peak_bytes``.
         phase_peaks: the highest live bytes within each phase.
+        host_bytes: activations offloaded to host memory (``"offload"`` policies),
+            held in pinned host memory for backward; not in ``peak_bytes``, which is
+            the device's. 0 on a CPU model (offload keeps its tensors where they are).
+        reserved_bytes: what PyTorch's CUDA caching allocator would reserve for the
+            step's allocations, in their order (:mod:`memfit.plan.reserved`: block
+            rounding, 2 MB small segments, 20 MB segments for 1-10 MB requests); on
+            CUDA this, not ``peak_bytes``, decides an out-of-memory error. Computed
+            for any device, from the fake step's allocations; 0 when measured.
         config: the :class:`~memfit.plan.StepConfig` as a dict.
     """
 
@@ -114,6 +124,8 @@ class Estimate:
     peak_phase: str = "forward"
     peak_breakdown: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    host_bytes: int = 0
+    reserved_bytes: int = 0
     config: dict = field(default_factory=dict)
 
     kind = "estimated"
@@ -153,6 +165,10 @@ class Estimate:
             ("optimizer state", f"{self.optimizer_bytes / MB:,.1f} MB"),
             ("kept for backward", f"{self.activation_bytes / MB:,.1f} MB"),
         ]
+        if self.host_bytes:
+            out.append(("offloaded to host", f"{self.host_bytes / MB:,.1f} MB"))
+        if self.reserved_bytes:
+            out.append(("CUDA allocator would reserve", f"{self.reserved_bytes / MB:,.1f} MB"))
         for ph in ("forward", "backward", "optimizer"):
             if ph in self.phase_peaks:
                 out.append((f"peak within {ph}", f"{self.phase_peaks[ph] / MB:,.1f} MB"))
@@ -220,6 +236,8 @@ def fill(result: Estimate, res: dict, config: StepConfig) -> Estimate:
     result.peak_phase = res["peak_phase"]
     result.peak_breakdown = breakdown(res)
     result.phase_peaks = {k: int(v) for k, v in res["phase_peaks"].items()}
+    result.host_bytes = int(res.get("host_bytes", 0))
+    result.reserved_bytes = int(res.get("reserved_bytes", 0))
     result.config = config.to_dict()
     return result
 
@@ -467,8 +485,12 @@ def estimate(
             with fm:
                 opt = make_optimizer(model, cfg)
                 _patch_quantized(opt)
+                trace = AllocationTrace(main_device(model).type)
+                trace.add(list(model.parameters()) + list(model.buffers()) + tensors_in(fbatch))
                 try:
-                    res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
+                    with trace:
+                        res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
+                    res["reserved_bytes"] = trace.allocator.peak_reserved
                 except StepInputError:
                     raise  # the batch or the loss is wrong: a real step would say the same
                 except Exception as exc:
@@ -507,8 +529,6 @@ def _fake_cause(exc: BaseException) -> str:
 
 
 def _has_meta(model: torch.nn.Module, batch: Any) -> bool:
-    from ..step import tensors_in
-
     return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()) + tensors_in(batch))
 
 

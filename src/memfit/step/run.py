@@ -65,6 +65,10 @@ class StepContext:
             return hooks if hooks is not None else contextlib.nullcontext()
         return _within(hooks, autocast_context(self.model, self.config.autocast))
 
+    def host_bytes(self) -> int:
+        """Bytes the latest forward offloaded to host memory (``"offload"`` policies)."""
+        return self.compressor.stats.host_bytes if self.compressor is not None else 0
+
     def saved_bytes(self) -> dict[str, int]:
         if self.compressor is not None:
             return {k: v.stored_bytes for k, v in self.compressor.stats.by_module.items()}

@@ -178,7 +178,8 @@ def tracked_steps(
     Returns a dict with ``peak``, ``peak_phase``, ``peak_breakdown`` (MemTracker's
     categories at the peak), ``phase_peaks``, ``max_by_kind``, ``start`` (live bytes by
     category when the last step starts), ``activation_bytes`` (live bytes added by the
-    last step's first forward), ``saved_by_module``, ``optimizer_bytes``, ``seconds``.
+    last step's first forward), ``saved_by_module``, ``host_bytes`` (offloaded to host
+    memory by the last forward), ``optimizer_bytes``, ``seconds``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -187,6 +188,7 @@ def tracked_steps(
     tracker.track_external(model, optimizer, *tensors_in(batch))
     seconds = []
     saved: dict[str, int] = {}
+    host = 0
     start: dict[str, int] = {}
     was_enabled = gc.isenabled()
     with apply(model, config, optimizer, count_saved=True) as ctx, warnings.catch_warnings():
@@ -225,6 +227,7 @@ def tracked_steps(
                     seconds.append(timer() - t0)
                 if last:
                     saved = ctx.saved_bytes()
+                    host = ctx.host_bytes()
                 if was_enabled:
                     gc.enable()
         finally:
@@ -242,6 +245,7 @@ def tracked_steps(
         "start": start,
         "activation_bytes": max(0, after_fwd - before_fwd),
         "saved_by_module": saved,
+        "host_bytes": host,
         "optimizer_bytes": optimizer_state_bytes(optimizer),
         "largest_param_bytes": max((p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
                                    default=0),
