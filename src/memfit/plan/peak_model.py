@@ -124,7 +124,7 @@ class PeakModel:
             c = choices[u.name]
             if c == S.RECOMPUTE:
                 continue
-            if (c == S.KEEP or isinstance(c, int)) and u.name in held:
+            if (c == S.KEEP or c == S.OFFLOAD or isinstance(c, int)) and u.name in held:
                 self.overrides[(u.name, c)] = float(held[u.name])
 
     def correct(self, choices: Mapping[str, Any], option: S.OptimizerOption, est: Estimate) -> None:

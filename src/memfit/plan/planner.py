@@ -47,13 +47,19 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .._units import format_bytes
-from ..step import Loss, StepConfig
+from ..step import Loss, StepConfig, main_device
 from . import frozen as F
 from . import solver as S
 from .budget import parse_budget
 from .estimate import estimate
 from .peak_model import PeakModel, state_bytes
-from .probes import codec_costs, codec_seconds_per_byte, optimizer_seconds_per_param, unit_times
+from .probes import (
+    codec_costs,
+    codec_seconds_per_byte,
+    offload_seconds_per_byte,
+    optimizer_seconds_per_param,
+    unit_times,
+)
 from .result import BudgetTooSmall, Plan, UnitChoice, choice_label, dominant_part, fingerprint, policy_for
 from .units import MIN_BYTES, UnitSpec, discover_units, param_ownership, trace_units
 from .verifier import Verifier
@@ -126,6 +132,7 @@ def plan(
     activation_kwargs: Mapping[str, Any] | None = None,
     cache: dict | None = None,
     weight_formats: Sequence[str | int] | None = None,
+    offload: bool = True,
     verbose: bool = False,
 ) -> Plan:
     """Plan a training step of ``model`` on ``batch`` that fits ``budget``.
@@ -172,6 +179,11 @@ def plan(
             (a LoRA fine-tune's base) have this lever; the plan applies it once, on the
             first ``with plan:`` or ``plan.compress_weights()``
             (see :class:`~memfit.plan.Plan`). The costs are in :mod:`memfit.plan.frozen`.
+        offload: whether the plan may hold a unit's activations in pinned host memory
+            (``"offload"``, :mod:`memfit.activations.offload`), priced by the
+            host<->device bandwidth measured here. Offered on CUDA models only (a CPU
+            model's tensors already are in host memory); ``plan.notes`` says which.
+            The plan reports the host bytes (``plan.predicted_host_bytes``).
 
     Returns:
         :class:`Plan`. Raises :class:`BudgetTooSmall` (a ``ValueError``) with the
@@ -180,6 +192,8 @@ def plan(
     optimizer, widths, bits, in_bwd_opts = _checked_options(
         model, optimizer, state_bits, bits, optimizer_in_backward, grad_accumulation, clip_grad_norm, max_rounds)
     weight_formats = F.resolve_weight_formats(weight_formats)
+    if not isinstance(offload, bool):
+        raise TypeError(f"offload must be True or False, got {offload!r}")
     log = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     activation_kwargs = dict(activation_kwargs or {})
@@ -219,6 +233,7 @@ def plan(
         step_seconds=base_seconds + step32,
         encode_decode_seconds_per_byte=codec,
         fidelity_weight=fidelity_weight,
+        offload_seconds_per_byte=offload_seconds_per_byte(main_device(model)) if offload else None,
     )
     units, role_of = _search_units(specs, trace, grads_by_unit, fwd_seconds, recompute)
 
@@ -270,8 +285,24 @@ def plan(
                              grad_accumulation > 1 or clip_grad_norm is not None),
                          weights=weight_levels[-1] if len(weight_levels) > 1 else None)
     level, sol, est, overrides = found
-    return _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
-                      clip_grad_norm, role_of, search, activation_kwargs, overrides, level)
+    search["offload_seconds_per_byte"] = cost.offload_seconds_per_byte
+    p = _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
+                   clip_grad_norm, role_of, search, activation_kwargs, overrides, level)
+    p.notes.append(_offload_note(p, cost, offload, main_device(model)))
+    return p
+
+
+def _offload_note(p: Plan, cost: S.CostModel, offered: bool, device: torch.device) -> str:
+    """What the plan says about activation offload: whether it was offered, and why not."""
+    if not offered:
+        return "activation offload not offered (offload=False)"
+    if cost.offload_seconds_per_byte is None:
+        return (f"activation offload not offered: the model is on {device.type}, not CUDA, so its tensors "
+                "already are in host memory")
+    bandwidth = 1 / cost.offload_seconds_per_byte if cost.offload_seconds_per_byte else 0.0
+    n = sum(1 for u in p.units if u.choice == S.OFFLOAD)
+    return (f"{n} unit(s) offloaded to pinned host memory ({format_bytes(p.predicted_host_bytes)}; "
+            f"host<->device copies priced at the {format_bytes(int(bandwidth))}/s measured here)")
 
 
 def _search_level(model, batch, loss_fn, level: F.WeightLevel, units, trace, options, cost, target, bits,
@@ -304,7 +335,8 @@ def _search_level(model, batch, loss_fn, level: F.WeightLevel, units, trace, opt
     # cheapest such near misses with real estimates; the plan only ever gets cheaper
     # and stays verified.
     if best is not None:
-        menus = {u.name: S.options_for(u, bits, recompute) for u in units}
+        menus = {u.name: S.options_for(u, bits, recompute, cost.offload_seconds_per_byte is not None)
+                 for u in units}
         slack = 0.02 * budget_bytes
         while len(verifier.rounds) < max_rounds:
             move = _near_miss(units, best[0], cost, menus, peaks, target + slack, verifier)
@@ -514,6 +546,8 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
         search=search,
         weights=dict(level.formats),
         weight_bytes_saved=int(level.saved_bytes),
+        predicted_host_bytes=int(est.host_bytes),
+        predicted_reserved_bytes=int(est.reserved_bytes),
     )
     p.bind(model)
     return p

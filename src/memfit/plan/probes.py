@@ -1,8 +1,9 @@
 """What time the planner prices its choices with: throughput probes of the codec and
 the optimizers on this machine, and per-unit forward times from a short profile.
 
-This module owns :func:`codec_seconds_per_byte` and
-:func:`optimizer_seconds_per_param` (measured once per process, cached in
+This module owns :func:`codec_seconds_per_byte`,
+:func:`optimizer_seconds_per_param` and :func:`offload_seconds_per_byte` (the
+host<->device copy bandwidth, on CUDA only) (measured once per process, cached in
 ``_PROBE_CACHE``), :func:`unit_times` (forward time per unit, the plain step's time,
 what compressing adds to it) and :func:`codec_costs` (seconds per compressible byte).
 """
@@ -20,9 +21,39 @@ import torch
 from ..step import StepConfig, make_optimizer
 from .units import Trace
 
-__all__ = ["codec_costs", "codec_seconds_per_byte", "optimizer_seconds_per_param", "unit_times"]
+__all__ = ["codec_costs", "codec_seconds_per_byte", "offload_seconds_per_byte", "optimizer_seconds_per_param",
+           "unit_times"]
 
 _PROBE_CACHE: dict = {}
+
+
+def offload_seconds_per_byte(device: torch.device, n_bytes: int = 64 * 2**20, reps: int = 5) -> float | None:
+    """Seconds per byte copied one way between pinned host memory and ``device``
+    (the slower of the two directions, median of ``reps``), measured once per process;
+    None where there is no such copy (a CPU device: its tensors already are in host
+    memory), so the planner does not offer offload there."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    key = ("offload", str(device), n_bytes)
+    if key in _PROBE_CACHE:
+        return _PROBE_CACHE[key]
+    host = torch.empty(n_bytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    per_direction = []
+    for dst, src in ((host, dev), (dev, host)):
+        dst.copy_(src, non_blocking=True)  # warm up
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        per_direction.append(statistics.median(times) / n_bytes)
+    _PROBE_CACHE[key] = max(per_direction)
+    return _PROBE_CACHE[key]
 
 
 def codec_seconds_per_byte(n_bytes: int = 32 * 2**20, reps: int = 5) -> dict[int, float]:

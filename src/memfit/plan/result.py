@@ -51,7 +51,7 @@ class UnitChoice:
 
     name: str  # qualified module name ("" = the root: the loss and loose code)
     role: str  # "block", "pre" (before the blocks), "post" (after them), "root", "other"
-    choice: str  # "keep", "8-bit", "4-bit", "2-bit" or "recompute"
+    choice: str  # "keep", "8-bit", "4-bit", "2-bit", "recompute" or "offload"
     plain_bytes: int  # saved for backward, plain
     planned_bytes: int  # held for backward under the plan (modelled)
     overhead: float  # its share of the predicted step-time overhead
@@ -111,6 +111,8 @@ class Plan:
     search: dict = field(default_factory=dict)  # how the search went (rounds, estimates)
     weights: dict[str, str] = field(default_factory=dict)  # module -> frozen-weight format
     weight_bytes_saved: int = 0  # what storing them so saves (predicted)
+    predicted_host_bytes: int = 0  # activations offloaded to pinned host memory
+    predicted_reserved_bytes: int = 0  # what CUDA's caching allocator would reserve (memfit.plan.reserved)
 
     def __post_init__(self):
         self._model_ref: Callable[[], torch.nn.Module | None] | None = None
@@ -291,6 +293,10 @@ class Plan:
             rows.append(("gradient clipping", f"global norm {self.clip_grad_norm:g}"))
         if self.weights:
             rows.append(("frozen weights", f"{self.weights_label()}, saving {format_bytes(self.weight_bytes_saved)}"))
+        if self.predicted_host_bytes:
+            rows.append(("offloaded to host memory", format_bytes(self.predicted_host_bytes)))
+        if self.predicted_reserved_bytes:
+            rows.append(("CUDA allocator would reserve", format_bytes(self.predicted_reserved_bytes)))
         parts = [(k, bd.get(k, 0)) for k in ("params", "grads", "optimizer", "activations", "temporaries")]
         rows.append(("at the peak", ", ".join(f"{k} {format_bytes(v)}" for k, v in parts if v)))
         return rows
@@ -378,6 +384,8 @@ class Plan:
             "config": self.config.to_dict(),
             "weights": dict(self.weights),
             "weight_bytes_saved": self.weight_bytes_saved,
+            "predicted_host_bytes": self.predicted_host_bytes,
+            "predicted_reserved_bytes": self.predicted_reserved_bytes,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -393,7 +401,7 @@ class Plan:
         units = []
         for u in d["units"]:
             choice = u["choice"]
-            if choice not in ("keep", "recompute", "8-bit", "4-bit", "2-bit"):
+            if choice not in ("keep", "recompute", "offload", "8-bit", "4-bit", "2-bit"):
                 raise ValueError(f"memfit plan: unknown choice {choice!r} for {u.get('name')!r}")
             units.append(UnitChoice(name=u["name"], role=u.get("role", "other"), choice=choice,
                                     plain_bytes=int(u.get("plain_bytes", 0)),
@@ -421,6 +429,8 @@ class Plan:
             search=dict(d.get("search", {})),
             weights=_checked_weights(d.get("weights", {})),
             weight_bytes_saved=int(d.get("weight_bytes_saved", 0)),
+            predicted_host_bytes=int(d.get("predicted_host_bytes", 0)),
+            predicted_reserved_bytes=int(d.get("predicted_reserved_bytes", 0)),
         )
         p.config  # validates (e.g. optimizer_in_backward with accumulation)
         if model is not None:
@@ -510,19 +520,22 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def policy_for(choices: Mapping[str, Any]) -> dict[str, int | None] | None:
+def policy_for(choices: Mapping[str, Any]) -> dict[str, int | str | None] | None:
     """Per-unit rules for the activation engine. Every unit gets a rule (so nothing
     inherits a neighbour's by accident); the root's rule also covers the ancestors
-    of the blocks and any module outside every unit. None when nothing is compressed."""
-    if not any(isinstance(c, int) for c in choices.values()):
+    of the blocks and any module outside every unit. None when nothing is compressed
+    or offloaded."""
+    def rule(c):
+        return c if isinstance(c, int) or c == S.OFFLOAD else None
+
+    if not any(rule(c) is not None for c in choices.values()):
         return None
-    rules: dict[str, int | None] = {}
+    rules: dict[str, int | str | None] = {}
     # The root first: fnmatch("", "") only matches the root itself.
-    root = choices.get("", S.KEEP)
-    rules[""] = root if isinstance(root, int) else None
+    rules[""] = rule(choices.get("", S.KEEP))
     for name, c in choices.items():
         if name == "":
             continue
-        rules[name] = c if isinstance(c, int) else None
+        rules[name] = rule(c)
     return rules
 

@@ -50,9 +50,12 @@ __all__ = [
     "search",
 ]
 
-# One unit's options. ints: compressed at that many bits by the activation engine.
-KEEP, RECOMPUTE = "keep", "recompute"
-CHOICES: tuple = (KEEP, 8, 4, 2, RECOMPUTE)
+# One unit's options. ints: compressed at that many bits by the activation engine;
+# OFFLOAD: kept exact in pinned host memory (memfit.activations.offload), offered only
+# when the cost model has a measured host<->device bandwidth (a CUDA model).
+KEEP, RECOMPUTE, OFFLOAD = "keep", "recompute", "offload"
+CHOICES: tuple = (KEEP, 8, 4, 2, RECOMPUTE, OFFLOAD)
+OFFLOAD_FIXED = 0.002  # per offloaded unit: stream synchronisation, pinned allocations
 
 DECODE_LIVE = 0.5  # share of a compressed unit's plain bytes decoded at once in backward
 GRAD_LIVE = 2.0  # activation-gradient tensors alive in a unit's backward, x its output bytes
@@ -84,13 +87,20 @@ class Unit:
         if choice == RECOMPUTE:
             return float(self.in_bytes)
         other = self.act_bytes - self.float_bytes - self.mask_bytes
+        if choice == OFFLOAD:  # floats and masks go to the host; the rest stays
+            return float(max(0, other))
         ratio = choice / 32 + 8 / (4 * 256)  # fp32 in, bits out, per-block (min, scale)
         return self.float_bytes * ratio + self.mask_bytes / 8 + max(0, other)
+
+    def host(self, choice) -> float:
+        """Bytes held in host memory under ``choice`` (offload's floats, and masks at
+        one bit per element)."""
+        return float(self.float_bytes + self.mask_bytes / 8) if choice == OFFLOAD else 0.0
 
     def working(self, choice) -> float:
         """Bytes alive for this unit while its backward runs."""
         grads = GRAD_LIVE * self.out_bytes
-        if choice == KEEP:
+        if choice == KEEP or choice == OFFLOAD:  # offloaded: fetched back in full
             return self.act_bytes + grads
         if choice == RECOMPUTE:
             return self.in_bytes + self.act_bytes + grads
@@ -98,7 +108,7 @@ class Unit:
 
     def forward_working(self, choice) -> float:
         """Bytes alive for this unit at the end of its forward."""
-        if choice == KEEP:
+        if choice == KEEP or choice == OFFLOAD:  # copies out may still be running
             return self.act_bytes + self.out_bytes
         if choice == RECOMPUTE:
             return self.in_bytes + 2 * self.out_bytes
@@ -134,6 +144,9 @@ class CostModel:
     recompute_fixed: float = 0.002  # per checkpointed unit (bookkeeping, re-entry)
     in_backward_cost: float = 0.003  # a tie-break: it forbids accumulation and clipping
     fidelity_weight: float = 1.0
+    # Seconds per byte moved one way between host and device (a measured bandwidth,
+    # probes.offload_seconds_per_byte); None: offload is not offered.
+    offload_seconds_per_byte: float | None = None
     # Costs within this of the cheapest are ties, broken toward the larger modelled
     # peak: the plan that keeps more. Time costs come from one profiled step each, so
     # differences below about 1% of a step are noise; without this, near ties swapped
@@ -147,6 +160,13 @@ class CostModel:
             return 0.0, 0.0
         if choice == RECOMPUTE:
             return unit.recompute_seconds / self.step_seconds + self.recompute_fixed, 0.0
+        if choice == OFFLOAD:
+            # The copy out overlaps the unit's forward, the copy back its backward
+            # (about twice the forward): only what outlasts them costs time.
+            one_way = unit.host(OFFLOAD) * (self.offload_seconds_per_byte or 0.0)
+            fwd = unit.recompute_seconds
+            exposed = max(0.0, one_way - fwd) + max(0.0, one_way - 2 * fwd)
+            return exposed / self.step_seconds + OFFLOAD_FIXED, 0.0
         per_byte = self.encode_decode_seconds_per_byte.get(choice, 0.0)
         t = unit.float_bytes * per_byte / self.step_seconds
         weight = self.end_weight if unit.is_end else 1.0
@@ -177,14 +197,18 @@ class Solution:
 
 
 
-def options_for(unit: Unit, allowed_bits: Iterable[int], allow_recompute: bool) -> list:
+def options_for(unit: Unit, allowed_bits: Iterable[int], allow_recompute: bool,
+                allow_offload: bool = False) -> list:
     """The choices open to ``unit``: keep; each allowed width if it saves compressible
-    floats; recompute if it may be checkpointed."""
+    floats; recompute if it may be checkpointed; offload if allowed (a measured
+    bandwidth) and it saves floats."""
     opts: list = [KEEP]
     if unit.float_bytes > 0:
         opts += [b for b in (8, 4, 2) if b in tuple(allowed_bits)]
     if allow_recompute and unit.can_recompute:
         opts.append(RECOMPUTE)
+    if allow_offload and unit.float_bytes > 0:
+        opts.append(OFFLOAD)
     return opts
 
 
@@ -194,7 +218,7 @@ def search(units, options, cost, target, bits, recompute, model_peak, overrides)
     Returns ``(best, leanest)``: of the options' solutions, the one with the largest
     modelled peak among those within ``cost.tie`` of the cheapest (None when no option
     fits), and the solution with the smallest modelled peak."""
-    menus = {u.name: options_for(u, bits, recompute) for u in units}
+    menus = {u.name: options_for(u, bits, recompute, cost.offload_seconds_per_byte is not None) for u in units}
 
     def stored(u, c):
         return overrides.get((u.name, c), u.stored(c))
