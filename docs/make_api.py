@@ -18,7 +18,8 @@ import memfit.plan
 import memfit.step
 
 SECTIONS = [
-    ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats",
+    ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats", "Offload",
+                        "HostMemoryError",
                         "estimate", "Estimate", "profile", "Profile", "plan", "Plan", "BudgetTooSmall",
                         "max_batch_size", "StepConfig", "causal_lm_loss"]),
     ("memfit.optim", memfit.optim, list(getattr(memfit.optim, "__all__", []))),

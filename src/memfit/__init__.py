@@ -1,7 +1,8 @@
 """memfit: train bigger PyTorch models in the memory you have.
 
 * :func:`activations` compresses what autograd saves for backward (8/4/2-bit, fp8,
-  1-bit masks) on any model, through saved-tensor hooks.
+  1-bit masks) on any model, through saved-tensor hooks, or offloads it to pinned
+  host memory on CUDA (``"offload"``; options in :class:`Offload`).
 * :mod:`memfit.optim` has AdamW, SGD and Lion with 8- and 4-bit block-wise state.
 * :mod:`memfit.codec` is the block-wise codec underneath.
 * :mod:`memfit.step` holds the mechanics of one training step (:class:`StepConfig`,
@@ -15,13 +16,15 @@
 """
 
 from . import codec, optim
-from .activations import ActivationCompressor, ActivationStats, ModuleStats, activations
+from .activations import ActivationCompressor, ActivationStats, HostMemoryError, ModuleStats, Offload, activations
 
 __version__ = "0.1.0"
 __all__ = [
     "ActivationCompressor",
     "ActivationStats",
+    "HostMemoryError",
     "ModuleStats",
+    "Offload",
     "__version__",
     "activations",
     "codec",

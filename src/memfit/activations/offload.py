@@ -94,7 +94,8 @@ def split_offload(value: Any) -> tuple[Any, bool]:
 
 
 class HostMemoryError(MemoryError):
-    """Offload would need more host memory than the limit (see rule 7)."""
+    """Activation offload would need more host memory than its limit
+    (:mod:`memfit.activations.offload`, rule 7); the message gives the numbers."""
 
 
 def available_host_bytes() -> int:
@@ -185,10 +186,11 @@ class Offload:
     ``policy``).
 
     Attributes:
-        prefetch: entries copied back ahead of backward (rule 4); 0 fetches each one
-            only when backward asks for it.
+        prefetch: entries copied back ahead of backward (the module's rule 4); 0
+            fetches each one only when backward asks for it.
         host_limit: the most host bytes offload may hold, or None for 90% of the host
-            memory available when the compressor is first entered (rule 7).
+            memory available when the compressor is first entered (the module's
+            rule 7).
         transport: what moves the bytes; None for :class:`CudaTransport`.
     """
 
