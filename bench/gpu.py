@@ -458,7 +458,7 @@ def run_plan(report: Report, shapes: Shapes) -> str:
                "host MB", "predicted reserved MB", "measured reserved MB"]
     rows, all_under = [], True
     for budget in shapes.plan_budgets:
-        p = memfit.plan(model, batch, budget, cache=cache, max_rounds=4,
+        p = memfit.plan(model, batch, budget, cache=cache, max_rounds=3,
                         step_seconds=None if device.type == "cuda" else 0.05)
         peak, reserved = measured_step(model, batch, p.config, device)
         under = peak <= p.budget_bytes

@@ -3,27 +3,14 @@ full quick run takes minutes on a loaded 2-core machine); the full run needs CUD
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from _bench import bench_module
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_gpu", BENCH / "gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_gpu"] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
+    with bench_module("gpu.py", "bench_gpu") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_gpu", None)
-        sys.path.remove(str(BENCH))
 
 
 def test_quick_codec_section_runs_on_cpu_and_judges_no_bar(gpu_bench, capsys):

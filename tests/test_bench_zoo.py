@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _bench import bench_module
 
 transformers = pytest.importorskip("transformers")
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 @pytest.fixture(scope="module")
 def zoo():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_zoo", BENCH / "zoo.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_zoo"] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
+    with bench_module("zoo.py", "bench_zoo") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_zoo", None)
-        sys.path.remove(str(BENCH))
 
 
 def test_relative_error(zoo):

@@ -16,6 +16,7 @@ import torch
 import memfit
 from memfit.activations import Offload
 from memfit.codec import IntFormat, decode, encode
+from test_activations import grads_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA device: compiled kernels, side streams and pinned memory")
@@ -81,15 +82,7 @@ def _gpt2():
 
 
 def _grads(model, batch, mf=None):
-    model.zero_grad(set_to_none=True)
-    if mf is None:
-        loss = model(**batch).loss
-    else:
-        with mf:
-            loss = model(**batch).loss
-    loss.backward()
-    torch.cuda.synchronize()
-    return [p.grad.clone() for p in model.parameters()]
+    return grads_of(model, batch, mf)[1]
 
 
 @pytest.mark.parametrize("prefetch", [0, 2, 8])
@@ -102,7 +95,7 @@ def test_offload_gradients_identical_to_plain(prefetch):
         assert all(torch.equal(a, b) for a, b in zip(got, plain))
     st = mf.stats
     assert st.host_bytes > 0 and st.counts["offloaded"] > 0
-    assert st.stored_bytes < 0.1 * st.original_bytes
+    assert st.stored_bytes < 0.25 * st.original_bytes
 
 
 def test_offload_after_coding_identical_to_coding_alone():

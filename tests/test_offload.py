@@ -13,6 +13,7 @@ import torch
 
 import memfit
 from memfit.activations import HostMemoryError, Offload
+from memfit._units import format_bytes
 from memfit.activations.offload import available_host_bytes, split_offload
 
 
@@ -150,17 +151,22 @@ def test_backward_fetches_in_reverse_order_within_the_prefetch_window(prefetch):
     assert first_in == list(reversed(outs))[: prefetch + 1]
 
 
-def test_retained_graph_unpacks_twice():
+def test_retained_graph_unpacks_twice_and_holds_no_device_copy_between():
     model = make_model()
-    mf = memfit.activations(model, "offload", min_bytes=1024, offload=Offload(transport=FakeTransport()))
+    transport = FakeTransport()
+    mf = memfit.activations(model, "offload", min_bytes=1024, offload=Offload(transport=transport))
     model.zero_grad(set_to_none=True)
     with mf:
         loss = model(X).pow(2).mean()
     loss.backward(retain_graph=True)
     first = [p.grad.clone() for p in model.parameters()]
+    fetched_once = sum(1 for w, _ in transport.log if w == "in")
     model.zero_grad(set_to_none=True)
     loss.backward()
     assert same([p.grad for p in model.parameters()], first)
+    # memfit let go of every device copy after its last use: the second pass copies
+    # each entry back again (from the host copies it kept).
+    assert sum(1 for w, _ in transport.log if w == "in") == 2 * fetched_once
 
 
 def test_inplace_modification_of_an_offloaded_tensor_raises():
@@ -208,7 +214,7 @@ def test_per_module_offload_follows_policy_inheritance():
 def test_host_memory_limit_refuses_with_numbers():
     model = make_model()
     mf = memfit.activations(model, "offload", min_bytes=1024, offload=Offload(host_limit=4096, transport=FakeTransport()))
-    with pytest.raises(HostMemoryError, match=r"would offload .* but the limit is 4\.10 kB|limit is"):
+    with pytest.raises(HostMemoryError, match=rf"this step would offload .* but the limit is {format_bytes(4096)}"):
         grads(model, X, mf)
     # A step whose previous run needed more than the limit is refused on entry.
     roomy = memfit.activations(model, "offload", min_bytes=1024,
@@ -285,7 +291,8 @@ def test_fake_cuda_tensors_count_host_bytes_without_copying():
         handle = offloader.put(enc)
         assert offloader.host_bytes == enc.nbytes > 0
         assert handle.skeleton.nbytes == 0  # nothing left on the device
-        handle.uses = 1
+        handle.add_view()
         back = handle.restore()
+        handle.unpacked()
         assert back.codes.shape == enc.codes.shape and back.codes.device.type == "cuda"
         assert back.scale.shape == enc.scale.shape

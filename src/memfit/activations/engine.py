@@ -274,6 +274,8 @@ class _StorageEntry:
             flat = self.decode_uncached()
             self.stats.decode_seconds += time.perf_counter() - t0
             self._decoded = weakref.ref(flat)
+        if self.offloaded is not None:
+            self.offloaded.unpacked()  # one view fewer that may still need the device copy
         return flat
 
     def decode_uncached(self) -> torch.Tensor:
@@ -691,7 +693,7 @@ class ActivationCompressor:
                     s.host_bytes += nbytes
                     s.counts["offloaded"] += 1
             if entry.offloaded is not None:
-                entry.offloaded.uses += 1
+                entry.offloaded.add_view()
         return packed
 
     def _offload_kept(self, t, storage, key, module: str, op: str) -> _Compressed:
@@ -712,7 +714,7 @@ class ActivationCompressor:
         else:
             for s in stats:
                 s.counts["shared"] += 1
-        entry.offloaded.uses += 1
+        entry.offloaded.add_view()
         return _Compressed(entry, t, t.storage_offset())
 
     def _op_format(self, call: OpCall, t: torch.Tensor, fmt: Format) -> tuple[Format, Treatment | None]:

@@ -48,6 +48,14 @@ other offload implementations are races between these steps):
 
 In-place modification of an offloaded tensor before backward raises PyTorch's error,
 as for every saved tensor (the engine's version check runs before the fetch).
+
+Limits: a tensor's device memory returns to the allocator once its copy out has
+completed (rule 2), so when forward produces faster than the copies drain, more is
+alive on the device than ``memfit.estimate`` counts (it frees offloaded tensors at
+once). Host bytes are counted per step: a second forward entered before the first
+one's backward has run is checked against the limit on its own. Checked on CPU with a
+fake transport only: its CUDA tests (tests/test_cuda.py) and DDP/FSDP2 have not run on
+a GPU yet.
 """
 
 from __future__ import annotations
@@ -219,7 +227,7 @@ class OffloadedEncoded:
     back on its device. Held by the packed object (rule 6)."""
 
     __slots__ = ("skeleton", "names", "host", "device", "order", "index", "offloader", "fake_shapes",
-                 "uses", "_incoming", "_held", "__weakref__")
+                 "views", "uses", "_incoming", "_held", "__weakref__")
 
     def __init__(self, skeleton: Encoded, names: tuple[str, ...], host: list | None, device: torch.device,
                  order: list, offloader: "Offloader", fake_shapes: list | None):
@@ -231,7 +239,8 @@ class OffloadedEncoded:
         self.index = len(order)  # its position there
         self.offloader = offloader
         self.fake_shapes = fake_shapes  # (shape, dtype) per name, for fake tensors
-        self.uses = 0  # packed objects (saved views) that will unpack it; the engine counts them
+        self.views = 0  # saved views of it (add_view)
+        self.uses = 0  # of which not yet unpacked in this backward pass
         self._incoming: list | None = None  # transfers in, started by a prefetch
         self._held: Encoded | None = None  # on the device, until its last use has unpacked it
 
@@ -250,7 +259,8 @@ class OffloadedEncoded:
 
     def restore(self) -> Encoded:
         """The encoding on its device, ready for the current stream (rules 4-6). Copied
-        back once for all the views saved of it; a retained graph copies it again."""
+        back once for all the views saved of it (held until the last has unpacked, see
+        :meth:`unpacked`); a retained graph's next backward pass copies it again."""
         restored = self._held
         if restored is None:
             self.start_fetch()
@@ -261,9 +271,22 @@ class OffloadedEncoded:
                 tensors = incoming
             self.offloader.fetched(self)
             restored = dataclasses.replace(self.skeleton, **dict(zip(self.names, tensors)))
-        self.uses -= 1
-        self._held = restored if self.uses > 0 else None  # rule 6
+            self._held = restored if self.uses > 0 else None
         return restored
+
+    def add_view(self) -> None:
+        """One more saved view will unpack it (the engine calls this as it packs)."""
+        self.views += 1
+        self.uses += 1
+
+    def unpacked(self) -> None:
+        """One saved view of it was unpacked: after the last, memfit lets go of the
+        device copy (rule 6), and counts the views again for a retained graph's next
+        backward pass."""
+        self.uses -= 1
+        if self.uses <= 0:
+            self._held = None
+            self.uses = self.views
 
 
 class Offloader:
