@@ -109,11 +109,14 @@ def test_trace_replays_the_storages_ops_make():
     from memfit.plan.reserved import AllocationTrace
 
     trace = AllocationTrace("cpu")
-    with trace:
-        a = torch.empty(3 * MiB, dtype=torch.uint8)
-        b = torch.empty(100, dtype=torch.uint8)
-        a_view = a[10:]  # a view: no new storage
-        c = torch.empty(12 * MiB, dtype=torch.uint8)
+    a = torch.empty(3 * MiB, dtype=torch.uint8)
+    b = torch.empty(100, dtype=torch.uint8)
+    a_view = a[10:]  # a view: no new storage
+    c = torch.empty(12 * MiB, dtype=torch.uint8)
+    trace.add([a])
+    trace.observe((b, a_view, None))
+    trace.observe({"c": c, "again": a})
+    trace.observe(torch.empty(2, device="meta"))  # another device: not counted
     assert trace.allocator.reserved == reserved_bytes([3 * MiB, 100, 12 * MiB])
     assert trace.allocator.allocated == 3 * MiB + 512 + 12 * MiB
     del a

@@ -52,7 +52,8 @@ as for every saved tensor (the engine's version check runs before the fetch).
 Limits: a tensor's device memory returns to the allocator once its copy out has
 completed (rule 2), so when forward produces faster than the copies drain, more is
 alive on the device than ``memfit.estimate`` counts (it frees offloaded tensors at
-once). Host bytes are counted per step: a second forward entered before the first
+once). Each process checks its own limit: with several processes on one host (DDP),
+give each an ``Offload(host_limit=...)`` share. Host bytes are counted per step: a second forward entered before the first
 one's backward has run is checked against the limit on its own. Checked on CPU with a
 fake transport only: its CUDA tests (tests/test_cuda.py) and DDP/FSDP2 have not run on
 a GPU yet.

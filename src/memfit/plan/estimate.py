@@ -488,8 +488,8 @@ def estimate(
                 trace = AllocationTrace(main_device(model).type)
                 trace.add(list(model.parameters()) + list(model.buffers()) + tensors_in(fbatch))
                 try:
-                    with trace:
-                        res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model))
+                    res = tracked_steps(model, fbatch, cfg, fn, opt, steps=steps, device=main_device(model),
+                                        observe=trace.observe)
                     res["reserved_bytes"] = trace.allocator.peak_reserved
                 except StepInputError:
                     raise  # the batch or the loss is wrong: a real step would say the same

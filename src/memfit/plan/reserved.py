@@ -22,14 +22,20 @@ It is a pure function of the sizes and their order: no GPU is needed, which is h
 is tested; ``memfit.estimate`` feeds it the step's allocations (on fake tensors) for
 :attr:`~memfit.plan.Estimate.reserved_bytes`. Not modelled: several streams (a block
 freed on one is not reused on another), expandable segments, ``max_split_size_mb``
-and ``roundup_power2_divisions``, the CUDA context and cuBLAS workspaces (outside
-the allocator's accounting).
+and ``roundup_power2_divisions``, the CUDA context (outside the allocator),
+library workspaces (cuBLAS) that no op of the step makes as a tensor, and what the
+allocator does when the device is full (it frees cached segments and retries): the
+figure is what is reserved without memory pressure.
 """
 
 from __future__ import annotations
 
 import bisect
+import weakref
 from typing import Iterable
+
+import torch
+from torch.utils._pytree import tree_flatten
 
 __all__ = ["AllocationTrace", "CachingAllocatorModel", "reserved_bytes", "round_size", "segment_size"]
 
@@ -154,26 +160,16 @@ def reserved_bytes(sizes: Iterable[int]) -> int:
 
 
 class AllocationTrace:
-    """Replays a step's tensor allocations into a :class:`CachingAllocatorModel`: a
-    ``TorchDispatchMode`` that sees each new storage an op makes on ``device_type``
-    (allocated when first seen, freed when its storage dies), plus the storages
-    :meth:`add` names (parameters, buffers, the batch: made before the step). It runs
+    """Replays a step's tensor allocations into a :class:`CachingAllocatorModel`:
+    :meth:`observe` is given each op's output (the step tracker calls it, see
+    :func:`memfit.step.tracked_steps`' ``observe``) and counts each new storage on
+    ``device_type`` (allocated when first seen, freed when its storage dies); :meth:`add`
+    names the storages made before the step (parameters, buffers, the batch). It works
     on fake tensors as on real ones; nothing is allocated for it."""
 
     def __init__(self, device_type: str):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        trace = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                trace._see_all(out)
-                return out
-
         self.device_type = device_type
         self.allocator = CachingAllocatorModel()
-        self._mode = _Mode()
         self._live: dict[int, tuple] = {}  # id(storage) -> (weakref, handle)
 
     def add(self, tensors: Iterable) -> None:
@@ -181,17 +177,19 @@ class AllocationTrace:
         for t in tensors:
             self._see(t)
 
-    def _see_all(self, out) -> None:
-        from torch.utils._pytree import tree_flatten
-
-        for t in tree_flatten(out)[0]:
-            self._see(t)
+    def observe(self, out) -> None:
+        """Count the new storages among an op's outputs ``out``."""
+        if isinstance(out, torch.Tensor):
+            self._see(out)
+        elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) or t is None for t in out):
+            for t in out:
+                if t is not None:
+                    self._see(t)
+        else:
+            for t in tree_flatten(out)[0]:
+                self._see(t)
 
     def _see(self, t) -> None:
-        import weakref
-
-        import torch
-
         if not isinstance(t, torch.Tensor) or t.device.type != self.device_type or t.is_sparse:
             return
         try:
@@ -211,10 +209,3 @@ class AllocationTrace:
             self.allocator.free(handle)
 
         self._live[key] = (weakref.ref(storage, freed), handle)
-
-    def __enter__(self) -> "AllocationTrace":
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._mode.__exit__(*exc)

@@ -102,6 +102,13 @@ def phase_tracker_class() -> type:
             self.phase_peaks: dict[str, int] = {}
             self.max_by_kind: Counter = Counter()
             self.marks: dict[str, int] = {}
+            self.observer: Callable[[Any], None] | None = None  # given each op's output
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            if self.observer is not None:
+                self.observer(out)
+            return out
 
         def _update_peak_stats(self, peak_state) -> None:
             before = self._peak_mem.get(self.device, 0)
@@ -169,6 +176,7 @@ def tracked_steps(
     steps: int = 2,
     device: torch.device | str = "cpu",
     timer: Callable[[], float] | None = None,
+    observe: Callable[[Any], None] | None = None,
 ) -> dict:
     """Run ``steps`` training steps under a MemTracker and describe the last one.
 
@@ -179,12 +187,15 @@ def tracked_steps(
     categories at the peak), ``phase_peaks``, ``max_by_kind``, ``start`` (live bytes by
     category when the last step starts), ``activation_bytes`` (live bytes added by the
     last step's first forward), ``saved_by_module``, ``host_bytes`` (offloaded to host
-    memory by the last forward), ``optimizer_bytes``, ``seconds``.
+    memory by the last forward), ``optimizer_bytes``, ``seconds``. ``observe``, if
+    given, is called with every op's output during the steps (what
+    :class:`memfit.plan.reserved.AllocationTrace` replays).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     device = torch.device(device)
     tracker = phase_tracker_class()(device)
+    tracker.observer = observe
     tracker.track_external(model, optimizer, *tensors_in(batch))
     seconds = []
     saved: dict[str, int] = {}
