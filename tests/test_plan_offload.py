@@ -101,3 +101,23 @@ def test_a_cpu_plan_does_not_offer_offload_and_reports_reserved_bytes():
     assert p.search["offload_seconds_per_byte"] is None
     with pytest.raises(TypeError, match="offload"):
         memfit.plan(model, batch, "70%", loss_fn=loss, offload="yes")
+
+
+def test_the_note_of_a_plan_that_offloads_gives_host_bytes_and_bandwidth():
+    import sys
+
+    from memfit.activations.offload import available_host_bytes
+
+    planner = sys.modules["memfit.plan.planner"]
+    p = Plan(units=[memfit.plan.UnitChoice(name="h.0", role="block", choice="offload", plain_bytes=10,
+                                           planned_bytes=1, overhead=0.0, fidelity=0.0)],
+             optimizer_name="adamw", state_bits=32, optimizer_in_backward=False, budget_bytes=100,
+             predicted_peak_bytes=90, predicted_peak_phase="backward", predicted_breakdown={},
+             predicted_overhead=0.0, fidelity_cost=0.0, plain_peak_bytes=120, plain_breakdown={},
+             predicted_host_bytes=5 * 10**6)
+    note = planner._offload_note(p, cost(1 / 25e9), True, torch.device("cuda"))
+    assert note.startswith("1 unit(s) offloaded") and "5.0 MB" in note and "25.0 GB/s" in note
+    assert "HostMemoryError" not in note
+    p.predicted_host_bytes = available_host_bytes() * 2
+    assert "HostMemoryError" in planner._offload_note(p, cost(1 / 25e9), True, torch.device("cuda"))
+    assert planner._offload_note(p, cost(None), False, torch.device("cuda")).endswith("(offload=False)")

@@ -50,6 +50,7 @@ from .._units import format_bytes
 from ..step import Loss, StepConfig, main_device
 from . import frozen as F
 from . import solver as S
+from ..activations.offload import available_host_bytes
 from .budget import parse_budget
 from .estimate import estimate
 from .peak_model import PeakModel, state_bytes
@@ -301,8 +302,13 @@ def _offload_note(p: Plan, cost: S.CostModel, offered: bool, device: torch.devic
                 "already are in host memory")
     bandwidth = 1 / cost.offload_seconds_per_byte if cost.offload_seconds_per_byte else 0.0
     n = sum(1 for u in p.units if u.choice == S.OFFLOAD)
-    return (f"{n} unit(s) offloaded to pinned host memory ({format_bytes(p.predicted_host_bytes)}; "
+    note = (f"{n} unit(s) offloaded to pinned host memory ({format_bytes(p.predicted_host_bytes)}; "
             f"host<->device copies priced at the {format_bytes(int(bandwidth))}/s measured here)")
+    available = available_host_bytes()
+    if p.predicted_host_bytes > 0.9 * available:
+        note += (f"; that is more than 90% of the {format_bytes(available)} of host memory available now, so "
+                 "the step will raise memfit.HostMemoryError: free host memory or plan with offload=False")
+    return note
 
 
 def _search_level(model, batch, loss_fn, level: F.WeightLevel, units, trace, options, cost, target, bits,
