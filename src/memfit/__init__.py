@@ -15,7 +15,11 @@
 """
 
 from . import codec, optim
-from .activations import ActivationCompressor, ActivationStats, ModuleStats, activations
+
+# memfit.activations(model, bits=4) -> ActivationCompressor: the package is callable, so
+# memfit.activations.ops & co. stay importable under the verb's name.
+from . import activations
+from .activations import ActivationCompressor, ActivationStats, ModuleStats
 
 __version__ = "0.1.0"
 __all__ = [
