@@ -20,7 +20,8 @@ import memfit.step
 SECTIONS = [
     ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats",
                         "estimate", "Estimate", "profile", "Profile", "plan", "Plan", "BudgetTooSmall",
-                        "max_batch_size", "StepConfig", "causal_lm_loss", "weights", "CompressedWeights"]),
+                        "max_batch_size", "StepConfig", "causal_lm_loss", "weights", "CompressedWeights",
+                        "KernelBackendError"]),
     ("memfit.optim", memfit.optim, list(getattr(memfit.optim, "__all__", []))),
     ("memfit.codec", memfit.codec, list(getattr(memfit.codec, "__all__", []))),
     ("memfit.step", memfit.step, ["make_optimizer", "apply", "run_step", "StepContext", "preserved_state",

@@ -15,6 +15,7 @@
 """
 
 from . import codec, optim
+from ._backends import KernelBackendError
 
 # memfit.activations(model, bits=4) -> ActivationCompressor: the package is callable, so
 # memfit.activations.ops & co. stay importable under the verb's name.
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCompressor",
     "ActivationStats",
+    "KernelBackendError",
     "ModuleStats",
     "__version__",
     "activations",
