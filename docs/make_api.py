@@ -21,7 +21,8 @@ SECTIONS = [
     ("memfit", memfit, ["activations", "ActivationCompressor", "ActivationStats", "ModuleStats", "Offload",
                         "HostMemoryError",
                         "estimate", "Estimate", "profile", "Profile", "plan", "Plan", "BudgetTooSmall",
-                        "max_batch_size", "StepConfig", "causal_lm_loss"]),
+                        "max_batch_size", "StepConfig", "causal_lm_loss", "weights", "CompressedWeights",
+                        "KernelBackendError"]),
     ("memfit.optim", memfit.optim, list(getattr(memfit.optim, "__all__", []))),
     ("memfit.codec", memfit.codec, list(getattr(memfit.codec, "__all__", []))),
     ("memfit.step", memfit.step, ["make_optimizer", "apply", "run_step", "StepContext", "preserved_state",
@@ -54,8 +55,9 @@ def own_members(cls) -> dict:
 
 
 def entry(module_name: str, name: str, obj) -> list[str]:
-    if module_name == "memfit" and name == "plan":
-        obj, title = memfit.plan.plan, "memfit.plan(...)"
+    call_name = getattr(obj, "__call_name__", None)
+    if module_name == "memfit" and call_name is not None:  # a callable package: its verb
+        obj, title = getattr(obj, call_name), f"memfit.{name}(...)"
     else:
         title = f"{module_name}.{name}"
     kind = "class" if inspect.isclass(obj) else "function"
@@ -83,7 +85,7 @@ def main() -> None:
             out += [doc, ""]
         for name in names:
             obj = getattr(module, name, None)
-            if obj is None or inspect.ismodule(obj) and name != "plan":
+            if obj is None or inspect.ismodule(obj) and getattr(obj, "__call_name__", None) is None:
                 continue
             out += entry(module_name, name, obj)
     Path(__file__).with_name("api.md").write_text("\n".join(out).rstrip() + "\n")

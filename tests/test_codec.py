@@ -635,3 +635,95 @@ def test_formats_are_frozen_values():
     assert hash(FP8Format(64)) == hash(FP8Format(64))
     with pytest.raises(Exception):
         IntFormat().bits = 4  # type: ignore[misc]
+
+
+def test_channel_absmax_is_each_columns_largest_magnitude():
+    from memfit.codec import channel_absmax
+
+    rows = torch.randn(50, 32, generator=torch.Generator().manual_seed(0))
+    rows[17, 3] = -250.0  # one token's massive activation sets its channel
+    got = channel_absmax(rows.t().contiguous().t(), 32)  # any layout: read row-major
+    assert got.dtype == torch.float32 and torch.equal(got, rows.abs().amax(dim=0))
+    assert got[3] == 250.0
+    assert torch.equal(channel_absmax(rows.bfloat16(), 32), rows.bfloat16().float().abs().amax(dim=0))
+    with pytest.raises(ValueError, match="rows of 7 channels"):
+        channel_absmax(rows, 7)
+
+
+@pytest.mark.parametrize("fmt", [IntFormat(8, block_size=8, rounding="nearest"), IntFormat(2, block_size=8),
+                                 IntFormat(4, block_size=8, symmetric=True), FP8Format(block_size=8)])
+def test_the_overflow_shortcut_agrees_with_the_block_by_block_check(fmt, monkeypatch):
+    from memfit.codec import blockwise
+
+    cases = {
+        "ordinary": torch.randn(64),
+        "zero block": torch.cat([torch.zeros(8), torch.randn(56)]),
+        "zero and subnormal blocks": torch.cat([torch.zeros(8), torch.full((8,), 1e-39), torch.randn(48)]),
+        "huge range": torch.cat([torch.tensor([-3e38, 3e38] * 4), torch.randn(56)]),
+        "near the limit": torch.cat([torch.full((8,), 3e38), torch.randn(56)]),
+    }
+    for name, x in cases.items():
+        fast = decode(encode(x, fmt, seed=1))
+        monkeypatch.setattr(blockwise, "_surely_decodable", lambda *a: False)
+        slow = decode(encode(x, fmt, seed=1))
+        monkeypatch.undo()
+        assert torch.equal(fast.nan_to_num(), slow.nan_to_num()), name
+        assert torch.isfinite(fast).all(), name
+
+
+def _outlier_rows(rows: int = 64, channels: int = 96, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, channels, generator=g)
+    x[:, 7] *= 60.0  # trained transformers' outlier channels
+    x[:, 50] *= 25.0
+    return x
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_channel_scaling_tames_outlier_channels(bits):
+    x = _outlier_rows()
+    fmt = IntFormat(bits, rounding="nearest")
+    err = {}
+    for channels in (None, 96):
+        enc = encode(x, fmt, channels=channels)
+        y = decode(enc)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        err[channels] = float((y - x).norm() / x.norm())
+        if channels:  # one fp32 factor per channel, counted in the size
+            assert enc.channel_scale is not None and enc.channel_scale.shape == (96,)
+            assert enc.nbytes == encode(x, fmt).nbytes + 96 * 4
+    # the other channels no longer share the outliers' step
+    others = [c for c in range(96) if c not in (7, 50)]
+    y_plain, y_scaled = decode(encode(x, fmt)), decode(encode(x, fmt, channels=96))
+    assert float((y_scaled - x)[:, others].norm()) < 0.5 * float((y_plain - x)[:, others].norm())
+    assert err[96] < err[None]
+
+
+def test_channel_scaling_only_where_it_pays_and_keeps_exact_values():
+    even = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+    assert encode(even, IntFormat(4), channels=64).channel_scale is None  # no outlier channel
+    assert encode(_outlier_rows(1, 96), IntFormat(4), channels=96).channel_scale is None  # one row
+    narrow = torch.randn(8, 12)
+    narrow[:, 3] *= 60.0
+    assert encode(narrow, IntFormat(4), channels=12).channel_scale is None  # too narrow
+    assert encode(_outlier_rows(), FP8Format(), channels=96).channel_scale is None  # int formats only
+    x = _outlier_rows()
+    x[3, 5], x[9, 7], x[10, 8] = float("nan"), float("inf"), 3e38  # inf in an outlier channel
+    x[:, 9] = 1e-39  # a channel of subnormals: its inverse would overflow
+    enc = encode(x, IntFormat(4, rounding="nearest"), channels=96)
+    assert enc.channel_scale is not None
+    assert enc.channel_scale[9] == 1.0 and enc.channel_scale[7] == 1.0 and enc.channel_scale[8] == 1.0
+    y = decode(enc)
+    assert torch.isnan(y[3, 5]) and y[9, 7] == math.inf and y[10, 8] == 3e38
+    finite = torch.isfinite(x)
+    assert torch.isfinite(y[finite]).all()
+
+
+def test_channel_scaling_fake_tensors_count_the_factors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(64, 96)
+        enc = encode(x, IntFormat(4), channels=96, seed=1)
+    real = encode(_outlier_rows(), IntFormat(4), channels=96, seed=1)
+    assert enc.nbytes == real.nbytes

@@ -7,6 +7,8 @@ thread-count independence, the one-step error bound and unbiasedness.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -207,3 +209,45 @@ def test_blocks_at_the_float_limits_decode_finitely_on_both_backends(cpp, dtype,
     if not stochastic:  # round-to-nearest: the two backends agree bit for bit
         (ea, ya), (eb, yb) = outs
         assert _same(ea.codes, eb.codes) and _same(ea.scale, eb.scale) and _same(ya, yb)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,channels", [(1, 16), (7, 24), (300, 768), (2048, 384)])
+def test_channel_absmax_matches_eager(cpp, dtype, rows, channels):
+    x = _data(rows * channels, dtype, seed=rows)
+    if rows > 2:
+        x.view(rows, channels)[:, 2] = float("nan")  # a column of NaNs only: 0
+        x.view(rows, channels)[rows // 2, 5] = -1e4  # a massive activation in one row
+    expect = _eager.channel_absmax(x, channels)
+    for threads in (1, 2):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = cpp.channel_absmax(x, channels)
+        finally:
+            torch.set_num_threads(old)
+        assert _same(got, expect)
+    finite = x.float().view(rows, channels).nan_to_num(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    assert torch.equal(expect, finite.abs().amax(dim=0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits,symmetric", [(8, False), (4, True), (2, False)])
+@pytest.mark.parametrize("channels,rows", [(16, 3), (100, 9), (384, 20)])
+def test_channel_scaled_codes_match_eager_bit_for_bit(cpp, dtype, bits, symmetric, channels, rows):
+    """Per-channel factors fused into the kernels (runs of one row, across block edges
+    when a row is not a whole number of blocks) give the reference's codes and values."""
+    x = _data(channels * rows, dtype, seed=channels + bits)
+    col_scale = torch.rand(channels, generator=torch.Generator().manual_seed(bits)) * 50 + 0.1
+    col_inv = 1.0 / col_scale
+    for block in (64, 256):
+        ref = _eager.quantize_int(x, bits, block, symmetric, False, 0, col_inv)
+        got = cpp.quantize_int(x, bits, block, symmetric, False, 0, col_inv)
+        for want, have in zip(ref, got):
+            assert _same(have, want)
+        for out in DTYPES:
+            want = _eager.dequantize_int(ref[0], ref[1], ref[2], bits, block, x.numel(), out, col_scale)
+            have = cpp.dequantize_int(ref[0], ref[1], ref[2], bits, block, x.numel(), out, col_scale)
+            assert _same(have, want)
+    with pytest.raises(RuntimeError, match="whole rows"):
+        cpp.quantize_int(x[:-1], bits, 64, symmetric, False, 0, col_inv)

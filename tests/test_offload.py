@@ -296,3 +296,22 @@ def test_fake_cuda_tensors_count_host_bytes_without_copying():
         handle.unpacked()
         assert back.codes.shape == enc.codes.shape and back.codes.device.type == "cuda"
         assert back.scale.shape == enc.scale.shape
+
+
+def test_every_tensor_of_an_encoding_moves_and_comes_back():
+    # Whatever the codec's layout (here codes, block scales and offsets, and the
+    # per-channel scales of outlier channels): nothing is left on the device.
+    from memfit.activations.offload import Offloader
+    from memfit.codec import IntFormat, decode, encode
+
+    x = torch.randn(64, 32)
+    x[:, 3] *= 50  # an outlier channel
+    enc = encode(x, IntFormat(bits=4, rounding="nearest"), channels=32)
+    assert enc.channel_scale is not None
+    offloader = Offloader(Offload(transport=FakeTransport()))
+    offloader.begin()
+    handle = offloader.put(enc)
+    assert set(handle.names) >= {"codes", "scale", "lo", "channel_scale"}
+    assert handle.skeleton.nbytes == 0 and offloader.host_bytes == enc.nbytes
+    handle.add_view()
+    assert torch.equal(decode(handle.restore()), decode(enc))

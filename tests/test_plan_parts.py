@@ -201,6 +201,22 @@ def test_memfit_plan_is_a_callable_package(monkeypatch):
     assert seen == [(("model", "batch", "1GB"), {"optimizer": "sgd"})]
 
 
+def test_memfit_activations_is_a_callable_package():
+    """``memfit.activations(...)`` compresses, and its modules stay importable under
+    the verb's name (a plain function there made ``from memfit.activations import
+    engine`` fail)."""
+    from memfit.activations import engine, ops  # noqa: F401
+    import memfit.activations.saved as saved_module
+
+    assert callable(memfit.activations) and memfit.activations.activations is engine.activations
+    assert memfit.activations.saved is saved_module
+    model = torch.nn.Linear(8, 8)
+    mf = memfit.activations(model, bits=4)
+    assert isinstance(mf, memfit.ActivationCompressor)
+    with mf:
+        model(torch.randn(64, 8, requires_grad=True)).sum().backward()
+
+
 def test_moved_names_keep_their_import_paths():
     from memfit import optim, step
     from memfit.plan import InBackwardOptimizer, SavedCounter, StepConfig as PlanStepConfig

@@ -16,13 +16,19 @@
 """
 
 from . import codec, optim
-from .activations import ActivationCompressor, ActivationStats, HostMemoryError, ModuleStats, Offload, activations
+from ._backends import KernelBackendError
+
+# memfit.activations(model, bits=4) -> ActivationCompressor: the package is callable, so
+# memfit.activations.ops & co. stay importable under the verb's name.
+from . import activations
+from .activations import ActivationCompressor, ActivationStats, HostMemoryError, ModuleStats, Offload
 
 __version__ = "0.1.0"
 __all__ = [
     "ActivationCompressor",
     "ActivationStats",
     "HostMemoryError",
+    "KernelBackendError",
     "ModuleStats",
     "Offload",
     "__version__",

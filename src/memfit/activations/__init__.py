@@ -1,5 +1,9 @@
 """memfit.activations: compress the tensors autograd saves for backward.
 
+The package is callable: ``memfit.activations(model, bits=4)`` is
+:func:`~memfit.activations.engine.activations`, while ``memfit.activations.ops`` and
+the other modules stay importable (:func:`memfit._callable.make_callable`).
+
 :func:`activations` returns an :class:`ActivationCompressor`, a context manager built on
 ``torch.autograd.graph.saved_tensors_hooks``; :mod:`.saved` says what a saved tensor is
 and which module saved it (the rule every memfit pack hook shares); :mod:`.ops` is the
@@ -18,3 +22,7 @@ from .saved import ModuleStack, classify
 
 __all__ = ["OP_KINDS", "ActivationCompressor", "ActivationStats", "HostMemoryError", "ModuleStack", "ModuleStats",
            "Offload", "activations", "classify"]
+
+from .._callable import make_callable  # noqa: E402
+
+make_callable(__name__, "activations")

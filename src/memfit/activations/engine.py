@@ -20,7 +20,7 @@ memfit, by :func:`memfit.activations.saved.classify`):
 * bool tensors (dropout and ReLU masks): packed losslessly to 1 bit per element;
 * float tensors: the format of the module that saved them (8/4/2-bit block-wise
   integer codes, fp8, or kept; integer codes of a tensor with a few outlier channels
-  are coded per-channel scaled, see :func:`_channel_scaled`), unless the op that
+  are coded per-channel scaled, see :func:`_channels`), unless the op that
   saves them is in the op table
   (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
   statistics), which says how that op's tensors are stored.
@@ -92,7 +92,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .._units import MB
-from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
+from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, channel_absmax, decode, encode
 from ..codec.blockwise import is_fake
 from . import fewbit
 from .ops import (
@@ -244,14 +244,12 @@ class _StorageEntry:
     through ``lookup``)."""
 
     __slots__ = ("encoded", "storage_ref", "version", "dtype", "stats", "mask_values", "lookup", "view",
-                 "channel_scale", "offloaded", "_decoded", "__weakref__")
+                 "offloaded", "_decoded", "__weakref__")
 
     def __init__(self, encoded: Encoded, storage_ref, version: int, dtype: torch.dtype, stats: ModuleStats,
                  mask_values: tuple[float, float] | None = None, lookup: torch.Tensor | None = None):
         self.encoded = encoded
         self.lookup = lookup  # few-bit levels: codes are indices into this table
-        # Per-channel scales the codes were divided by (see _channel_scaled), or None.
-        self.channel_scale: torch.Tensor | None = None
         # (size, stride) of the one view this encodes, in its element order, when the
         # view is not laid out contiguously: decoding rebuilds that layout, which
         # compiled backward graphs check.
@@ -281,9 +279,6 @@ class _StorageEntry:
     def decode_uncached(self) -> torch.Tensor:
         """The buffer the saved views are rebuilt from, decoded now."""
         flat = decode(self.encoded if self.offloaded is None else self.offloaded.restore())
-        if self.channel_scale is not None:
-            scale = self.channel_scale
-            flat = (flat.view(-1, scale.numel()).to(torch.float32) * scale).view(-1)
         if self.lookup is not None:
             flat = self.lookup[flat.round().long()]
         if flat.dtype is not self.dtype and flat.dtype is not torch.bool:
@@ -812,10 +807,10 @@ class ActivationCompressor:
                     s.stored_bytes += storage.nbytes()
         return _Kept(t)
 
-    def _encode(self, flat: torch.Tensor, fmt: Format, stats: ModuleStats) -> Encoded:
+    def _encode(self, flat: torch.Tensor, fmt: Format, stats: ModuleStats, channels: int | None = None) -> Encoded:
         seed = self._seeds.getrandbits(62) if _is_stochastic(fmt) else 0
         t0 = time.perf_counter()
-        encoded = encode(flat, fmt, seed=seed)
+        encoded = encode(flat, fmt, seed=seed, channels=channels)
         stats.encode_seconds += time.perf_counter() - t0
         return encoded
 
@@ -832,17 +827,9 @@ class ActivationCompressor:
             # ones (they may hold anything, even values near the float limits).
             flat = t.contiguous()
             entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
-        channel_scale = None
-        # Rows of channels: what linear layers save ([tokens, C], [batch, tokens, C]).
-        # The last dimension of a 4-D tensor (NCHW width, attention's keys) is no channel.
-        if isinstance(fmt, IntFormat) and t.dim() in (2, 3) and (len(entry_key) > 3 or t.is_contiguous()):
-            flat, channel_scale = _channel_scaled(flat, t.shape[-1])
-        encoded = self._encode(flat, fmt, stats[0])
+        in_order = len(entry_key) > 3 or t.is_contiguous()  # flat holds t's elements in t's order
+        encoded = self._encode(flat, fmt, stats[0], _channels(t, fmt) if in_order else None)
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
-        entry.channel_scale = channel_scale
-        if channel_scale is not None:
-            stats[0].stored_bytes += channel_scale.numel() * 4
-            stats[1].stored_bytes += channel_scale.numel() * 4
         self._entries[entry_key] = entry
         self._count_original(storage, key, stats)
         for s in stats:
@@ -912,42 +899,21 @@ def _unpack(packed) -> torch.Tensor:
     return flat.as_strided(packed.size, packed.stride, packed.offset)
 
 
-#: Channel scaling applies when the last dimension is at least this wide (and at most
-#: _MAX_CHANNELS: wider ones are vocabularies, the logits, whose columns are not
-#: channels and which would pay a scaled copy for nothing) and the largest channel's
-#: range is at least this many times the median channel's.
-_MIN_CHANNELS = 16
+#: Rows wider than this are vocabularies (the logits), whose columns are not channels:
+#: per-channel scaling would only cost them a pass.
 _MAX_CHANNELS = 16384
-_OUTLIER_SPREAD = 2.0
 
 
-def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``flat`` (row-major, rows of ``channels`` elements) divided by each channel's
-    absmax over all rows, and those scales (fp32), when a few channels are far wider
-    than the rest: the outlier channels of trained transformers. Blocks run along the
-    rows, so one outlier channel otherwise sets the step of every block it falls in.
-    ``(flat, None)`` when that does not pay (narrow rows, one row, even channels)."""
-    n = flat.numel()
-    if not _MIN_CHANNELS <= channels <= _MAX_CHANNELS or n % channels or n // channels < 2:
-        return flat, None
-    rows = flat.view(-1, channels)
-    with torch.no_grad():
-        if is_fake(flat):
-            # A memory estimate: without the data to decide, count the scales a real
-            # run may hold (the scaled copy lives only while it is coded).
-            return flat, rows.new_ones(channels, dtype=torch.float32)
-        # Over every row (a sample misses the few tokens with massive activations that
-        # pretrained models have), as two plain reductions: no full-size temporary, and
-        # about ten times faster than torch.aminmax along the rows on CPU.
-        absmax = torch.maximum(rows.amax(dim=0).abs(), rows.amin(dim=0).abs()).to(torch.float32)
-        # A channel holding inf or nan keeps scale 1 (the codec keeps those exact).
-        usable = torch.isfinite(absmax) & (absmax > 0)
-        positive = absmax[usable]
-        if positive.numel() == 0 or float(positive.max()) < _OUTLIER_SPREAD * float(positive.median()):
-            return flat, None
-        scale = torch.where(usable, absmax, torch.ones_like(absmax))
-        scaled = (rows / scale.to(rows.dtype)).view(-1)
-    return scaled, scale
+def _channels(t: torch.Tensor, fmt: Format) -> int | None:
+    """The channel count to code ``t``'s elements (in order) per-channel scaled
+    with (see :func:`memfit.codec.encode`'s ``channels``), or None. Rows of channels are
+    what linear layers save, ``[tokens, C]`` and ``[batch, tokens, C]``, laid out in
+    order; the last dimension of a 4-D tensor (NCHW width, attention's keys) is no
+    channel. Every row counts: a sample would miss the few tokens with massive
+    activations that pretrained models have."""
+    if not isinstance(fmt, IntFormat) or t.dim() not in (2, 3) or t.shape[-1] > _MAX_CHANNELS:
+        return None
+    return t.shape[-1]
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:

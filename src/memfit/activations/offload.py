@@ -79,8 +79,6 @@ __all__ = ["OFFLOAD", "CudaTransport", "HostMemoryError", "Offload", "Offloader"
 #: The setting word: ``"offload"`` alone, or ``"offload:<bits>"`` after coding.
 OFFLOAD = "offload"
 
-# Fields of an Encoded that hold tensors (the codec's layout; offload moves them all).
-_TENSOR_FIELDS = ("codes", "scale", "lo", "nonfinite_index", "nonfinite_value", "raw")
 
 
 def split_offload(value: Any) -> tuple[Any, bool]:
@@ -329,7 +327,9 @@ class Offloader:
 
     def put(self, encoded: Encoded) -> OffloadedEncoded:
         """Start copying ``encoded``'s tensors to the host (rules 1-3, 7, 9)."""
-        names = tuple(n for n in _TENSOR_FIELDS if getattr(encoded, n) is not None)
+        # Every tensor the encoding holds, whatever the codec's layout: offload moves them all.
+        names = tuple(f.name for f in dataclasses.fields(encoded)
+                      if isinstance(getattr(encoded, f.name), torch.Tensor))
         tensors = [getattr(encoded, n) for n in names]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         fake = any(is_fake(t) for t in tensors)

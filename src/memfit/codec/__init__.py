@@ -10,7 +10,7 @@ backend for CUDA is loaded when its module is installed. :func:`backend_name` sa
 which runs for a device; :mod:`memfit._backends` chooses (``MEMFIT_KERNELS``).
 """
 
-from .blockwise import Encoded, can_encode, decode, encode, is_plain_dense, tensor_nbytes
+from .blockwise import Encoded, can_encode, channel_absmax, decode, encode, is_plain_dense, tensor_nbytes
 from .formats import BitMaskFormat, FP8Format, Format, IntFormat, RawFormat
 from .kernels import backend_name
 
@@ -23,6 +23,7 @@ __all__ = [
     "RawFormat",
     "backend_name",
     "can_encode",
+    "channel_absmax",
     "decode",
     "encode",
     "is_plain_dense",

@@ -55,13 +55,14 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def quantize_int(
-    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int
+    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int,
+    col_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     seed = int(seed) & 0xFFFFFFFFFFFFFFFF
     if seed >= 1 << 63:
         seed -= 1 << 64
     codes, scale, lo, nonfinite = _ext.quantize_int(
-        _flat(x), int(bits), int(block), bool(symmetric), bool(stochastic), seed
+        _flat(x), int(bits), int(block), bool(symmetric), bool(stochastic), seed, col_inv
     )
     return codes, scale, (None if symmetric else lo), nonfinite
 
@@ -74,9 +75,10 @@ def dequantize_int(
     block: int,
     n: int,
     out_dtype: torch.dtype,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     dt = _out_dtype(out_dtype)
-    out = _ext.dequantize_int(codes, scale, lo, int(bits), int(block), int(n), dt)
+    out = _ext.dequantize_int(codes, scale, lo, int(bits), int(block), int(n), dt, col_scale)
     return out if dt is out_dtype else out.to(out_dtype)
 
 
@@ -103,3 +105,7 @@ def pack_bits(x: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(codes: torch.Tensor, n: int) -> torch.Tensor:
     return _ext.unpack_bits(codes if codes.is_contiguous() else codes.contiguous(), int(n))
+
+
+def channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return _ext.channel_absmax(_flat(x), int(channels))

@@ -35,13 +35,19 @@ def block_min_max(xb: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def quantize_int(
-    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int
+    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int,
+    col_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a contiguous 1-D float tensor. Returns ``(codes, scale, lo, nonfinite_block)``;
-    ``lo`` is None for the symmetric layout. Non-finite elements get code 0."""
+    ``lo`` is None for the symmetric layout. Non-finite elements get code 0.
+
+    ``col_inv`` (fp32, ``[C]``): the tensor is rows of ``C`` channels, each multiplied
+    by its factor (in fp32) before it is quantized."""
     n = x.numel()
     nb = -(-n // block)
     xf = x.to(torch.float32)
+    if col_inv is not None:
+        xf = (xf.view(-1, col_inv.numel()) * col_inv).view(-1)
     if nb * block != n:
         xf = torch.nn.functional.pad(xf, (0, nb * block - n))
     xb = xf.view(nb, block)
@@ -97,7 +103,10 @@ def dequantize_int(
     block: int,
     n: int,
     out_dtype: torch.dtype,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """The ``n`` values ``codes`` stand for, as ``out_dtype``; with ``col_scale`` (fp32,
+    ``[C]``) each channel of the rows of ``C`` is multiplied back, in fp32, first."""
     nb = scale.numel()
     q = _unpack_codes(codes, bits).view(nb, block).to(torch.float32)
     if lo is None:
@@ -105,7 +114,10 @@ def dequantize_int(
         x = (q - mid) * scale[:, None]
     else:
         x = lo[:, None] + q * scale[:, None]
-    return x.reshape(-1)[:n].to(out_dtype)
+    x = x.reshape(-1)[:n]
+    if col_scale is not None:
+        x = (x.view(-1, col_scale.numel()) * col_scale).view(-1)
+    return x.to(out_dtype)
 
 
 FP8_MAX = 448.0
@@ -157,3 +169,14 @@ def unpack_bits(codes: torch.Tensor, n: int) -> torch.Tensor:
     shifts = torch.arange(8, device=codes.device, dtype=torch.uint8)
     bits = (codes[:, None] >> shifts) & 1
     return bits.reshape(-1)[:n].to(torch.bool)
+
+
+def channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Largest ``|x|`` of each column of ``x`` read as row-major ``[-1, channels]``, in
+    fp32. NaNs are ignored (a column of NaNs only gives 0); infinities count."""
+    rows = x.reshape(-1, channels)
+    amax, amin = rows.amax(dim=0), rows.amin(dim=0)  # two reductions, no |x| copy
+    if bool(torch.isnan(amax).any() | torch.isnan(amin).any()):
+        rows = rows.nan_to_num(nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        amax, amin = rows.amax(dim=0), rows.amin(dim=0)
+    return torch.maximum(amax.abs(), amin.abs()).to(torch.float32)

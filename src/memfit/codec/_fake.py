@@ -136,7 +136,7 @@ def _scratch(op: str, like: torch.Tensor, n: int, dtype: torch.dtype, block: int
         del scratch
 
 
-def quantize_int(x, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int):
+def quantize_int(x, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int, col_inv=None):
     n = x.numel()
     nb = -(-n // block)
     codes = torch.empty(nb * block * bits // 8, dtype=torch.uint8, device=x.device)
@@ -147,7 +147,7 @@ def quantize_int(x, bits: int, block: int, symmetric: bool, stochastic: bool, se
     return codes, scale, lo, nonfinite
 
 
-def dequantize_int(codes, scale, lo, bits: int, block: int, n: int, out_dtype: torch.dtype):
+def dequantize_int(codes, scale, lo, bits: int, block: int, n: int, out_dtype: torch.dtype, col_scale=None):
     out = torch.empty(n, dtype=out_dtype, device=codes.device)
     _scratch("dequantize_int", codes, n, out_dtype, block, (bits, lo is None))
     return out

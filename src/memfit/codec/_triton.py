@@ -24,6 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+# A column reduction that PyTorch's own CUDA kernels already do in one pass.
+from ._eager import channel_absmax  # noqa: F401
+
 NAME = "triton"
 
 # Elements per program: a tile of whole blocks. The interpreter runs programs one after
@@ -345,12 +348,16 @@ def _out_buffer(n: int, out_dtype: torch.dtype, device: torch.device) -> tuple[t
 
 
 def quantize_int(
-    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int
+    x: torch.Tensor, bits: int, block: int, symmetric: bool, stochastic: bool, seed: int,
+    col_inv: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Quantize a contiguous 1-D float tensor. Returns ``(codes, scale, lo, nonfinite_block)``;
-    ``lo`` is None for the symmetric layout (as :func:`memfit.codec._eager.quantize_int`)."""
+    ``lo`` is None for the symmetric layout (as :func:`memfit.codec._eager.quantize_int`).
+    Per-channel factors ``col_inv`` are applied by one PyTorch multiply before the kernel."""
     if bits not in (2, 4, 8):
         raise ValueError(f"quantize_int: bits must be 2, 4 or 8, got {bits!r}")
+    if col_inv is not None:
+        x = (x.to(torch.float32).view(-1, col_inv.numel()) * col_inv).view(-1)
     x, bf16, nb = _float_blocks(x, block, "quantize_int")
     dev = x.device
     per_byte = 8 // bits
@@ -379,10 +386,15 @@ def dequantize_int(
     block: int,
     n: int,
     out_dtype: torch.dtype,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The ``n`` values that :func:`quantize_int`'s output stands for, as ``out_dtype``."""
+    """The ``n`` values that :func:`quantize_int`'s output stands for, as ``out_dtype``
+    (per-channel factors ``col_scale`` multiplied back in fp32 by PyTorch, after the kernel)."""
     if bits not in (2, 4, 8):
         raise ValueError(f"dequantize_int: bits must be 2, 4 or 8, got {bits!r}")
+    if col_scale is not None:
+        x = dequantize_int(codes, scale, lo, bits, block, n, torch.float32)
+        return (x.view(-1, col_scale.numel()) * col_scale).view(-1).to(out_dtype)
     _check_codes(codes, scale, bits, block, n, "dequantize_int")
     nb = scale.numel()
     per_byte = 8 // bits

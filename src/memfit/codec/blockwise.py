@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,9 @@ class Encoded:
     nonfinite_index: torch.Tensor | None = None
     nonfinite_value: torch.Tensor | None = None
     raw: torch.Tensor | None = field(default=None, repr=False)
+    #: Per-channel factors (fp32, ``[C]``) the values were divided by before coding, and
+    #: are multiplied by when decoded; None when the tensor was coded as it is.
+    channel_scale: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -52,7 +57,7 @@ class Encoded:
     def nbytes(self) -> int:
         """Bytes actually held by this object's tensors."""
         total = 0
-        for t in (self.codes, self.scale, self.lo, self.nonfinite_index, self.nonfinite_value):
+        for t in (self.codes, self.scale, self.lo, self.nonfinite_index, self.nonfinite_value, self.channel_scale):
             if t is not None:
                 total += t.numel() * t.element_size()
         if self.raw is not None:
@@ -103,7 +108,7 @@ def can_encode(x: torch.Tensor, fmt: Format) -> bool:
     return x.dtype in FLOAT_DTYPES
 
 
-def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
+def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None, channels: int | None = None) -> Encoded:
     """Compress ``x`` in format ``fmt``.
 
     Any shape works (empty, 0-dim, non-contiguous views); the result is about the
@@ -116,6 +121,14 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
 
     ``seed`` fixes the stochastic-rounding noise; by default a private stream is used,
     never the global RNG.
+
+    ``channels``: ``x`` is rows of this many channels (the last dimension of what a
+    linear layer sees). Under an :class:`IntFormat`, when a few channels are far wider
+    than the rest (trained transformers' outlier channels: the widest at least
+    ``OUTLIER_SPREAD`` times the median), each channel is divided by its largest
+    magnitude before coding and multiplied back when decoded, so that one outlier
+    channel does not set the step of every block it falls in (blocks run along the
+    rows). It costs one fp32 per channel; see :func:`channel_scales`.
     """
     if not can_encode(x, fmt):
         if isinstance(fmt, BitMaskFormat) and is_plain_dense(x):
@@ -135,18 +148,24 @@ def encode(x: torch.Tensor, fmt: Format, *, seed: int | None = None) -> Encoded:
     if flat.numel() == 0:
         return Encoded(fmt, x.shape, x.dtype, codes=flat.new_empty(0, dtype=torch.uint8),
                        scale=flat.new_empty(0, dtype=torch.float32))
+    channel_scale = None
     if isinstance(fmt, IntFormat):
         stochastic = fmt.rounding == "stochastic"
+        col_inv = None
+        if channels is not None:
+            channel_scale = channel_scales(flat, channels)
+            if channel_scale is not None:
+                col_inv = 1.0 / channel_scale
         codes, scale, lo, nonfinite_block = k.quantize_int(
             flat, fmt.bits, fmt.block_size, fmt.symmetric, stochastic,
-            (_next_seed() if seed is None else seed) if stochastic else 0,
+            (_next_seed() if seed is None else seed) if stochastic else 0, col_inv,
         )
     elif isinstance(fmt, FP8Format):
         codes, scale, nonfinite_block = k.quantize_fp8(flat, fmt.block_size)
         lo = None
     else:
         raise TypeError(f"unknown format {fmt!r}")
-    enc = Encoded(fmt, x.shape, x.dtype, codes=codes, scale=scale, lo=lo)
+    enc = Encoded(fmt, x.shape, x.dtype, codes=codes, scale=scale, lo=lo, channel_scale=channel_scale)
     if fake:
         return enc
     overflow_block = _overflow_blocks(fmt, scale, lo)
@@ -167,6 +186,8 @@ def _overflow_blocks(fmt: Format, scale: torch.Tensor, lo: torch.Tensor | None) 
     limit, or the scale is so small (subnormal values only) that its inverse, by
     which the kernels multiply, overflows. Their elements are stored exactly beside the codes, like non-finite ones,
     so every backend decodes them the same way and finitely."""
+    if scale.numel() and _surely_decodable(fmt, scale, lo):
+        return None
     if isinstance(fmt, IntFormat):
         if lo is None:
             top = ((1 << (fmt.bits - 1)) - 1) * scale
@@ -176,6 +197,74 @@ def _overflow_blocks(fmt: Format, scale: torch.Tensor, lo: torch.Tensor | None) 
         top = FP8_MAX * scale
     bad = ~torch.isfinite(top) | ((scale > 0) & ~torch.isfinite(1.0 / scale))
     return bad if bool(bad.any()) else None
+
+
+# The smallest scale whose fp32 inverse is finite, and the largest finite fp32.
+_MIN_INVERTIBLE = 1.0 / torch.finfo(torch.float32).max
+_F32_MAX = torch.finfo(torch.float32).max
+
+
+def _surely_decodable(fmt: Format, scale: torch.Tensor, lo: torch.Tensor | None) -> bool:
+    """A sufficient condition for :func:`_overflow_blocks` to find none, from the
+    extremes of ``scale`` (and ``lo``) alone: a couple of reductions instead of a
+    pass of element-wise tests, which every encode would otherwise pay. False only
+    means "look block by block"."""
+    smin, smax = (float(v) for v in torch.aminmax(scale))
+    if smin == 0.0:  # all-zero blocks: the smallest positive scale is what matters
+        smin = float(torch.where(scale > 0, scale, math.inf).amin())
+    if not (smin >= _MIN_INVERTIBLE and math.isfinite(smax)):
+        return False
+    if isinstance(fmt, IntFormat):
+        if lo is None:
+            top = ((1 << (fmt.bits - 1)) - 1) * smax
+        else:
+            lmin, lmax = (float(v) for v in torch.aminmax(lo))
+            top = max(abs(lmin), abs(lmax)) + fmt.levels * smax
+    else:
+        top = FP8_MAX * smax
+    return top < 0.5 * _F32_MAX  # margin for fp32 rounding of the kernels' products
+
+
+def channel_absmax(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The largest ``|x|`` of each of ``channels`` columns of ``x`` read row-major as
+    ``[-1, channels]`` (fp32, one pass on CPU): what per-channel scaling needs to know
+    before coding. NaNs are ignored; infinities count. ``x`` must be a plain dense
+    float tensor whose size is a multiple of ``channels``."""
+    if channels <= 0 or x.numel() % channels:
+        raise ValueError(f"channel_absmax: {x.numel()} elements are not rows of {channels} channels")
+    flat = x.detach().reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if is_fake(flat) or flat.numel() == 0:
+        return flat.new_zeros(channels, dtype=torch.float32)
+    return _kernels_for(flat).channel_absmax(flat, channels)
+
+
+#: Per-channel scaling applies to rows of at least this many channels, when the widest
+#: channel's largest magnitude is at least OUTLIER_SPREAD times the median channel's.
+MIN_CHANNELS = 16
+OUTLIER_SPREAD = 2.0
+
+
+def channel_scales(x: torch.Tensor, channels: int) -> torch.Tensor | None:
+    """The factors :func:`encode` divides ``x``'s channels by (each channel's largest
+    finite magnitude; 1 for an all-zero channel, or one with infinities or magnitudes
+    near the float limits), or None when scaling
+    does not pay: fewer than ``MIN_CHANNELS`` channels, fewer than two rows, a size
+    that is not whole rows, or channels of even width. For a fake tensor (a memory
+    estimate, no data to decide from) the factors a real run may hold."""
+    n = x.numel()
+    if channels < MIN_CHANNELS or n % channels or n // channels < 2:
+        return None
+    if is_fake(x):
+        return x.new_ones(channels, dtype=torch.float32)
+    absmax = channel_absmax(x, channels)
+    # Channels whose factor or its inverse would leave fp32's range keep factor 1.
+    usable = (absmax >= _MIN_INVERTIBLE) & (absmax <= 0.25 * _F32_MAX)
+    positive = absmax[usable]
+    if positive.numel() == 0 or float(positive.max()) < OUTLIER_SPREAD * float(positive.median()):
+        return None
+    return torch.where(usable, absmax, torch.ones_like(absmax))
 
 
 def decode(enc: Encoded) -> torch.Tensor:
@@ -192,7 +281,8 @@ def decode(enc: Encoded) -> torch.Tensor:
     if n == 0:
         return torch.empty(enc.shape, dtype=enc.dtype, device=enc.codes.device)
     if isinstance(fmt, IntFormat):
-        flat = k.dequantize_int(enc.codes, enc.scale, enc.lo, fmt.bits, fmt.block_size, n, enc.dtype)
+        flat = k.dequantize_int(enc.codes, enc.scale, enc.lo, fmt.bits, fmt.block_size, n, enc.dtype,
+                                enc.channel_scale)
     else:
         flat = k.dequantize_fp8(enc.codes, enc.scale, fmt.block_size, n, enc.dtype)
     if enc.nonfinite_index is not None:

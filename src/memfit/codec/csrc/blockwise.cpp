@@ -317,9 +317,12 @@ inline void quant_block(const typename E::T* x, int64_t nvalid, const QParams& p
   }
 }
 
+// Per-channel scaling (``ci``, one multiplier per column of rows of ``C`` elements, or
+// null): such blocks are multiplied into a zero-padded fp32 copy first, as is the last
+// partial block, so that quant_block sees what the eager reference quantizes.
 template <class E, int BITS>
-void quantize_int_impl(const torch::Tensor& x, const QParams& p, torch::Tensor& codes,
-                       torch::Tensor& scale, float* lo_ptr, torch::Tensor& nf) {
+void quantize_int_impl(const torch::Tensor& x, const QParams& p, const float* ci, int64_t C,
+                       torch::Tensor& codes, torch::Tensor& scale, float* lo_ptr, torch::Tensor& nf) {
   using T = typename E::T;
   const int64_t n = x.numel();
   const int64_t block = p.block;
@@ -330,28 +333,54 @@ void quantize_int_impl(const torch::Tensor& x, const QParams& p, torch::Tensor& 
   bool* np = nf.data_ptr<bool>();
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * block;
       const int64_t nvalid = std::min(block, n - start);
       uint8_t* cb = cp + start * BITS / 8;
       float* lb = lo_ptr ? lo_ptr + b : nullptr;
-      if (nvalid == block) {
+      if (nvalid == block && ci == nullptr) {
         quant_block<E, BITS>(xp + start, block, p, static_cast<uint64_t>(start), cb, sp + b, lb, np + b);
-      } else {  // the last, partial block: zero-pad a copy
-        std::vector<float> buf(block, 0.0f);
-        for (int64_t j = 0; j < nvalid; ++j) buf[j] = E::load(xp[start + j]);
-        quant_block<F32, BITS>(buf.data(), nvalid, p, static_cast<uint64_t>(start), cb, sp + b, lb, np + b);
+        continue;
       }
+      buf.resize(block);
+      float* f = buf.data();
+      const T* xs = xp + start;
+      if (ci != nullptr) {
+        int64_t c = start % C;
+        for (int64_t j = 0; j < nvalid;) {  // runs of one row: a plain, vectorizable loop
+          const int64_t run = std::min(nvalid - j, C - c);
+          for (int64_t k = 0; k < run; ++k) f[j + k] = E::load(xs[j + k]) * ci[c + k];
+          j += run;
+          c = 0;
+        }
+      } else {
+        for (int64_t j = 0; j < nvalid; ++j) f[j] = E::load(xs[j]);
+      }
+      std::fill(f + nvalid, f + block, 0.0f);
+      quant_block<F32, BITS>(f, nvalid, p, static_cast<uint64_t>(start), cb, sp + b, lb, np + b);
     }
   });
 }
 
 template <class E>
-void quantize_int_bits(int64_t bits, const torch::Tensor& x, const QParams& p, torch::Tensor& codes,
-                       torch::Tensor& scale, float* lo_ptr, torch::Tensor& nf) {
-  if (bits == 8) quantize_int_impl<E, 8>(x, p, codes, scale, lo_ptr, nf);
-  else if (bits == 4) quantize_int_impl<E, 4>(x, p, codes, scale, lo_ptr, nf);
-  else quantize_int_impl<E, 2>(x, p, codes, scale, lo_ptr, nf);
+void quantize_int_bits(int64_t bits, const torch::Tensor& x, const QParams& p, const float* ci, int64_t C,
+                       torch::Tensor& codes, torch::Tensor& scale, float* lo_ptr, torch::Tensor& nf) {
+  if (bits == 8) quantize_int_impl<E, 8>(x, p, ci, C, codes, scale, lo_ptr, nf);
+  else if (bits == 4) quantize_int_impl<E, 4>(x, p, ci, C, codes, scale, lo_ptr, nf);
+  else quantize_int_impl<E, 2>(x, p, ci, C, codes, scale, lo_ptr, nf);
+}
+
+// The per-column multipliers of an optional ``[C]`` fp32 tensor, or null; checks that
+// ``n`` elements are whole rows of C.
+const float* column_factors(const std::optional<torch::Tensor>& t, int64_t n, int64_t& C) {
+  C = 1;
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->dim() == 1 && t->is_contiguous(),
+              "channel factors must be a contiguous 1-D float32 CPU tensor");
+  C = t->numel();
+  TORCH_CHECK(C > 0 && n % C == 0, "the tensor is not whole rows of ", C, " channels");
+  return t->data_ptr<float>();
 }
 
 void check_input(const torch::Tensor& x) {
@@ -363,7 +392,8 @@ void check_input(const torch::Tensor& x) {
 }
 
 std::vector<torch::Tensor> quantize_int(const torch::Tensor& x, int64_t bits, int64_t block,
-                                        bool symmetric, bool stochastic, int64_t seed) {
+                                        bool symmetric, bool stochastic, int64_t seed,
+                                        const std::optional<torch::Tensor>& col_inv) {
   check_input(x);
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
   TORCH_CHECK(block >= 8 && block % 8 == 0, "block must be a positive multiple of 8");
@@ -386,18 +416,20 @@ std::vector<torch::Tensor> quantize_int(const torch::Tensor& x, int64_t bits, in
   p.k0 = static_cast<uint32_t>(k);
   p.k1 = static_cast<uint32_t>(k >> 32);
   float* lo_ptr = symmetric ? nullptr : lo.data_ptr<float>();
+  int64_t C;
+  const float* ci = column_factors(col_inv, n, C);
   switch (x.scalar_type()) {
-    case at::kFloat: quantize_int_bits<F32>(bits, x, p, codes, scale, lo_ptr, nf); break;
-    case at::kBFloat16: quantize_int_bits<BF16>(bits, x, p, codes, scale, lo_ptr, nf); break;
-    default: quantize_int_bits<F16>(bits, x, p, codes, scale, lo_ptr, nf); break;
+    case at::kFloat: quantize_int_bits<F32>(bits, x, p, ci, C, codes, scale, lo_ptr, nf); break;
+    case at::kBFloat16: quantize_int_bits<BF16>(bits, x, p, ci, C, codes, scale, lo_ptr, nf); break;
+    default: quantize_int_bits<F16>(bits, x, p, ci, C, codes, scale, lo_ptr, nf); break;
   }
   return {codes, scale, lo, nf};
 }
 
 // ---------------------------------------------------------------- int dequantize
 template <class E, int BITS>
-void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, int64_t block, int64_t n,
-                         float mid, typename E::T* op) {
+void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, const float* cs, int64_t C,
+                         int64_t block, int64_t n, float mid, typename E::T* op) {
   const int64_t nb = (n + block - 1) / block;
   const int64_t grain = std::max<int64_t>(1, 32768 / block);
   at::parallel_for(0, nb, grain, [&](int64_t b0, int64_t b1) {
@@ -421,6 +453,15 @@ void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, in
         } else {
           for (int64_t k = 0; k < len; ++k) f[k] = (static_cast<float>(q[k]) - mid) * scale;
         }
+        if (cs != nullptr) {  // per-channel scaling, undone in fp32 before the output cast
+          int64_t c = (start + c0) % C;
+          for (int64_t k = 0; k < len;) {
+            const int64_t run = std::min(len - k, C - c);
+            for (int64_t r = 0; r < run; ++r) f[k + r] *= cs[c + r];
+            k += run;
+            c = 0;
+          }
+        }
         if (!std::is_same<E, F32>::value) {
           int64_t k = 0;
           for (; k + 8 <= len; k += 8) E::store8(oc + k, vload<v8f>(f + k));
@@ -432,12 +473,12 @@ void dequantize_int_impl(const uint8_t* cp, const float* sp, const float* lp, in
 }
 
 template <class E>
-void dequantize_int_bits(int64_t bits, const uint8_t* cp, const float* sp, const float* lp, int64_t block,
-                         int64_t n, float mid, void* op) {
+void dequantize_int_bits(int64_t bits, const uint8_t* cp, const float* sp, const float* lp, const float* cs,
+                         int64_t C, int64_t block, int64_t n, float mid, void* op) {
   auto o = static_cast<typename E::T*>(op);
-  if (bits == 8) dequantize_int_impl<E, 8>(cp, sp, lp, block, n, mid, o);
-  else if (bits == 4) dequantize_int_impl<E, 4>(cp, sp, lp, block, n, mid, o);
-  else dequantize_int_impl<E, 2>(cp, sp, lp, block, n, mid, o);
+  if (bits == 8) dequantize_int_impl<E, 8>(cp, sp, lp, cs, C, block, n, mid, o);
+  else if (bits == 4) dequantize_int_impl<E, 4>(cp, sp, lp, cs, C, block, n, mid, o);
+  else dequantize_int_impl<E, 2>(cp, sp, lp, cs, C, block, n, mid, o);
 }
 
 void check_codes(const torch::Tensor& codes, const torch::Tensor& scale, int64_t bits, int64_t block, int64_t n) {
@@ -452,7 +493,7 @@ void check_codes(const torch::Tensor& codes, const torch::Tensor& scale, int64_t
 
 torch::Tensor dequantize_int(const torch::Tensor& codes, const torch::Tensor& scale,
                              const std::optional<torch::Tensor>& lo, int64_t bits, int64_t block, int64_t n,
-                             at::ScalarType out_dtype) {
+                             at::ScalarType out_dtype, const std::optional<torch::Tensor>& col_scale) {
   TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "bits must be 8, 4 or 2");
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "out dtype must be float32, bfloat16 or float16");
@@ -468,10 +509,12 @@ torch::Tensor dequantize_int(const torch::Tensor& codes, const torch::Tensor& sc
   const float mid = static_cast<float>((1 << (bits - 1)) - 1);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
+  int64_t C;
+  const float* cs = column_factors(col_scale, n, C);
   switch (out_dtype) {
-    case at::kFloat: dequantize_int_bits<F32>(bits, cp, sp, lp, block, n, mid, out.data_ptr()); break;
-    case at::kBFloat16: dequantize_int_bits<BF16>(bits, cp, sp, lp, block, n, mid, out.data_ptr()); break;
-    default: dequantize_int_bits<F16>(bits, cp, sp, lp, block, n, mid, out.data_ptr()); break;
+    case at::kFloat: dequantize_int_bits<F32>(bits, cp, sp, lp, cs, C, block, n, mid, out.data_ptr()); break;
+    case at::kBFloat16: dequantize_int_bits<BF16>(bits, cp, sp, lp, cs, C, block, n, mid, out.data_ptr()); break;
+    default: dequantize_int_bits<F16>(bits, cp, sp, lp, cs, C, block, n, mid, out.data_ptr()); break;
   }
   return out;
 }
@@ -647,6 +690,47 @@ torch::Tensor unpack_bits(const torch::Tensor& codes, int64_t n) {
   return out;
 }
 
+
+// ---------------------------------------------------------------- channel absmax
+// Largest |x| of each column of a row-major [rows, C] tensor: one pass. Row ranges are
+// split over threads, each keeping its own column maxima, then combined. NaNs never
+// win a comparison (a NaN-only column gives 0); infinities do.
+template <class E>
+void channel_absmax_rows(const typename E::T* x, int64_t r0, int64_t r1, int64_t C, float* m) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const typename E::T* row = x + r * C;
+    for (int64_t j = 0; j < C; ++j) {
+      const float v = std::fabs(E::load(row[j]));
+      m[j] = m[j] < v ? v : m[j];
+    }
+  }
+}
+
+torch::Tensor channel_absmax(const torch::Tensor& x, int64_t C) {
+  check_input(x);
+  TORCH_CHECK(C > 0 && x.numel() % C == 0, "channel_absmax: numel must be a multiple of C");
+  const int64_t rows = x.numel() / C;
+  const int64_t threads = at::get_num_threads();
+  auto partial = torch::zeros({threads, C}, x.options().dtype(at::kFloat));
+  float* pp = partial.data_ptr<float>();
+  // Rows go to threads in ranges of at least about 256 K elements: smaller tensors are
+  // done by one thread, for which waking the others costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / C);
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    float* m = pp + at::get_thread_num() * C;
+    switch (x.scalar_type()) {
+      case at::kFloat: channel_absmax_rows<F32>(x.data_ptr<float>(), r0, r1, C, m); break;
+      case at::kBFloat16:
+        channel_absmax_rows<BF16>(reinterpret_cast<const uint16_t*>(x.data_ptr()), r0, r1, C, m);
+        break;
+      default: channel_absmax_rows<F16>(reinterpret_cast<const F16::T*>(x.data_ptr()), r0, r1, C, m); break;
+    }
+  });
+  for (int64_t t = 1; t < threads; ++t)  // thread 0's row collects the others
+    for (int64_t j = 0; j < C; ++j) pp[j] = pp[j] < pp[t * C + j] ? pp[t * C + j] : pp[j];
+  return partial[0].clone();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -658,4 +742,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize_fp8", &dequantize_fp8, gil(), "block-wise fp8 e4m3 dequantize");
   m.def("pack_bits", &pack_bits, gil(), "1-bit packing");
   m.def("unpack_bits", &unpack_bits, gil(), "1-bit unpacking");
+  m.def("channel_absmax", &channel_absmax, gil(), "largest |x| of each column of a [rows, C] tensor");
 }
