@@ -169,8 +169,18 @@ def test_refuses_deepspeed_and_fsdp_strategies():
         _setup(MemfitCallback(bits=8, verbose=False), GPTModule(), strategy=DeepSpeedStrategy())
     with pytest.raises(IncompatibleSetup, match="FSDPStrategy"):
         _setup(MemfitCallback(bits=8, verbose=False), GPTModule(), strategy=FSDPStrategy())
-    with pytest.raises(IncompatibleSetup, match="2 processes"):
+    with pytest.raises(IncompatibleSetup, match="2 processes under the SimpleNamespace strategy"):
         _setup(MemfitCallback(budget="1GB", verbose=False), GPTModule(), world_size=2)
+
+    class DDPStrategy:
+        pass
+
+    class ModelParallelStrategy:
+        pass
+
+    # a per-rank budget under DDP and FSDP2 (tests/test_integrations_lightning_distributed.py runs them)
+    for strategy in (DDPStrategy(), ModelParallelStrategy()):
+        _setup(MemfitCallback(budget="1GB", verbose=False), GPTModule(), strategy=strategy, world_size=2)
 
 
 def test_refuses_budget_with_manual_optimization():

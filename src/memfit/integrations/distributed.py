@@ -94,6 +94,25 @@ def _fsdp2_objects(model: torch.nn.Module) -> list:
     return objs
 
 
+def _fsdp2_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost FSDP modules in ``model``: ``model`` itself when it was sharded
+    last, or the submodules a wrapper holds (a LightningModule whose
+    ``configure_model`` shards ``self.model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[torch.nn.Module] = []
+
+    def walk(m: torch.nn.Module) -> None:
+        if isinstance(m, FSDPModule):
+            roots.append(m)
+            return
+        for child in m.children():
+            walk(child)
+
+    walk(model)
+    return roots
+
+
 @contextlib.contextmanager
 def fsdp2_state_kept(model: torch.nn.Module) -> Iterator[None]:
     """Estimate or plan an FSDP2 model in the block and train it afterwards.
@@ -109,8 +128,8 @@ def fsdp2_state_kept(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     try:
-        root = model._get_fsdp_state()
-        root._lazy_init()
+        for root in _fsdp2_roots(model):
+            root._get_fsdp_state()._lazy_init()
         objs = _fsdp2_objects(model)
     except AttributeError as exc:
         raise IncompatibleSetup(
