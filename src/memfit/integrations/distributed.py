@@ -245,13 +245,13 @@ def _attempt(fn: Callable[[], Any]) -> tuple:
         return ("error", traceback.format_exc())
 
 
-def _step_seconds(model, batch, loss_fn) -> float:
+def _step_seconds(model, batch, loss_fn, autocast) -> float:
     """A plain forward+backward's seconds on this rank (real steps, with FSDP2's
     collectives: every rank runs it), for the planner instead of its own profile,
     which would run real steps after fake ones."""
-    from memfit.plan import profile
+    from memfit.plan import StepConfig, profile
 
-    prof = profile(model, batch, loss_fn=loss_fn, steps=2)
+    prof = profile(model, batch, loss_fn=loss_fn, steps=2, config=StepConfig(autocast=autocast))
     return float(prof.forward_seconds + prof.backward_seconds) or float(prof.step_seconds) or 1.0
 
 
@@ -287,9 +287,10 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
         )
 
     extra: dict[str, Any] = {"optimizer_in_backward": False}
+    autocast = settings.plan_kwargs.get("autocast")
     if parallel == "fsdp2" and "step_seconds" not in settings.plan_kwargs:
         # real steps, before any fake one: the planner's own profile would run them after
-        seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn)))
+        seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn, autocast)))
         extra["step_seconds"] = max(seconds)
 
     kept = fsdp2_state_kept(model) if parallel == "fsdp2" else contextlib.nullcontext()
@@ -298,7 +299,8 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
             budget = settings.budget
             if isinstance(budget, str) and budget.strip().endswith("%"):
                 # of this rank's plain peak, DDP's buckets included
-                plain = memfit.estimate(model, batch, settings.optimizer, loss_fn=loss_fn).peak_bytes
+                plain = memfit.estimate(model, batch, settings.optimizer, loss_fn=loss_fn,
+                                        autocast=autocast).peak_bytes
                 return parse_budget(budget, plain_peak_bytes=plain + reserve)
             return parse_budget(budget)
 
