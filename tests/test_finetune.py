@@ -243,6 +243,10 @@ def test_bf16_autocast_plan_fits_its_measured_budget():
     assert model(**batch).logits.dtype == torch.float32
     again = memfit.Plan.from_json(p.to_json(), model=model)
     assert again.autocast == "bf16" and again.config == p.config
+    bad = p.to_dict()
+    bad["autocast"] = "int8"
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16', 'fp16'"):
+        memfit.Plan.from_dict(bad)
     # max_batch_size takes the same step option, and plan= carries it
     ids = batch["input_ids"]
 
