@@ -266,6 +266,13 @@ def test_plan_weights_and_accumulation_options(capsys, tmp_path):
     assert auto["plain_peak_bytes"] != data["plain_peak_bytes"]
     assert main([*base, "--budget", "1GB", "--weights", "fp8"]) == 2
     assert "--weights 'fp8'" in capsys.readouterr().err
+    # the chunked loss on the LoRA model (peft's wrapper around the causal LM)
+    rc, chunked = run_json(capsys, *base, "--budget", "90%", "--weights", "none", "--loss", "chunked")
+    assert rc == 0 and chunked["plain_peak_bytes"] < data["plain_peak_bytes"]
+    est = ["estimate", "--model", path, "--batch", "2x32", "--lora", "4"]
+    rc, own = run_json(capsys, *est)
+    rc2, chunked = run_json(capsys, *est, "--loss", "chunked")
+    assert rc == rc2 == 0 and chunked["peak_bytes"] < own["peak_bytes"]
 
 
 def test_budget_too_small_recommends_chunked_loss_option(capsys):
