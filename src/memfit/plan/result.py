@@ -75,7 +75,8 @@ class Plan:
     """The outcome of :func:`memfit.plan`: a step configuration that fits the budget.
 
     ``with plan:`` around the forward applies the activation choices (compression
-    policy and checkpoints) to the model it was made for; ``plan.optimizer(lr=...)``
+    policy and checkpoints) to the model it was made for, and the autocast it was
+    planned with (``plan.autocast``, :func:`memfit.plan`'s ``autocast=``); ``plan.optimizer(lr=...)``
     builds the chosen optimizer.
 
     Frozen weights (``plan.weights``: module -> ``"int8"``, ``"nf4"`` or ``"int4"``,
@@ -111,6 +112,7 @@ class Plan:
     search: dict = field(default_factory=dict)  # how the search went (rounds, estimates)
     weights: dict[str, str] = field(default_factory=dict)  # module -> frozen-weight format
     weight_bytes_saved: int = 0  # what storing them so saves (predicted)
+    autocast: str | None = None  # the forward's autocast dtype ("bf16", "fp16"), as planned
 
     def __post_init__(self):
         self._model_ref: Callable[[], torch.nn.Module | None] | None = None
@@ -170,6 +172,7 @@ class Plan:
             accumulation_steps=self.grad_accumulation,
             max_grad_norm=self.clip_grad_norm,
             activation_kwargs=dict(self.activation_kwargs),
+            autocast=self.autocast,
         )
 
     # -- binding to a model -------------------------------------------------------
@@ -289,6 +292,8 @@ class Plan:
                          "(the peak counts the gradients alive during the later ones)"))
         if self.clip_grad_norm is not None:
             rows.append(("gradient clipping", f"global norm {self.clip_grad_norm:g}"))
+        if self.autocast is not None:
+            rows.append(("autocast", f"the forward under torch.autocast in {self.autocast} (applied by `with plan:`)"))
         if self.weights:
             rows.append(("frozen weights", f"{self.weights_label()}, saving {format_bytes(self.weight_bytes_saved)}"))
         parts = [(k, bd.get(k, 0)) for k in ("params", "grads", "optimizer", "activations", "temporaries")]
@@ -378,6 +383,7 @@ class Plan:
             "config": self.config.to_dict(),
             "weights": dict(self.weights),
             "weight_bytes_saved": self.weight_bytes_saved,
+            "autocast": self.autocast,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -421,6 +427,7 @@ class Plan:
             search=dict(d.get("search", {})),
             weights=_checked_weights(d.get("weights", {})),
             weight_bytes_saved=int(d.get("weight_bytes_saved", 0)),
+            autocast=d.get("autocast"),
         )
         p.config  # validates (e.g. optimizer_in_backward with accumulation)
         if model is not None:
