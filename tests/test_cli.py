@@ -217,6 +217,7 @@ def test_estimate_lora_weights_dtype_accumulation_loss_autocast(capsys, tmp_path
     rc, auto = run_json(capsys, *args, "--autocast", "bf16")
     # autocast's bf16 copies of the weights and its bf16 activations change the forward
     assert rc == 0 and auto["phase_peaks"]["forward"] != full["phase_peaks"]["forward"]
+    assert auto["config"]["autocast"] == "bf16" and full["config"]["autocast"] is None  # a step option
     # refusals
     assert main([*args, "--weights", "nf4"]) == 2
     assert "no frozen floating-point weights" in capsys.readouterr().err
@@ -258,9 +259,20 @@ def test_plan_weights_and_accumulation_options(capsys, tmp_path):
     path = str(_config(tmp_path))
     base = ["plan", "--model", path, "--batch", "2x32", "--lora", "4", "--accumulation", "2"]
     rc, data = run_json(capsys, *base, "--budget", "90%", "--weights", "none")
-    assert rc == 0 and data["weights"] == {} and data["grad_accumulation"] == 2
+    assert rc == 0 and data["weights"] == {} and data["grad_accumulation"] == 2 and data["autocast"] is None
+    rc, auto = run_json(capsys, *base, "--budget", "5MB", "--weights", "none", "--autocast", "bf16")
+    # planned under autocast (its casts in the plain peak), and the plan carries it
+    assert rc == 0 and auto["autocast"] == auto["config"]["autocast"] == "bf16"
+    assert auto["plain_peak_bytes"] != data["plain_peak_bytes"]
     assert main([*base, "--budget", "1GB", "--weights", "fp8"]) == 2
     assert "--weights 'fp8'" in capsys.readouterr().err
+    # the chunked loss on the LoRA model (peft's wrapper around the causal LM)
+    rc, chunked = run_json(capsys, *base, "--budget", "90%", "--weights", "none", "--loss", "chunked")
+    assert rc == 0 and chunked["plain_peak_bytes"] < data["plain_peak_bytes"]
+    est = ["estimate", "--model", path, "--batch", "2x32", "--lora", "4"]
+    rc, own = run_json(capsys, *est)
+    rc2, chunked = run_json(capsys, *est, "--loss", "chunked")
+    assert rc == rc2 == 0 and chunked["peak_bytes"] < own["peak_bytes"]
 
 
 def test_budget_too_small_recommends_chunked_loss_option(capsys):

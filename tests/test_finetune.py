@@ -224,6 +224,44 @@ def test_autocast_is_a_step_option_counted_by_the_estimate():
     assert model(**batch).logits.dtype == torch.float32
 
 
+def test_bf16_autocast_plan_fits_its_measured_budget():
+    """plan(autocast="bf16"): estimated, traced and profiled under autocast; the plan
+    carries it, so measure_peak(plan.config) and `with plan:` run the forward in bf16,
+    and the measured peak is within the budget."""
+    model, batch = tiny_llama(batch=4, seq=64)
+    plain = measure_peak(model, batch, StepConfig(autocast="bf16")).peak_bytes
+    assert plain != measure_peak(model, batch).peak_bytes  # autocast's casts change the step
+    budget = int(0.6 * plain)
+    p = memfit.plan(model, batch, budget, autocast=torch.bfloat16, **FAST_PLAN)
+    assert p.autocast == "bf16" and p.config.autocast == "bf16" and "torch.autocast in bf16" in str(p)
+    assert any(c != "keep" for c in p.choices.values()) or p.state_bits < 32, p.choices
+    assert close(p.plain_peak_bytes, plain), (p.plain_peak_bytes, plain)
+    peak = measure_peak(model, batch, p.config).peak_bytes
+    assert peak <= budget, (peak, budget)
+    with p:
+        assert model(**batch).logits.dtype == torch.bfloat16
+    assert model(**batch).logits.dtype == torch.float32
+    again = memfit.Plan.from_json(p.to_json(), model=model)
+    assert again.autocast == "bf16" and again.config == p.config
+    bad = p.to_dict()
+    bad["autocast"] = "int8"
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16', 'fp16'"):
+        memfit.Plan.from_dict(bad)
+    # max_batch_size takes the same step option, and plan= carries it
+    ids = batch["input_ids"]
+
+    def make_batch(n):
+        rep = ids.repeat(n, 1)[:n]
+        return {"input_ids": rep, "labels": rep}
+
+    n = max_batch_size(model, make_batch, budget, margin=0.0, limit=64, autocast="bf16")
+    assert estimate(model, make_batch(n), autocast="bf16").peak_bytes <= budget
+    assert estimate(model, make_batch(n + 1), autocast="bf16").peak_bytes > budget
+    assert max_batch_size(model, make_batch, budget, margin=0.0, limit=64, plan=p) >= 4
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16', 'fp16'"):
+        memfit.plan(model, batch, budget, autocast="int8", **FAST_PLAN)
+
+
 def test_autocast_setting_is_validated_and_serialized():
     assert StepConfig(autocast=torch.float16).autocast == "fp16"
     cfg = StepConfig(autocast="bfloat16")

@@ -28,57 +28,22 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from _dist import WORLD, Pool, needs_fsdp2, needs_gloo
+from _dist import WORLD, needs_fsdp2, needs_gloo
+from _rank_budget import FAST_PLAN, PER_RANK, STEPS, as_rank, check_rank_budgets, check_replicas_equal, counting_ids
+from _rank_budget import llama, pool  # noqa: F401 (pool: the module's fixture)
 
 pytestmark = [needs_gloo, pytest.mark.filterwarnings("ignore::RuntimeWarning"),
               pytest.mark.filterwarnings("ignore::UserWarning")]
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
 
-SEQ, VOCAB, PER_RANK, STEPS = 32, 256, 4, 6
-FAST_PLAN = {"step_seconds": 0.05, "max_rounds": 4}
-
-
-@pytest.fixture(scope="module")
-def pool():
-    import memfit.optim as mo
-
-    mo.backend_name()  # build (or load) the fused kernels once, before the workers race for them
-    with Pool() as p:
-        yield p
-
-
-# ------------------------------------------------------------------ pieces run on every rank
-
-
-def _as_rank(rank: int) -> None:
-    """What a launcher (torchrun) sets, so that the Trainer sees the process group."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
-                      HF_HUB_OFFLINE="1")
-
-
-def _llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=SEQ,
-                       tie_word_embeddings=False)
-
-
-def _llama():
-    from transformers import LlamaForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(_llama_config())
 
 
 class Counting(torch.utils.data.Dataset):
-    """Token sequences that count up (mod 256) from a random start."""
+    """The counting sequences, as the Trainer's dataset."""
 
-    def __init__(self, n: int = WORLD * PER_RANK * STEPS):
-        g = torch.Generator().manual_seed(1)
-        self.ids = (torch.randint(0, VOCAB, (n, 1), generator=g) + torch.arange(SEQ)) % VOCAB
+    def __init__(self):
+        self.ids = counting_ids()
 
     def __len__(self):
         return len(self.ids)
@@ -102,47 +67,12 @@ def _train(model, out_dir: str, budget, plan_kwargs=FAST_PLAN):
     return cb, losses
 
 
-def _check(cb, losses, what: str) -> None:
-    """The per-rank budget held on every rank, the ranks agreed, the loss fell."""
-    rank = dist.get_rank()
-    ranks = cb.ranks
-    assert ranks is not None and ranks.world_size == WORLD and ranks.rank == rank, what
-    plan = cb.plan
-    assert plan is not None and not plan.optimizer_in_backward, what
-    changed = any(c != "keep" for c in plan.choices.values()) or plan.state_bits < 32
-    assert changed, f"{what}: the budget did not make the plan change anything: {plan.choices}"
-    assert ranks.predicted_peaks[rank] > 0 and plan.plain_peak_bytes + ranks.reserved_bytes > ranks.budget_bytes, (
-        f"{what}: plain training already fits the budget: nothing tested")
-    # the same plan on both ranks
-    configs = [None] * WORLD
-    dist.all_gather_object(configs, plan.config.to_dict())
-    assert all(c == configs[0] for c in configs), f"{what}: the ranks run different plans: {configs}"
-    # each rank's measured peak within its budget
-    measured = ranks.measured_peaks
-    assert measured is not None and len(measured) == WORLD and measured[rank] == cb.measured_peak_bytes, what
-    assert len(cb.meter.step_peaks) == STEPS - 1, what
-    for r in range(WORLD):
-        assert measured[r] <= ranks.budgets[r], (
-            f"{what}: rank {r} peaked at {measured[r]} bytes, over its budget {ranks.budgets[r]}")
-    assert "within" in cb.summary() and "OVER" not in cb.summary(), cb.summary()
-    # training converges
-    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.3, f"{what}: the loss did not fall: {losses}"
-    if rank == 0:
-        print(f"\n{what}: plan {plan.choices}, {plan.state_bits}-bit state; bytes per rank: budgets {ranks.budgets}, "
-              f"predicted {ranks.predicted_peaks}, measured {measured}; losses {[round(x, 3) for x in losses]}")
-        print(cb.summary())
-
-
 def _ddp_job(rank: int, out_dir: str) -> None:
-    _as_rank(rank)
-    cb, losses = _train(_llama(), out_dir, "60%")
-    _check(cb, losses, "DDP")
+    as_rank(rank)
+    cb, losses = _train(llama(), out_dir, "60%")
+    check_rank_budgets(cb, losses, "DDP")
     assert cb.ranks.parallel == "ddp" and cb.ranks.reserved_bytes > 0
-    # DDP replicas stay identical
-    flat = torch.cat([p.detach().reshape(-1) for p in cb._trainer.model.parameters()])
-    both = [torch.empty_like(flat) for _ in range(WORLD)]
-    dist.all_gather(both, flat)
-    assert torch.equal(both[0], both[1]), "DDP: the ranks' parameters differ after training"
+    check_replicas_equal(cb._trainer.model.parameters())
 
 
 def _fsdp_job(rank: int, out_dir: str) -> None:
@@ -151,16 +81,16 @@ def _fsdp_job(rank: int, out_dir: str) -> None:
 
     from memfit.integrations.distributed import is_fsdp2
 
-    _as_rank(rank)
+    as_rank(rank)
     path = os.path.join(out_dir, "tiny-llama")
     if rank == 0:
-        _llama().save_pretrained(path)
+        llama().save_pretrained(path)
     dist.barrier()
     model = LlamaForCausalLM.from_pretrained(path, distributed_config=DistributedConfig(fsdp_size=WORLD))
     assert is_fsdp2(model)
     # no step_seconds: the plain step is timed on the sharded model before planning
     cb, losses = _train(model, out_dir, "85%", plan_kwargs={"max_rounds": 4})
-    _check(cb, losses, "FSDP2")
+    check_rank_budgets(cb, losses, "FSDP2")
     assert cb.ranks.parallel == "fsdp2" and cb.ranks.reserved_bytes == 0
 
 
@@ -170,8 +100,8 @@ def _ddp_planning(rank: int, rows: int, budget):
     from memfit.integrations import MemfitSettings
     from memfit.integrations.distributed import plan_per_rank
 
-    model = _llama()
-    x = Counting().ids[:rows]
+    model = llama()
+    x = counting_ids()[:rows]
     batch = {"input_ids": x, "labels": x}
     settings = MemfitSettings(budget, plan_kwargs=FAST_PLAN)
     return model, batch, plan_per_rank(settings, model, batch, None, wrapped=DDP(model), grad_accumulation=1,
@@ -183,9 +113,10 @@ def _agree_job(rank: int) -> None:
     the plan that fits both (rank 1's), not the cheaper one that fits rank 0 only."""
     import memfit
 
-    big = {"input_ids": Counting().ids[:6], "labels": Counting().ids[:6]}
-    plain_big = memfit.estimate(_llama(), big).peak_bytes
-    reserve = 4 * sum(p.numel() for p in _llama().parameters())
+    ids = counting_ids()[:6]
+    big = {"input_ids": ids, "labels": ids}
+    plain_big = memfit.estimate(llama(), big).peak_bytes
+    reserve = 4 * sum(p.numel() for p in llama().parameters())
     budget = int(0.6 * plain_big) + reserve
     model, batch, (plan, ranks) = _ddp_planning(rank, (2, 6)[rank], budget)
     assert ranks.distinct_plans == 2 and ranks.adopted_from == 1, (ranks, plan.choices)

@@ -164,6 +164,13 @@ def test_settings_validated_at_construction():
         MemfitCallback(state_bits=16)
     with pytest.raises(ValueError, match="plan_kwargs"):
         MemfitCallback(bits=8, plan_kwargs={"margin": 0.1})
+    # memfit.plan's options are checked before the first batch, not when it plans
+    with pytest.raises(TypeError, match=r"unknown memfit.plan option\(s\) \['marign'\]; known: .*margin"):
+        MemfitCallback(budget="1GB", plan_kwargs={"marign": 0.1})
+    with pytest.raises(ValueError, match="autocast must be None, 'bf16', 'fp16'"):
+        MemfitCallback(budget="1GB", plan_kwargs={"autocast": "int8"})
+    assert MemfitCallback(budget="1GB", plan_kwargs={"autocast": torch.bfloat16}).settings.plan_kwargs == {
+        "autocast": "bf16"}
 
 
 @pytest.mark.parametrize(

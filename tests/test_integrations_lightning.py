@@ -103,6 +103,20 @@ def test_budget_plans_applies_and_fits():
     assert "configure_optimizers" not in module.__dict__
 
 
+def test_budget_planned_under_autocast_runs_the_forward_in_bf16():
+    """plan_kwargs={"autocast": "bf16"}: the plan is made under autocast and carries it,
+    so every training forward runs in bf16 (the plan's context enters it), within the
+    budget."""
+    module = GPTModule()
+    seen = []
+    module.model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    cb = MemfitCallback(budget="60%", measure=True, plan_kwargs=dict(FAST_PLAN, autocast="bf16"), verbose=False)
+    fit(module, cb)
+    assert cb.plan.autocast == "bf16" and cb.plan.config.autocast == "bf16"
+    assert seen[-3:] == [torch.bfloat16] * 3  # the three training forwards (planning ran before them)
+    assert 0 < cb.measured_peak_bytes <= cb.plan.budget_bytes
+
+
 def test_optimizer_in_backward_follows_the_schedule():
     module = GPTModule()
     cb = MemfitCallback(budget="70%", verbose=False, plan_kwargs=dict(FAST_PLAN, optimizer_in_backward=True))
@@ -169,8 +183,18 @@ def test_refuses_deepspeed_and_fsdp_strategies():
         _setup(MemfitCallback(bits=8, verbose=False), GPTModule(), strategy=DeepSpeedStrategy())
     with pytest.raises(IncompatibleSetup, match="FSDPStrategy"):
         _setup(MemfitCallback(bits=8, verbose=False), GPTModule(), strategy=FSDPStrategy())
-    with pytest.raises(IncompatibleSetup, match="2 processes"):
+    with pytest.raises(IncompatibleSetup, match="2 processes under the SimpleNamespace strategy"):
         _setup(MemfitCallback(budget="1GB", verbose=False), GPTModule(), world_size=2)
+
+    class DDPStrategy:
+        pass
+
+    class ModelParallelStrategy:
+        pass
+
+    # a per-rank budget under DDP and FSDP2 (tests/test_integrations_lightning_distributed.py runs them)
+    for strategy in (DDPStrategy(), ModelParallelStrategy()):
+        _setup(MemfitCallback(budget="1GB", verbose=False), GPTModule(), strategy=strategy, world_size=2)
 
 
 def test_refuses_budget_with_manual_optimization():

@@ -133,3 +133,65 @@ def test_weight_gradient_held_once_however_many_chunks():
     many = memfit.estimate(model, batch, loss_fn=memfit.causal_lm_loss(chunk_bytes=4 * 20000 * 4), **kw)
     weight = 20000 * 64 * 4
     assert many.peak_bytes <= one.peak_bytes + 0.1 * weight
+
+
+# --------------------------------------------------------------------------- peft
+
+
+def lora_llama(task_type=None, seed=0, **lora):
+    peft = pytest.importorskip("peft", reason="LoRA adapters come from peft")
+    # init_lora_weights=False: B != 0, so the adapters change the loss and get gradients
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type=task_type,
+                          **lora)
+    torch.manual_seed(seed + 1)
+    return peft.get_peft_model(llama(seed), cfg)
+
+
+@pytest.mark.parametrize("task_type, base_bits", [
+    (None, None),  # PeftModel
+    ("CAUSAL_LM", None),  # PeftModelForCausalLM
+    (None, 8),  # the frozen base, output layer included, held in 8 bits by memfit.weights
+])
+def test_peft_lora_model_same_loss_and_adapter_gradients(task_type, base_bits):
+    """The chunked loss equals the model's own on a peft LoRA model; with a compressed
+    base it runs the output layer's decoding forward, on the same codes."""
+    m1, m2 = lora_llama(task_type), lora_llama(task_type)
+    if base_bits is not None:
+        for m in (m1, m2):
+            memfit.weights(m, bits=base_bits)
+            assert m.get_base_model().lm_head._parameters.get("weight") is None
+    batch = batch_for(500)
+    ref = m1(**batch).loss
+    ref.backward()
+    got = memfit.causal_lm_loss(chunk_bytes=4 * 500 * 16)(m2, batch)
+    got.backward()
+    assert abs(got.item() - ref.item()) <= 1e-5, (got.item(), ref.item())
+    trained = [(n, a, b) for (n, a), b in zip(m1.named_parameters(), m2.parameters()) if a.requires_grad]
+    assert trained and all("lora_" in n for n, _, _ in trained)
+    for name, a, b in trained:
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-6), name
+    assert all(p.grad is None for p in m2.parameters() if not p.requires_grad)  # the frozen head included
+
+
+def test_peft_lora_model_plans_with_the_chunked_loss():
+    model = lora_llama()
+    batch = batch_for(500, b=4, t=64)
+    loss_fn = memfit.causal_lm_loss(chunk_bytes=4 * 500 * 32)
+    plain = memfit.plan.measure_peak(model, batch, loss_fn=loss_fn).peak_bytes
+    budget = int(0.7 * plain)
+    # chunked, the logits are never whole: less than the model's own loss holds
+    assert memfit.estimate(model, batch, loss_fn=loss_fn).peak_bytes < memfit.estimate(model, batch).peak_bytes
+    p = memfit.plan(model, batch, budget, loss_fn=loss_fn, step_seconds=0.01, max_rounds=3)
+    p.compress_weights()  # what the first `with p:` does: the plan's frozen-weight formats, if any
+    assert memfit.plan.measure_peak(model, batch, p.config, loss_fn=loss_fn).peak_bytes <= budget
+
+
+def test_peft_refusals_name_the_cause():
+    peft = pytest.importorskip("peft", reason="LoRA adapters come from peft")
+    batch = batch_for(500)
+    head_lora = peft.get_peft_model(llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(ValueError, match="inside PeftModel, output layer peft.tuners.lora.layer.Linear"):
+        memfit.causal_lm_loss()(head_lora, batch)
+    prefix = peft.get_peft_model(llama(), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="prompt-learning adapter"):
+        memfit.causal_lm_loss()(prefix, batch)

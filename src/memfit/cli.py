@@ -412,7 +412,8 @@ def _parse_weight_formats(text: str | None):
 
 def _load(args, device: str = "cpu"):
     """``(model, batch, loss_fn)`` for the model options: ``--model``, ``--batch``,
-    ``--dtype``, ``--lora``, ``--loss``, ``--autocast``."""
+    ``--dtype``, ``--lora``, ``--loss`` (``--autocast`` is a step option: each command
+    passes it on as :attr:`memfit.step.StepConfig.autocast`)."""
     import torch
 
     if args.lora is not None and args.lora < 1:
@@ -430,8 +431,6 @@ def _load(args, device: str = "cpu"):
         from .loss import causal_lm_loss
 
         loss_fn = causal_lm_loss()
-    if args.autocast is not None:
-        loss_fn = _autocast_loss(loss_fn, getattr(torch, _DTYPES[args.autocast]))
     return model, batch, loss_fn
 
 
@@ -448,23 +447,6 @@ def _with_lora(model, rank: int):
             return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
     raise _SpecError(f"--lora: {type(model).__name__} has none of the attention projections memfit knows "
                      f"({', '.join('/'.join(t) for t in _LORA_TARGETS)})")
-
-
-def _autocast_loss(loss_fn, dtype):
-    """``loss_fn`` (None: ``model(**batch).loss``) run under ``torch.autocast`` on CPU.
-    A wrapper until the step itself takes an autocast setting: the estimate then sees
-    autocast's casts, but not as a step option of its own."""
-    import torch
-
-    from .step import resolve_loss_fn
-
-    inner = resolve_loss_fn(loss_fn)
-
-    def loss(model, batch):
-        with torch.autocast("cpu", dtype=dtype):
-            return inner(model, batch)
-
-    return loss
 
 
 def _frozen_formats(model, fmt: str) -> dict:
@@ -584,7 +566,8 @@ def _run_estimate(args) -> int:
         bits = None if args.bits is None else (args.bits if args.bits == "fp8" else int(args.bits))
         ckpt = tuple(filter(None, (args.checkpoint or "").split(",")))
         cfg = StepConfig(policy=bits, checkpoint=ckpt, optimizer=args.optimizer, state_bits=args.state_bits,
-                         optimizer_in_backward=args.optimizer_in_backward, accumulation_steps=args.accumulation)
+                         optimizer_in_backward=args.optimizer_in_backward, accumulation_steps=args.accumulation,
+                         autocast=args.autocast)
         n_params = sum(p.numel() for p in model.parameters())
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if args.weights:
@@ -629,12 +612,13 @@ def _run_profile(args) -> int:
     import json
 
     from .plan import profile
+    from .step import StepConfig
 
     try:
         if args.accumulation != 1:
             raise _SpecError("--accumulation: profile times single steps; use it with estimate or plan")
         model, batch, loss_fn = _load(args)
-        prof = profile(model, batch, loss_fn=loss_fn, steps=args.steps)
+        prof = profile(model, batch, loss_fn=loss_fn, steps=args.steps, config=StepConfig(autocast=args.autocast))
     except (ValueError, TypeError, RuntimeError, ImportError) as exc:
         return _err("profile", exc)
     if args.json:
@@ -688,7 +672,7 @@ def _run_plan(args) -> int:
             model, batch, args.budget, args.optimizer, loss_fn, state_bits=widths,
             optimizer_in_backward=False if args.no_optimizer_in_backward else None,
             grad_accumulation=args.accumulation, clip_grad_norm=args.clip_grad_norm,
-            weight_formats=weight_formats, verbose=args.verbose and not args.json,
+            weight_formats=weight_formats, autocast=args.autocast, verbose=args.verbose and not args.json,
         )
     except BudgetTooSmall as exc:
         if args.json:

@@ -27,12 +27,16 @@ Use it wherever a ``loss_fn`` is taken (:func:`memfit.estimate`, :func:`memfit.p
 
 It supports Hugging Face causal LMs (``MODEL_FOR_CAUSAL_LM_MAPPING``) whose output
 layer is a plain ``nn.Linear`` applied directly to the base model's last hidden state
-(GPT-2, LLaMA, Mistral, Qwen2, ...), and refuses, with a ``ValueError``, the others:
-models with a transform before the output layer (RoBERTa-style LM heads), masked LMs,
-and models that transform the logits (soft-capping, logit scaling). Auxiliary losses a
+(GPT-2, LLaMA, Mistral, Qwen2, ...), also inside a ``peft`` wrapper (a LoRA
+fine-tune: the adapters live in the base model's layers and train as usual; the output
+layer must carry none), and refuses, with a ``ValueError``, the others: prompt-learning
+adapters, models with a transform before the output layer (RoBERTa-style LM heads),
+masked LMs, and models that transform the logits (soft-capping, logit scaling). Auxiliary losses a
 model adds inside its own forward (e.g. Mixtral's router loss with
 ``output_router_logits``) are not included. The output layer's weight is used directly
-(``F.linear``): module hooks on it do not run.
+(``F.linear``): module hooks on it do not run. An output layer whose frozen weight
+:mod:`memfit.weights` holds compressed (a plan's frozen-weight choice) is called
+instead, chunk by chunk, so that it decodes its weight itself.
 """
 
 from __future__ import annotations
@@ -76,12 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], ctx.per_chunk):
             stop = start + ctx.per_chunk
             hc, yc = h[start:stop], y[start:stop]
-            # d(sum of cross-entropy)/d(logits) = softmax - one_hot(label), 0 on ignored rows
-            g = F.linear(hc, weight, bias).float()
-            g.sub_(g.logsumexp(dim=-1, keepdim=True)).exp_()  # softmax, in place
-            valid = (yc != IGNORE_INDEX).unsqueeze(1).to(g.dtype)
-            g.scatter_add_(1, yc.clamp(min=0).unsqueeze(1), -valid)
-            g.mul_(valid * grad_total)
+            g = _logits_grad_(F.linear(hc, weight, bias).float(), yc, grad_total)
             if need_b:
                 grad_b += g.sum(0)
             if need_w:
@@ -96,6 +95,53 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, None, grad_w, grad_b, None
 
 
+def _logits_grad_(logits: torch.Tensor, y: torch.Tensor, grad_total: torch.Tensor) -> torch.Tensor:
+    """``grad_total * d(sum of cross-entropy)/d(logits)`` = ``softmax - one_hot(label)``,
+    0 on ignored rows, computed in place in the fp32 ``logits``."""
+    logits.sub_(logits.logsumexp(dim=-1, keepdim=True)).exp_()  # softmax, in place
+    valid = (y != IGNORE_INDEX).unsqueeze(1).to(logits.dtype)
+    logits.scatter_add_(1, y.clamp(min=0).unsqueeze(1), -valid)
+    return logits.mul_(valid * grad_total)
+
+
+class _CodedHeadCrossEntropy(torch.autograd.Function):
+    """:class:`_LinearCrossEntropy` for an output layer whose weight
+    :mod:`memfit.weights` holds compressed (a frozen head: nothing of it trains). The
+    logits come from the layer's forward as memfit.weights bound it (it decodes the
+    weight), and the hidden states' gradient from that forward's backward (it decodes
+    it again); per chunk, saving only the inputs. ``forward`` is called, not the
+    module: module hooks would see one call per chunk (MemTracker refuses that), as
+    the plain path's ``F.linear`` runs none either."""
+
+    @staticmethod
+    def forward(ctx, h, y, head_forward: Callable[[torch.Tensor], torch.Tensor], per_chunk: int):
+        total = h.new_zeros((), dtype=torch.float32)
+        for start in range(0, h.shape[0], per_chunk):
+            logits = head_forward(h[start:start + per_chunk]).float()
+            total = total + F.cross_entropy(logits, y[start:start + per_chunk], ignore_index=IGNORE_INDEX,
+                                            reduction="sum")
+            del logits
+        ctx.save_for_backward(h, y)
+        ctx.head_forward, ctx.per_chunk = head_forward, per_chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        h, y = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad_h = torch.empty_like(h)
+        for start in range(0, h.shape[0], ctx.per_chunk):
+            stop = start + ctx.per_chunk
+            hc = h[start:stop].detach().requires_grad_()
+            with torch.enable_grad():
+                out = ctx.head_forward(hc)
+            g = _logits_grad_(out.detach().float(), y[start:stop], grad_total)
+            grad_h[start:stop] = torch.autograd.grad(out, hc, g.to(out.dtype))[0]
+            del out, g
+        return grad_h, None, None, None
+
+
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -104,19 +150,43 @@ def _is_causal_lm(model: torch.nn.Module) -> bool:
     return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
 
 
+def _without_adapters_wrapper(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a ``peft`` wrapper (``PeftModel``,
+    ``PeftModelForCausalLM``): adapter methods such as LoRA inject their layers into
+    that model, so running it runs the adapters. Prompt-learning methods (prefix or
+    prompt tuning) add virtual tokens in the wrapper's own forward instead: refused."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if not type(model).__module__.startswith("peft.") or not callable(get_base_model):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise ValueError(
+            f"causal_lm_loss: {type(model).__name__} uses a prompt-learning adapter "
+            f"({getattr(config, 'peft_type', 'prompt learning')}), which adds virtual tokens inside the peft "
+            "wrapper's forward; the chunked loss supports adapters injected into the model's layers (LoRA, "
+            "DoRA, IA3, ...). Use the model's own loss."
+        )
+    return get_base_model()
+
+
 def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear]:
     """The base model and the output layer, when the logits are exactly
-    ``output_layer(base(**inputs)[0])``: a Hugging Face causal LM whose output
-    embedding is a plain ``nn.Linear`` and a direct child of the model (no dense /
-    activation / norm transform in between, as RoBERTa's or BERT's LM heads have)."""
+    ``output_layer(base(**inputs)[0])``: a Hugging Face causal LM (or a ``peft``
+    adapter model around one) whose output embedding is a plain ``nn.Linear`` and a
+    direct child of the model (no dense / activation / norm transform in between, as
+    RoBERTa's or BERT's LM heads have; no adapter on the output layer itself)."""
+    wrapper, model = model, _without_adapters_wrapper(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     base = getattr(model, "base_model", None)
     children = {id(m) for m in model.children()}
     if (not _is_causal_lm(model) or type(head) is not torch.nn.Linear or id(head) not in children
             or base is None or base is model or id(base) not in children):
+        inside = f" inside {type(wrapper).__name__}" if wrapper is not model else ""
+        layer = f", output layer {type(head).__module__}.{type(head).__qualname__}" if head is not None else ""
         raise ValueError(
             f"causal_lm_loss needs a Hugging Face *ForCausalLM model whose output layer is a plain nn.Linear "
-            f"applied to the base model's last hidden state; got {type(model).__name__}"
+            f"applied to the base model's last hidden state (a peft adapter on the output layer, or "
+            f"modules_to_save wrapping it, is not one); got {type(model).__name__}{inside}{layer}"
         )
     cfg = getattr(model, "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -161,7 +231,18 @@ def causal_lm_loss(chunk_bytes: int = 32 * 2**20) -> Callable[[torch.nn.Module, 
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         per_chunk = max(1, int(chunk_bytes) // (4 * head.out_features))
-        total = _LinearCrossEntropy.apply(h, y, head.weight, head.bias, per_chunk)
+        if head._parameters.get("weight") is None:  # held compressed by memfit.weights
+            trainable = [n for n, p in head.named_parameters() if p.requires_grad]
+            if trainable:
+                raise ValueError(f"causal_lm_loss: the output layer's weight is compressed (memfit.weights) but "
+                                 f"its {trainable} train; the chunked loss computes no gradient for them")
+            if "forward" not in head.__dict__:
+                raise ValueError("causal_lm_loss: the output layer's weight is compressed (memfit.weights) and "
+                                 "decoded by forward hooks (its forward was already wrapped), which the chunked "
+                                 "loss does not run; use the model's own loss")
+            total = _CodedHeadCrossEntropy.apply(h, y, head.forward, per_chunk)
+        else:
+            total = _LinearCrossEntropy.apply(h, y, head.weight, head.bias, per_chunk)
         # as transformers' loss: divided by num_items_in_batch when the batch gives it
         # (gradient accumulation), else by this batch's labelled tokens
         count = batch.get("num_items_in_batch")

@@ -20,9 +20,9 @@ Both callbacks do the same three things, each only when asked:
 
 With several processes (DDP, or a model sharded with FSDP2) the budget is per rank:
 each rank plans its own step and the ranks agree on one plan that fits every rank
-(:mod:`.distributed`; the HF Trainer callback only, so far). Settings memfit cannot
-honour (DeepSpeed, accelerate's FSDP plugin, a budget under several processes in
-Lightning, an optimizer the user built while memfit is asked to choose one, ...) raise
+(:mod:`.distributed`, shared by both callbacks). Settings memfit cannot honour
+(DeepSpeed, accelerate's FSDP plugin, Lightning's FSDP1 strategy, an optimizer the user
+built while memfit is asked to choose one, ...) raise
 :class:`IncompatibleSetup` before any step runs. This package imports neither
 framework; the parts both callbacks share live in named modules:
 

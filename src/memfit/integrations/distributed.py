@@ -94,6 +94,25 @@ def _fsdp2_objects(model: torch.nn.Module) -> list:
     return objs
 
 
+def _fsdp2_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The outermost FSDP modules in ``model``: ``model`` itself when it was sharded
+    last, or the submodules a wrapper holds (a LightningModule whose
+    ``configure_model`` shards ``self.model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    roots: list[torch.nn.Module] = []
+
+    def walk(m: torch.nn.Module) -> None:
+        if isinstance(m, FSDPModule):
+            roots.append(m)
+            return
+        for child in m.children():
+            walk(child)
+
+    walk(model)
+    return roots
+
+
 @contextlib.contextmanager
 def fsdp2_state_kept(model: torch.nn.Module) -> Iterator[None]:
     """Estimate or plan an FSDP2 model in the block and train it afterwards.
@@ -109,8 +128,8 @@ def fsdp2_state_kept(model: torch.nn.Module) -> Iterator[None]:
         yield
         return
     try:
-        root = model._get_fsdp_state()
-        root._lazy_init()
+        for root in _fsdp2_roots(model):
+            root._get_fsdp_state()._lazy_init()
         objs = _fsdp2_objects(model)
     except AttributeError as exc:
         raise IncompatibleSetup(
@@ -226,13 +245,13 @@ def _attempt(fn: Callable[[], Any]) -> tuple:
         return ("error", traceback.format_exc())
 
 
-def _step_seconds(model, batch, loss_fn) -> float:
+def _step_seconds(model, batch, loss_fn, autocast) -> float:
     """A plain forward+backward's seconds on this rank (real steps, with FSDP2's
     collectives: every rank runs it), for the planner instead of its own profile,
     which would run real steps after fake ones."""
-    from memfit.plan import profile
+    from memfit.plan import StepConfig, profile
 
-    prof = profile(model, batch, loss_fn=loss_fn, steps=2)
+    prof = profile(model, batch, loss_fn=loss_fn, steps=2, config=StepConfig(autocast=autocast))
     return float(prof.forward_seconds + prof.backward_seconds) or float(prof.step_seconds) or 1.0
 
 
@@ -268,9 +287,10 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
         )
 
     extra: dict[str, Any] = {"optimizer_in_backward": False}
+    autocast = settings.plan_kwargs.get("autocast")
     if parallel == "fsdp2" and "step_seconds" not in settings.plan_kwargs:
         # real steps, before any fake one: the planner's own profile would run them after
-        seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn)))
+        seconds = _fail_together(_attempt(lambda: _step_seconds(model, batch, loss_fn, autocast)))
         extra["step_seconds"] = max(seconds)
 
     kept = fsdp2_state_kept(model) if parallel == "fsdp2" else contextlib.nullcontext()
@@ -279,7 +299,8 @@ def plan_per_rank(settings: MemfitSettings, model: torch.nn.Module, batch, loss_
             budget = settings.budget
             if isinstance(budget, str) and budget.strip().endswith("%"):
                 # of this rank's plain peak, DDP's buckets included
-                plain = memfit.estimate(model, batch, settings.optimizer, loss_fn=loss_fn).peak_bytes
+                plain = memfit.estimate(model, batch, settings.optimizer, loss_fn=loss_fn,
+                                        autocast=autocast).peak_bytes
                 return parse_budget(budget, plain_peak_bytes=plain + reserve)
             return parse_budget(budget)
 

@@ -40,11 +40,20 @@ How it hooks in
   ``on_train_batch_end``: forward, backward, optimizer step), from the second optimizer
   step on: the real peak of each batch.
 
+Several processes (``strategy="ddp"``/``"ddp_spawn"``, or ``ModelParallelStrategy``
+with ``fully_shard`` (FSDP2) in ``configure_model``): the budget is per rank. Each rank
+plans on its own batch and parameters or shards (under DDP within the budget less DDP's
+gradient buckets) and the ranks agree on one plan that fits every rank, through the
+same code as the HF Trainer callback (:func:`memfit.integrations.distributed.plan_per_rank`);
+never with the optimizer inside backward. :attr:`MemfitCallback.ranks` and the summary
+give each rank's budget and peaks (measured ones gathered at ``on_train_end``).
+
 What it refuses (``IncompatibleSetup``, at ``setup``)
 -----------------------------------------------------
-* the DeepSpeed strategy (it owns the optimizer and activation memory) and FSDP /
-  model-parallel strategies; with a budget, more than one process (the planner models
-  one: DDP's buckets are not in its estimate);
+* the DeepSpeed strategy (it owns the optimizer and activation memory), the FSDP1
+  strategy (``FSDPStrategy``: flat parameters hide the modules memfit's policy names)
+  and XLA; with a budget and several processes, any strategy but DDP and
+  ``ModelParallelStrategy``;
 * with a budget: manual optimization (``training_step`` runs backward and the optimizer
   itself, so there is no loss to plan with, and clipping or accumulation done by hand
   would be invisible), gradient checkpointing already enabled on a submodule;
@@ -76,6 +85,7 @@ from . import (
     first_loss,
     optimizer_family,
 )
+from .distributed import plan_per_rank, world
 
 try:
     import lightning.pytorch as pl
@@ -165,17 +175,19 @@ class MemfitCallback(CallbackResults, pl.Callback):
                 "partitions its state and manages activation memory itself, so memfit can neither supply the "
                 "optimizer nor honour a budget. Use memfit without DeepSpeed, or DeepSpeed without memfit."
             )
-        if any(n in ("FSDPStrategy", "ModelParallelStrategy", "XLAStrategy", "SingleDeviceXLAStrategy") for n in names):
+        if any(n in ("FSDPStrategy", "XLAStrategy", "SingleDeviceXLAStrategy") for n in names):
             raise IncompatibleSetup(
                 f"memfit: the {type(strategy).__name__} strategy is not supported by memfit's Lightning callback "
-                "(its plans model one process holding the whole model, and sharding wraps the modules memfit's "
-                "per-module policy names). memfit.optim works with FSDP2 in your own loop."
+                "(FSDP1 wraps the modules memfit's per-module policy names into flat parameters, and XLA runs no "
+                "eager autograd for memfit's hooks). For sharded training use ModelParallelStrategy (FSDP2, "
+                "fully_shard in configure_model); memfit.optim also works with FSDP2 in your own loop."
             )
-        if s.plans and int(getattr(trainer, "world_size", 1) or 1) > 1:
+        world_size = int(getattr(trainer, "world_size", 1) or 1)
+        if s.plans and world_size > 1 and not any(n in ("DDPStrategy", "ModelParallelStrategy") for n in names):
             raise IncompatibleSetup(
-                f"memfit: a budget with {trainer.world_size} processes: the planner models one process (DDP's "
-                "gradient buckets and communication buffers are not in its estimate), so it cannot guarantee the "
-                "budget. Use bits=/state_bits= without a budget under DDP."
+                f"memfit: a budget with {world_size} processes under the {type(strategy).__name__} strategy: a "
+                "per-rank budget is planned under DDP (strategy='ddp' or 'ddp_spawn') and FSDP2 "
+                "(ModelParallelStrategy) only. Use bits=/state_bits= without a budget otherwise."
             )
         if s.plans and not pl_module.automatic_optimization:
             raise IncompatibleSetup(
@@ -331,10 +343,14 @@ class MemfitCallback(CallbackResults, pl.Callback):
                 "memfit: the optimizer did not come from configure_optimizers (was it set some other way?), so "
                 "memfit could not supply the planned one"
             )
-        plan = self.settings.make_plan(
-            pl_module, batch, self._plan_loss(trainer),
-            grad_accumulation=int(trainer.accumulate_grad_batches), clip_grad_norm=self._clip(trainer),
-        )
+        steps, clip = int(trainer.accumulate_grad_batches), self._clip(trainer)
+        if world()[1] > 1:
+            plan, self._ranks = plan_per_rank(self.settings, pl_module, batch, self._plan_loss(trainer),
+                                              wrapped=trainer.strategy.model, grad_accumulation=steps,
+                                              clip_grad_norm=clip)
+        else:
+            plan = self.settings.make_plan(pl_module, batch, self._plan_loss(trainer), grad_accumulation=steps,
+                                           clip_grad_norm=clip)
         self._applier.plan = plan
         self._guard = BatchGuard(batch)
         if self.verbose:
@@ -416,6 +432,8 @@ class MemfitCallback(CallbackResults, pl.Callback):
             self._applier.load_activation_state(checkpoint["memfit_activations"])
 
     def on_train_end(self, trainer, pl_module) -> None:
+        if self._ranks is not None:  # every rank ends training: a collective
+            self._ranks.gather_measured(self.measured_peak_bytes)
         if self.verbose:
             self._log(self.summary())
 

@@ -81,6 +81,7 @@ class MemfitSettings:
                         f"plan_kwargs may not set {k!r}: it comes from the callback's own arguments "
                         "or from the training loop's settings (gradient accumulation, clipping)"
                     )
+            self._check_plan_kwargs()
             if self.activation_kwargs or head_bits != "auto":
                 raise ValueError("activation_kwargs= and head_bits= are for bits=/policy= without a budget; "
                                  "with a budget the planner sets them")
@@ -105,6 +106,22 @@ class MemfitSettings:
 
                 memfit.activations(None, self.bits if self.bits is not None else None,
                                    head_bits=head_bits, **self.activation_kwargs)
+
+    def _check_plan_kwargs(self) -> None:
+        """Unknown :func:`memfit.plan` options and a bad ``autocast`` are refused here,
+        not at the first training batch."""
+        import inspect
+
+        from ..plan.planner import plan
+        from ..step.config import autocast_name
+
+        taken = ("model", "batch", "budget", "optimizer", "loss_fn")
+        known = [k for k in inspect.signature(plan).parameters if k not in taken]
+        unknown = sorted(k for k in self.plan_kwargs if k not in known)
+        if unknown:
+            raise TypeError(f"plan_kwargs: unknown memfit.plan option(s) {unknown}; known: {', '.join(known)}")
+        if "autocast" in self.plan_kwargs:
+            self.plan_kwargs["autocast"] = autocast_name(self.plan_kwargs["autocast"])
 
     @staticmethod
     def _check_budget(budget) -> None:

@@ -34,7 +34,8 @@ def max_batch_size(
     until the estimate exceeds the limit, then bisects; each probe is one
     :func:`memfit.estimate` call (fake tensors: nothing runs out of memory).
     ``estimate_kwargs`` (``optimizer``, ``state_bits``, ``policy``, ``checkpoint``,
-    ``optimizer_in_backward``) or ``plan=`` (its configuration) set the step.
+    ``optimizer_in_backward``, ``autocast``) or ``plan=`` (its configuration, a
+    planned autocast included) set the step.
     A percentage budget is of the plain estimated peak at batch size 1. Raises
     :class:`BudgetTooSmall` if even one sample does not fit.
     """

@@ -48,9 +48,10 @@ import torch
 
 from .._units import format_bytes
 from ..step import Loss, StepConfig, main_device
+from ..step.config import autocast_name
+from ..activations.offload import available_host_bytes
 from . import frozen as F
 from . import solver as S
-from ..activations.offload import available_host_bytes
 from .budget import parse_budget
 from .estimate import estimate
 from .peak_model import PeakModel, state_bytes
@@ -98,7 +99,8 @@ def _logits_hint(model: torch.nn.Module, batch: Any, loss_fn, min_peak: int) -> 
 
 
 
-def _config_for(sol: S.Solution, optimizer: str, accumulation: int, clip, activation_kwargs) -> StepConfig:
+def _config_for(sol: S.Solution, optimizer: str, accumulation: int, clip, activation_kwargs,
+                autocast: str | None) -> StepConfig:
     return StepConfig(
         policy=policy_for(sol.choices),
         checkpoint=tuple(n for n, c in sol.choices.items() if c == S.RECOMPUTE),
@@ -108,6 +110,7 @@ def _config_for(sol: S.Solution, optimizer: str, accumulation: int, clip, activa
         accumulation_steps=accumulation,
         max_grad_norm=clip,
         activation_kwargs=dict(activation_kwargs),
+        autocast=autocast,
     )
 
 
@@ -133,6 +136,7 @@ def plan(
     activation_kwargs: Mapping[str, Any] | None = None,
     cache: dict | None = None,
     weight_formats: Sequence[str | int] | None = None,
+    autocast: Any = None,
     offload: bool = True,
     verbose: bool = False,
 ) -> Plan:
@@ -180,6 +184,12 @@ def plan(
             (a LoRA fine-tune's base) have this lever; the plan applies it once, on the
             first ``with plan:`` or ``plan.compress_weights()``
             (see :class:`~memfit.plan.Plan`). The costs are in :mod:`memfit.plan.frozen`.
+        autocast: the forward runs under ``torch.autocast`` in this dtype: None,
+            ``"bf16"`` or ``"fp16"`` (also ``torch.bfloat16``/``torch.float16``;
+            :attr:`~memfit.step.StepConfig.autocast`). Every estimate, trace and profile
+            of the plan runs so (autocast's casts and cached weight copies counted), and
+            the plan carries it: ``with plan:`` enters that autocast around the forward,
+            as :func:`~memfit.plan.measure_peak` with ``plan.config`` does.
         offload: whether the plan may hold a unit's activations in pinned host memory
             (``"offload"``, :mod:`memfit.activations.offload`), priced by the
             host<->device bandwidth measured here. Offered on CUDA models only (a CPU
@@ -195,6 +205,7 @@ def plan(
     weight_formats = F.resolve_weight_formats(weight_formats)
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be True or False, got {offload!r}")
+    autocast = autocast_name(autocast)
     log = print if verbose else (lambda *a, **k: None)
     t_start = time.perf_counter()
     activation_kwargs = dict(activation_kwargs or {})
@@ -202,11 +213,11 @@ def plan(
         if k in activation_kwargs:
             raise ValueError(f"activation_kwargs cannot set {k!r}: the plan chooses it")
     cache = {} if cache is None else cache
-    ckey = (optimizer, id(loss_fn), fingerprint(model))
+    ckey = (optimizer, id(loss_fn), fingerprint(model), autocast)
 
     # 1. The plain step, on fake tensors.
     if ("plain",) + ckey not in cache:
-        cache[("plain",) + ckey] = estimate(model, batch, optimizer, 32, None, loss_fn)
+        cache[("plain",) + ckey] = estimate(model, batch, optimizer, 32, None, loss_fn, autocast=autocast)
     plain = cache[("plain",) + ckey]
     budget_bytes = parse_budget(budget, plain_peak_bytes=plain.peak_bytes)
     target = budget_bytes * (1 - margin)
@@ -217,14 +228,16 @@ def plan(
     names = [s.name for s in specs]
     min_bytes = int(activation_kwargs.get("min_bytes", MIN_BYTES))
     if ("trace", min_bytes) + ckey not in cache:
-        cache[("trace", min_bytes) + ckey] = trace_units(model, batch, loss_fn, names, min_bytes=min_bytes)
+        cache[("trace", min_bytes) + ckey] = trace_units(model, batch, loss_fn, names, min_bytes=min_bytes,
+                                                         autocast=autocast)
     trace = cache[("trace", min_bytes) + ckey]
     grads_by_unit, span = param_ownership(model, names, trace.order)
 
     # 3. Times: a short real profile, and the codec/optimizer probes.
     tkey = ("times", step_seconds, profile_steps) + ckey
     if tkey not in cache:
-        cache[tkey] = unit_times(model, batch, loss_fn, names, trace, profile_steps, step_seconds, optimizer)
+        cache[tkey] = unit_times(model, batch, loss_fn, names, trace, profile_steps, step_seconds, optimizer,
+                                 autocast)
     fwd_seconds, base_seconds, opt32, compressed_seconds = cache[tkey]
     codec = codec_costs(codec_seconds_per_byte(), compressed_seconds, trace)
     opt_speed = optimizer_seconds_per_param(optimizer)
@@ -249,7 +262,7 @@ def plan(
     weight_levels = F.levels(F.frozen_groups(model), weight_formats, decode, cost.step_seconds, fidelity_weight)
 
     def config_of(sol: S.Solution) -> StepConfig:
-        return _config_for(sol, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs)
+        return _config_for(sol, optimizer, grad_accumulation, clip_grad_norm, activation_kwargs, autocast)
 
     # 5. Per weight level, in order of its cost: search with the peak model, verify with
     # estimate(), correct the model, again. A level whose own cost already exceeds the
@@ -288,7 +301,7 @@ def plan(
     level, sol, est, overrides = found
     search["offload_seconds_per_byte"] = cost.offload_seconds_per_byte
     p = _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, grad_accumulation,
-                   clip_grad_norm, role_of, search, activation_kwargs, overrides, level)
+                   clip_grad_norm, role_of, search, activation_kwargs, overrides, level, autocast)
     p.notes.append(_offload_note(p, cost, offload, main_device(model)))
     return p
 
@@ -504,7 +517,7 @@ def _near_miss(units, base: S.Solution, cost: S.CostModel, menus, peaks: PeakMod
 
 
 def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, accumulation, clip, role_of,
-               search, activation_kwargs, overrides, level: F.WeightLevel) -> Plan:
+               search, activation_kwargs, overrides, level: F.WeightLevel, autocast: str | None) -> Plan:
     rows = []
     for u in sorted(units, key=lambda u: u.order):
         c = sol.choices[u.name]
@@ -554,6 +567,7 @@ def _make_plan(model, sol, est, plain, units, cost, budget_bytes, optimizer, acc
         weight_bytes_saved=int(level.saved_bytes),
         predicted_host_bytes=int(est.host_bytes),
         predicted_reserved_bytes=int(est.reserved_bytes),
+        autocast=autocast,
     )
     p.bind(model)
     return p

@@ -117,12 +117,14 @@ def optimizer_seconds_per_param(optimizer: str, n: int = 2**20, reps: int = 3) -
 
 
 
-def unit_times(model, batch, loss_fn, names, trace: Trace, steps: int, step_seconds: float | None, optimizer: str):
+def unit_times(model, batch, loss_fn, names, trace: Trace, steps: int, step_seconds: float | None, optimizer: str,
+               autocast: str | None = None):
     """``(forward seconds per unit (inclusive), forward+backward seconds, optimizer-step
     seconds or None, what compressing every activation at 4 bits adds to
     forward+backward or None)`` from :func:`memfit.plan.profile` (real steps, fp32
-    optimizer; then the same with ``policy=4``). With ``step_seconds`` given, no
-    profile: forward ~ a third of it, spread over units by their saved bytes.
+    optimizer; then the same with ``policy=4``; both under ``autocast``, as the step
+    will run). With ``step_seconds`` given, no profile: forward ~ a third of it, spread
+    over units by their saved bytes.
 
     On CPU the compression cost is the codec time measured inside the compressed
     steps (``Profile.codec_seconds``). Elsewhere the codec runs asynchronously, so it
@@ -132,14 +134,14 @@ def unit_times(model, batch, loss_fn, names, trace: Trace, steps: int, step_seco
     if step_seconds is None:
         from .profile import profile as _profile
 
-        prof = _profile(model, batch, loss_fn=loss_fn, steps=steps, config=StepConfig(optimizer=optimizer))
+        prof = _profile(model, batch, loss_fn=loss_fn, steps=steps, config=StepConfig(optimizer=optimizer, autocast=autocast))
         fwd = {n: float(prof.modules[n].forward_seconds) for n in names if n in prof.modules}
         fb = float(prof.forward_seconds + prof.backward_seconds)
         if fb > 0:
             added = None
             if sum(c["float"] for c in trace.saved.values()) > 0:
                 p4 = _profile(model, batch, loss_fn=loss_fn, steps=steps,
-                              config=StepConfig(optimizer=optimizer, policy=4))
+                              config=StepConfig(optimizer=optimizer, policy=4, autocast=autocast))
                 on_cpu = all(p.device.type == "cpu" for p in model.parameters())
                 if on_cpu and p4.codec_seconds > 0:
                     added = float(p4.codec_seconds)

@@ -75,7 +75,8 @@ class Plan:
     """The outcome of :func:`memfit.plan`: a step configuration that fits the budget.
 
     ``with plan:`` around the forward applies the activation choices (compression
-    policy and checkpoints) to the model it was made for; ``plan.optimizer(lr=...)``
+    policy and checkpoints) to the model it was made for, and the autocast it was
+    planned with (``plan.autocast``, :func:`memfit.plan`'s ``autocast=``); ``plan.optimizer(lr=...)``
     builds the chosen optimizer.
 
     Frozen weights (``plan.weights``: module -> ``"int8"``, ``"nf4"`` or ``"int4"``,
@@ -113,6 +114,7 @@ class Plan:
     weight_bytes_saved: int = 0  # what storing them so saves (predicted)
     predicted_host_bytes: int = 0  # activations offloaded to pinned host memory
     predicted_reserved_bytes: int = 0  # what CUDA's caching allocator would reserve (memfit.plan.reserved)
+    autocast: str | None = None  # the forward's autocast dtype ("bf16", "fp16"), as planned
 
     def __post_init__(self):
         self._model_ref: Callable[[], torch.nn.Module | None] | None = None
@@ -172,6 +174,7 @@ class Plan:
             accumulation_steps=self.grad_accumulation,
             max_grad_norm=self.clip_grad_norm,
             activation_kwargs=dict(self.activation_kwargs),
+            autocast=self.autocast,
         )
 
     # -- binding to a model -------------------------------------------------------
@@ -291,6 +294,8 @@ class Plan:
                          "(the peak counts the gradients alive during the later ones)"))
         if self.clip_grad_norm is not None:
             rows.append(("gradient clipping", f"global norm {self.clip_grad_norm:g}"))
+        if self.autocast is not None:
+            rows.append(("autocast", f"the forward under torch.autocast in {self.autocast} (applied by `with plan:`)"))
         if self.weights:
             rows.append(("frozen weights", f"{self.weights_label()}, saving {format_bytes(self.weight_bytes_saved)}"))
         if self.predicted_host_bytes:
@@ -386,6 +391,7 @@ class Plan:
             "weight_bytes_saved": self.weight_bytes_saved,
             "predicted_host_bytes": self.predicted_host_bytes,
             "predicted_reserved_bytes": self.predicted_reserved_bytes,
+            "autocast": self.autocast,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -431,6 +437,7 @@ class Plan:
             weight_bytes_saved=int(d.get("weight_bytes_saved", 0)),
             predicted_host_bytes=int(d.get("predicted_host_bytes", 0)),
             predicted_reserved_bytes=int(d.get("predicted_reserved_bytes", 0)),
+            autocast=d.get("autocast"),
         )
         p.config  # validates (e.g. optimizer_in_backward with accumulation)
         if model is not None:
