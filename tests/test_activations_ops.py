@@ -234,6 +234,57 @@ def test_normalisation_statistics_are_kept_exact():
     assert counts["int4"] == 1  # the input: at least 4 bits
 
 
+class _ComposedRMSNorm(nn.Module):
+    """An RMSNorm written as plain ops, as HF's LlamaRMSNorm and Gemma2RMSNorm are."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_norms_written_as_plain_ops_get_the_norm_rule():
+    """A composed RMSNorm whose incoming gradient lies mostly along its normalised
+    input (the backward removes that part, so the decoded input's error does not
+    cancel): its input stored at 2 bits makes the gradient several times off; the norm
+    rule stores it at 4 bits, the per-row statistics exact and the normalised values
+    (the weight's gradient only) at the module's 2 bits."""
+    g = torch.Generator().manual_seed(0)
+    norm = _ComposedRMSNorm(256)
+    x0 = torch.randn(64, 256, generator=g)
+    w = x0 / x0.pow(2).mean(-1, keepdim=True).sqrt() + 0.1 * torch.randn(64, 256, generator=g)
+
+    def grads(mf):
+        x = x0.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext():
+            out = norm(x * 1)
+        (out * w).sum().backward()
+        return x.grad
+
+    exact = grads(None)
+
+    def error(policy):
+        return sum(rel(grads(memfit.activations(norm, bits=2, head_bits=2, min_bytes=0, seed=s, policy=policy)),
+                       exact) for s in range(3)) / 3
+
+    with_rule, two_bit_input = error(None), error({"op:norm": 2})
+    assert with_rule < two_bit_input / 3
+    mf = memfit.activations(norm, bits=2, head_bits=2, min_bytes=0)
+    grads(mf)
+    counts = mf.stats.by_op["norm"].counts
+    assert counts["int4"] == 1 and counts["shared"] == 1  # the input, saved by pow and by the mul
+    assert counts["op-kept"] == 2  # mean(x^2) and its rsqrt: per-row statistics
+    assert counts["int2"] == 1  # the normalised values, for the weight's gradient
+
+
+def test_only_modules_named_as_norms_are_composed_norms():
+    assert ops.is_norm_module(_ComposedRMSNorm(4))
+    assert ops.is_norm_module(nn.LayerNorm(4)) and ops.is_norm_module(nn.GroupNorm(2, 4))
+    assert not ops.is_norm_module(nn.Linear(4, 4)) and not ops.is_norm_module(nn.BatchNorm1d(4))
+
+
 def test_real_minilm_at_2_bits_does_not_blow_up():
     """The real all-MiniLM-L6-v2 in training mode (dropout on, the same masks for every
     run): at 2 bits its LayerNorm inputs stored at 2 bits made the gradient 190x off;

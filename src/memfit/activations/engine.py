@@ -106,7 +106,9 @@ from .ops import (
     OpCall,
     OpTracker,
     Treatment,
+    ComposedNormCall,
     consistent_attention,
+    is_norm_module,
 )
 from .policy import MASK, RAW, Setting, main_blocks, module_formats, resolve_setting, split_policy
 from .saved import MASK as MASK_KIND
@@ -447,6 +449,10 @@ class ActivationCompressor:
         self._held: dict[int, weakref.ref] = {}  # kept storages in stored_bytes
         self._hooks: saved_tensors_hooks | None = None
         self._param_storages: set[int] = set()
+        # Norm modules written as plain ops: the running call of each (see _on_module_enter).
+        self._norm_modules = frozenset(
+            name for name, m in model.named_modules() if is_norm_module(m)) if model is not None else frozenset()
+        self._norm_calls: dict[str, ComposedNormCall] = {}
 
     # -- public -------------------------------------------------------------------
 
@@ -511,6 +517,7 @@ class ActivationCompressor:
         self._counted = {}
         self._held = {}
         self._after_blocks = False
+        self._norm_calls = {}
         if self.model is not None:
             self._param_storages = parameter_storages(
                 list(self.model.parameters()) + list(self.model.buffers())
@@ -562,10 +569,13 @@ class ActivationCompressor:
     def _on_module_enter(self, name: str) -> None:
         if name == "" or name == self._first_block:
             self._after_blocks = False
+        if name in self._norm_modules and self._ops is not None:
+            self._norm_calls[name] = ComposedNormCall()
 
     def _on_module_exit(self, name: str) -> None:
         if name == self._last_block:
             self._after_blocks = True
+        self._norm_calls.pop(name, None)
 
     def _tally(self, module: str, op: str) -> tuple[ModuleStats, ModuleStats]:
         by_module, by_op = self._stats.by_module, self._stats.by_op
@@ -582,6 +592,8 @@ class ActivationCompressor:
     def _pack(self, t: torch.Tensor):
         module = self._modules.current
         call = self._ops.current if self._ops is not None else None
+        if call is None and module in self._norm_calls:
+            call = self._norm_calls[module]
         op = call.kind if call is not None else ""
         kind, key = classify(t, self._param_storages)
         if kind == PARAM:

@@ -37,7 +37,12 @@ op kind        ops                                         how their saved tenso
 ``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
 ``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: at least 4 bits; the
                ``F.batch_norm``, ``F.instance_norm``,      statistics (mean, rstd): exact
-               ``F.rms_norm``
+               ``F.rms_norm``; the plain ops inside a      (composed norms: the input is
+               norm module (class name ending in           what is saved before the first
+               ``Norm`` or ``NormGated``: HF's             per-row statistic, a tensor
+               ``LlamaRMSNorm``, ``T5LayerNorm``,          with a last dimension of 1;
+               ``Gemma2RMSNorm``), outside the ops above   the normalised values after it
+                                                           keep the module's format)
 =============  ==========================================  ================================
 
 Why:
@@ -71,7 +76,16 @@ Why:
   row. The norm's **input** gets at least 4 bits: its backward normalises the decoded
   input with the exact statistics, and at 2 bits the two disagree enough to blow the
   gradient up on pretrained weights (the real all-MiniLM-L6-v2's post-LN residual
-  stream; figures in ``docs/guide-plain.md``).
+  stream; figures in ``docs/guide-plain.md``). Most HF decoders write their RMSNorm as
+  plain ops (``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``), which no entry
+  above sees; the ops inside a module whose class name says it is a norm are treated
+  as one ``norm`` call (:class:`ComposedNormCall`), so the rule holds for them too,
+  with no per-architecture code. The normalised values such a module saves for its
+  weight's gradient keep the module's format: only the weight's gradient sees them,
+  summed over every row. The backward is sensitive to the input where the incoming
+  gradient lies mostly along the normalised input, which the backward removes: the
+  error of the decoded input does not cancel with it (figures in
+  ``docs/guide-plain.md``).
 
 The table never makes a tensor less precise than the module's format: "at least 8
 bits" is 8 bits when the module's format is 4 or 2 bits, the module's format when it
@@ -360,6 +374,38 @@ def _silu(call: OpCall, t: torch.Tensor) -> Treatment:
 
 def _norm(call: OpCall, t: torch.Tensor) -> Treatment:
     return AT_LEAST_4 if call.role(t) == "input" else EXACT
+
+
+class ComposedNormCall(OpCall):
+    """One call of a norm module written as plain ops (:func:`is_norm_module`), seen
+    as one ``norm`` op: what it saves before its first per-row statistic, and any later
+    save of the same storages, is its input; what it saves after (the normalised
+    values, kept for the weight's gradient) is not."""
+
+    __slots__ = ("_input_storages", "_after_statistics")
+
+    def __init__(self) -> None:
+        super().__init__("norm", _composed_norm, (), {})
+        self._input_storages: set[int] = set()
+        self._after_statistics = False
+
+
+def _composed_norm(call: ComposedNormCall, t: torch.Tensor) -> Treatment:
+    if t.dim() >= 1 and t.shape[-1] == 1:
+        call._after_statistics = True
+        return EXACT  # mean(-1, keepdim=True), rsqrt of it: per-row statistics
+    storage = t.untyped_storage()._cdata
+    if not call._after_statistics or storage in call._input_storages:
+        call._input_storages.add(storage)
+        return AT_LEAST_4
+    return DEFAULT
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer by its class name: one ending with
+    ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ``Gemma2RMSNorm``) or ``NormGated``."""
+    name = type(module).__name__.lower()
+    return name.endswith("norm") or name.endswith("normgated")
 
 
 Treater = Callable[["OpCall", torch.Tensor], Treatment]
