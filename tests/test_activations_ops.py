@@ -60,7 +60,8 @@ def _sdpa(q, k, v, causal):
 @pytest.mark.parametrize("bits,bar", [(4, 0.3), (2, 1.5)])
 def test_fused_attention_meets_the_bar_and_beats_explicit_softmax(bits, bar, causal):
     table = _attention_error(_sdpa, bits, causal)
-    explicit = _attention_error(_explicit_attention, bits, causal)
+    # the issue's reference: the explicit softmax with plain codes for its ops
+    explicit = _attention_error(_explicit_attention, bits, causal, policy={"op:matmul": bits, "op:softmax": bits})
     assert table <= bar
     assert table <= explicit
     # what the table prevents: the same call with plain codes for every saved tensor
@@ -87,6 +88,33 @@ def test_fused_attention_stats_say_what_the_table_did():
     counts = mf.stats.by_op["sdpa"].counts
     assert counts["op-bfloat16"] == 2 and counts["int8"] == 1  # q and k in bf16, v at 8 bits
     assert "sdpa" in mf.stats.table(by="op")
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_explicit_softmax_attention_keeps_scores_and_probabilities_precise(bits):
+    """Attention written as matmul / softmax / matmul (HF's eager attention): the
+    scores' operands and the probabilities at least 8 bits, v at least 4, so that
+    sharp softmaxes do not amplify the codes' error."""
+    table = _attention_error(_explicit_attention, bits, True)
+    plain = _attention_error(_explicit_attention, bits, True, policy={"op:matmul": bits, "op:softmax": bits})
+    assert table < plain / 1.8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 32, generator=g).requires_grad_() for _ in range(3))
+    mf = memfit.activations(bits=bits, min_bytes=0)
+    with mf:
+        _explicit_attention(q * 1, k * 1, v * 1, True)
+    # q and kᵀ at 8 bits, v at 4; the probabilities: the softmax's 8-bit codes, shared
+    assert mf.stats.by_op["matmul"].counts == {"int8": 2, "int4": 1, "shared": 1}
+    assert mf.stats.by_op["softmax"].counts == {"int8": 1}
+
+
+def test_a_product_with_a_weight_keeps_the_module_format():
+    w = nn.Parameter(torch.randn(32, 32))
+    x = torch.randn(64, 32, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        torch.matmul(torch.softmax(x * 1, -1), w)
+    assert mf.stats.by_op["matmul"].counts["int2"] == 1
 
 
 def test_attention_policy_override_keeps_it_exact():

@@ -22,6 +22,17 @@ op kind        ops                                         how their saved tenso
                                                            least 4 bits and the
                                                            probabilities the module's
                                                            format
+``matmul``     ``torch.matmul``, ``@``, ``torch.bmm`` of   attention written as plain ops
+               two activations (not with a weight)         (HF's eager attention): the
+                                                           scores' operands (q, kᵀ) at
+                                                           least 8 bits; when the first
+                                                           operand comes from a softmax
+                                                           (probabilities @ v): it at
+                                                           least 8 bits, v at least 4;
+                                                           with a weight: the module's
+                                                           format
+``softmax``    ``F.softmax``, ``torch.softmax``,           the output: at least 8 bits
+               ``Tensor.softmax``
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
                ``Tensor.relu(_)``, ``nn.ReLU``
 ``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
@@ -60,6 +71,15 @@ Why:
   v's error reaches q and k through ``dO vᵀ`` and the softmax's backward, which sharp
   attention amplifies: below 4 bits it dominated, so v gets at least 4 bits.
   Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
+* **Attention written as plain ops** (``softmax(q kᵀ) v``, HF's eager attention,
+  which Gemma2's logit soft-capping selects) has no recompute to lean on: its
+  backward uses the probabilities and the operands of the scores as stored. So the
+  table stores them as SDPA's math backend stores its own copies: the scores'
+  operands and the probabilities at least 8 bits, v at least 4. A product of two
+  activations is recognised as attention; which operand is v is told by the other
+  coming from a softmax (its autograd node, through at most three ops such as
+  dropout or a cast). A softmax elsewhere (a router, a loss) keeps its output at
+  least 8 bits too; those outputs are small next to attention's.
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
   mask decodes to values on the same side (ReLU: 1 and 0; hardtanh: the midpoint and
@@ -408,6 +428,46 @@ def is_norm_module(module: torch.nn.Module) -> bool:
     return name.endswith("norm") or name.endswith("normgated")
 
 
+def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
+    """A product of two activations (not of an activation and a weight): attention
+    written as plain ops. ``softmax(q kᵀ) v`` saves q and kᵀ for the scores, the
+    probabilities and v for the output: the scores' operands and the probabilities at
+    least 8 bits, v at least 4, as in SDPA's math backend (:func:`_sdpa_math`)."""
+    a, b = call._arg(0, "input"), call._arg(1, "other")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or _is_weight(a) or _is_weight(b):
+        return DEFAULT
+    if not _from_softmax(a):
+        return AT_LEAST_8  # q kᵀ
+    storage = t.untyped_storage()._cdata
+    if storage == b.untyped_storage()._cdata or (storage != a.untyped_storage()._cdata
+                                                 and t.numel() == b.numel() != a.numel()):
+        return AT_LEAST_4  # v
+    return AT_LEAST_8  # the probabilities (or a copy matmul made of them)
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
+def _from_softmax(t: torch.Tensor, depth: int = 3) -> bool:
+    """Whether ``t`` is a softmax's output, or one of up to ``depth`` ops after it
+    (dropout, a dtype cast, a reshape)."""
+    fn = t.grad_fn
+    for _ in range(depth + 1):
+        if fn is None:
+            return False
+        if "Softmax" in type(fn).__name__:
+            return True
+        nexts = [n for n, _ in fn.next_functions if n is not None]
+        fn = nexts[0] if nexts else None
+    return False
+
+
+def _softmax(call: OpCall, t: torch.Tensor) -> Treatment:
+    return AT_LEAST_8
+
+
 Treater = Callable[["OpCall", torch.Tensor], Treatment]
 
 
@@ -424,6 +484,10 @@ def _functions() -> dict[Callable, tuple[str, Treater]]:
     for f in (F.threshold, F.threshold_, torch.threshold, getattr(torch, "threshold_", None)):
         if f is not None:
             table[f] = ("threshold", _threshold)
+    for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm):
+        table[f] = ("matmul", _matmul)
+    for f in (F.softmax, torch.softmax, torch.Tensor.softmax):
+        table[f] = ("softmax", _softmax)
     table[F.gelu] = ("gelu", _gelu)
     table[F.silu] = ("silu", _silu)
     for f in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, getattr(F, "rms_norm", None)):
