@@ -117,6 +117,17 @@ def test_a_product_with_a_weight_keeps_the_module_format():
     assert mf.stats.by_op["matmul"].counts["int2"] == 1
 
 
+def test_a_matrix_vector_product_is_no_attention_score():
+    """A recurrent scan's per-step ``state @ c`` (Mamba's reference path) is no
+    attention: it keeps the module's format."""
+    state = torch.randn(2, 256, 16, requires_grad=True)
+    c = torch.randn(2, 16, 1, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        torch.matmul(state * 1, c * 1)
+    assert mf.stats.by_op["matmul"].counts == {"int2": 2}
+
+
 def test_attention_policy_override_keeps_it_exact():
     q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
     ref = torch.autograd.grad(F.scaled_dot_product_attention(q * 1, k * 1, v * 1).sum(), (q, k, v))

@@ -24,8 +24,10 @@ op kind        ops                                         how their saved tenso
                                                            format
 ``matmul``     ``torch.matmul``, ``@``, ``torch.bmm`` of   attention written as plain ops
                two activations (not with a weight)         (HF's eager attention): the
-                                                           scores' operands (q, kᵀ) at
-                                                           least 8 bits; when the first
+                                                           scores' operands (q, kᵀ:
+                                                           matrices, not a matrix times
+                                                           a vector) at least 8 bits;
+                                                           when the first
                                                            operand comes from a softmax
                                                            (probabilities @ v): it at
                                                            least 8 bits, v at least 4;
@@ -437,7 +439,10 @@ def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or _is_weight(a) or _is_weight(b):
         return DEFAULT
     if not _from_softmax(a):
-        return AT_LEAST_8  # q kᵀ
+        # q kᵀ: a product of matrices; a matrix-vector product (a recurrent scan's
+        # state times a vector, per step) is no attention score
+        matrices = a.dim() >= 2 and b.dim() >= 2 and a.shape[-2] > 1 and b.shape[-1] > 1
+        return AT_LEAST_8 if matrices else DEFAULT
     storage = t.untyped_storage()._cdata
     if storage == b.untyped_storage()._cdata or (storage != a.untyped_storage()._cdata
                                                  and t.numel() == b.numel() != a.numel()):
