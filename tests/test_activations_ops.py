@@ -103,8 +103,10 @@ def test_explicit_softmax_attention_keeps_scores_and_probabilities_precise(bits)
     mf = memfit.activations(bits=bits, min_bytes=0)
     with mf:
         _explicit_attention(q * 1, k * 1, v * 1, True)
-    # q and kᵀ at 8 bits, v at 4; the probabilities: the softmax's 8-bit codes, shared
-    assert mf.stats.by_op["matmul"].counts == {"int8": 2, "int4": 1, "shared": 1}
+    # q and kᵀ at 8 bits, v one step up; the probabilities: the softmax's 8-bit codes, shared
+    v_kind = f"int{2 * bits}"
+    assert mf.stats.by_op["matmul"].counts == ({"int8": 3, "shared": 1} if bits == 4
+                                               else {"int8": 2, v_kind: 1, "shared": 1})
     assert mf.stats.by_op["softmax"].counts == {"int8": 1}
 
 
@@ -145,7 +147,9 @@ def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_form
     with mf:
         F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
     counts = mf.stats.by_op["sdpa"].counts
-    assert "int4" in counts and "int8" not in counts  # composed ops, each consistent
+    # composed ops, each consistent: q, k and the probabilities at the module's 4 bits,
+    # v one step up
+    assert counts["int4"] >= 3 and counts["int8"] == 1
 
 
 def _biased_attention(bias):
@@ -163,7 +167,7 @@ def test_attention_math_path_keeps_q_k_and_probabilities_precise():
     # q and k of std 3 / d**0.25: the scores spread as a scaled attention's of std 3
     fn = _biased_attention(bias)
     errors = {}
-    for bits in (2,):
+    for bits in (2, 8):
         g = torch.Generator().manual_seed(1)
         q0, k0 = (torch.randn(1, 2, 64, 32, generator=g) * 3 / 32 ** 0.25 for _ in range(2))
         v0 = torch.randn(1, 2, 64, 32, generator=g)
@@ -181,9 +185,30 @@ def test_attention_math_path_keeps_q_k_and_probabilities_precise():
             errors[bits, policy is None] = rel(grads(mf), exact)
             if policy is None:
                 counts = mf.stats.by_op["sdpa"].counts
-                assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+                if bits == 2:
+                    assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+                else:  # bf16: small probabilities keep their precision; v at the module's 8 bits
+                    assert counts["op-bfloat16"] >= 3 and counts["int8"] == 1
     assert errors[2, True] < errors[2, False] / 10
     assert errors[2, True] <= 1.5
+    assert errors[8, True] < errors[8, False] / 2
+
+
+def test_v_and_norm_inputs_are_one_step_up():
+    """At 4 bits, fused attention's v and a norm's input get 8 bits (at 2 bits: 4):
+    v's error reaches q and k through sharp softmaxes, and a norm's backward does not
+    cancel its input's error."""
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    x = torch.randn(64, 512, requires_grad=True)
+    for bits, up in ((4, "int8"), (2, "int4")):
+        mf = memfit.activations(bits=bits, min_bytes=0)
+        with mf:
+            F.scaled_dot_product_attention(q * 1, k * 1, v * 1, is_causal=True)
+            F.layer_norm(x * 1, (512,))
+        assert mf.stats.by_op["sdpa"].counts[up] == 1 + (bits == 4) * 2  # v (and q, k at 8 bits)
+        assert mf.stats.by_op["norm"].counts[up] == 1
+    # what v one step up buys at 4 bits on sharp attention (q and k of std 3)
+    assert _attention_error(_sdpa, 4, True) < 0.1
 
 
 # --------------------------------------------------------------------------- masks

@@ -658,10 +658,13 @@ class ActivationCompressor:
         how = treatment.how
         if how == "exact":
             return RAW, EXACT
-        if how in ("at_least_8", "at_least_4"):
-            floor = 8 if how == "at_least_8" else 4
-            if isinstance(fmt, IntFormat) and fmt.bits < floor:
-                return IntFormat(bits=floor, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+        if how == "precise":
+            return _precise(fmt), treatment
+        if how == "step_up":
+            return _step_up(fmt), treatment
+        if how == "at_least_4":
+            if isinstance(fmt, IntFormat) and fmt.bits < 4:
+                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
             return fmt, treatment
         if how == "mask" and _mask_values_hold(treatment, t.dtype):
             return MASK, treatment
@@ -671,17 +674,16 @@ class ActivationCompressor:
             return fmt, None
         if treatment in (SDPA_INPUT, SDPA_OUT, SDPA_LSE, SDPA_QK, SDPA_V):
             # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
-            # of these alone would cost more than 8 bits everywhere else; v: at
-            # least 4 bits, since at 2 bits its error dominates what reaches q and k
-            # through sharp softmaxes (docs/guide-plain.md, "Op-aware formats"). The
-            # output and logsumexp are not stored at all (_pack_attention_output).
+            # of these alone would cost more than 8 bits everywhere else; v: one step
+            # up (2 -> 4, 4 -> 8 bits), since at the module's bits its error dominates
+            # what reaches q and k through sharp softmaxes (docs/guide-plain.md,
+            # "Op-aware formats"). The output and logsumexp are not stored at all
+            # (_pack_attention_output).
             role = call.role(t) if treatment is SDPA_INPUT else None
             if treatment is SDPA_QK or role in ("q", "k"):
-                if isinstance(fmt, IntFormat) and fmt.bits < 8:
-                    return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
-                return BF16, treatment
-            if (treatment is SDPA_V or role == "v") and isinstance(fmt, IntFormat) and fmt.bits < 4:
-                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+                return _precise(fmt), treatment
+            if treatment is SDPA_V or role == "v":
+                return _step_up(fmt), treatment
             return fmt, treatment
         return fmt, None
 
@@ -877,6 +879,23 @@ def _channel_scaled(flat: torch.Tensor, channels: int) -> tuple[torch.Tensor, to
         scale = torch.where(usable, absmax, torch.ones_like(absmax))
         scaled = (rows / scale.to(rows.dtype)).view(-1)
     return scaled, scale
+
+
+def _precise(fmt: Format) -> Format | str:
+    """8-bit codes when ``fmt`` is coarser; a cast to bf16 when it is 8-bit codes or
+    fp8, where 8-bit codes of these few tensors alone would cost more than 8 bits
+    everywhere else (see :mod:`.ops`)."""
+    if isinstance(fmt, IntFormat) and fmt.bits < 8:
+        return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding)
+    return BF16
+
+
+def _step_up(fmt: Format) -> Format:
+    """The integer format one step more precise than ``fmt`` (2 -> 4 -> 8 bits);
+    ``fmt`` itself when it is 8 bits or not integer codes."""
+    if isinstance(fmt, IntFormat) and fmt.bits < 8:
+        return IntFormat(bits=2 * fmt.bits, block_size=fmt.block_size, rounding=fmt.rounding)
+    return fmt
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:
