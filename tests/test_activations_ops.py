@@ -60,7 +60,8 @@ def _sdpa(q, k, v, causal):
 @pytest.mark.parametrize("bits,bar", [(4, 0.3), (2, 1.5)])
 def test_fused_attention_meets_the_bar_and_beats_explicit_softmax(bits, bar, causal):
     table = _attention_error(_sdpa, bits, causal)
-    explicit = _attention_error(_explicit_attention, bits, causal)
+    # the issue's reference: the explicit softmax with plain codes for its ops
+    explicit = _attention_error(_explicit_attention, bits, causal, policy={"op:matmul": bits, "op:softmax": bits})
     assert table <= bar
     assert table <= explicit
     # what the table prevents: the same call with plain codes for every saved tensor
@@ -89,6 +90,46 @@ def test_fused_attention_stats_say_what_the_table_did():
     assert "sdpa" in mf.stats.table(by="op")
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_explicit_softmax_attention_keeps_scores_and_probabilities_precise(bits):
+    """Attention written as matmul / softmax / matmul (HF's eager attention): the
+    scores' operands and the probabilities at least 8 bits, v at least 4, so that
+    sharp softmaxes do not amplify the codes' error."""
+    table = _attention_error(_explicit_attention, bits, True)
+    plain = _attention_error(_explicit_attention, bits, True, policy={"op:matmul": bits, "op:softmax": bits})
+    assert table < plain / 1.8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 64, 32, generator=g).requires_grad_() for _ in range(3))
+    mf = memfit.activations(bits=bits, min_bytes=0)
+    with mf:
+        _explicit_attention(q * 1, k * 1, v * 1, True)
+    # q and kᵀ at 8 bits, v one step up; the probabilities: the softmax's 8-bit codes, shared
+    v_kind = f"int{2 * bits}"
+    assert mf.stats.by_op["matmul"].counts == ({"int8": 3, "shared": 1} if bits == 4
+                                               else {"int8": 2, v_kind: 1, "shared": 1})
+    assert mf.stats.by_op["softmax"].counts == {"int8": 1}
+
+
+def test_a_product_with_a_weight_keeps_the_module_format():
+    w = nn.Parameter(torch.randn(32, 32))
+    x = torch.randn(64, 32, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        torch.matmul(torch.softmax(x * 1, -1), w)
+    assert mf.stats.by_op["matmul"].counts["int2"] == 1
+
+
+def test_a_matrix_vector_product_is_no_attention_score():
+    """A recurrent scan's per-step ``state @ c`` (Mamba's reference path) is no
+    attention: it keeps the module's format."""
+    state = torch.randn(2, 256, 16, requires_grad=True)
+    c = torch.randn(2, 16, 1, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        torch.matmul(state * 1, c * 1)
+    assert mf.stats.by_op["matmul"].counts == {"int2": 2}
+
+
 def test_attention_policy_override_keeps_it_exact():
     q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
     ref = torch.autograd.grad(F.scaled_dot_product_attention(q * 1, k * 1, v * 1).sum(), (q, k, v))
@@ -106,7 +147,9 @@ def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_form
     with mf:
         F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
     counts = mf.stats.by_op["sdpa"].counts
-    assert "int4" in counts and "int8" not in counts  # composed ops, each consistent
+    # composed ops, each consistent: q, k and the probabilities at the module's 4 bits,
+    # v one step up
+    assert counts["int4"] >= 3 and counts["int8"] == 1
 
 
 def _biased_attention(bias):
@@ -124,7 +167,7 @@ def test_attention_math_path_keeps_q_k_and_probabilities_precise():
     # q and k of std 3 / d**0.25: the scores spread as a scaled attention's of std 3
     fn = _biased_attention(bias)
     errors = {}
-    for bits in (2,):
+    for bits in (2, 8):
         g = torch.Generator().manual_seed(1)
         q0, k0 = (torch.randn(1, 2, 64, 32, generator=g) * 3 / 32 ** 0.25 for _ in range(2))
         v0 = torch.randn(1, 2, 64, 32, generator=g)
@@ -142,9 +185,30 @@ def test_attention_math_path_keeps_q_k_and_probabilities_precise():
             errors[bits, policy is None] = rel(grads(mf), exact)
             if policy is None:
                 counts = mf.stats.by_op["sdpa"].counts
-                assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+                if bits == 2:
+                    assert counts["int8"] >= 3 and counts["int4"] == 1  # q, k, probabilities; v
+                else:  # bf16: small probabilities keep their precision; v at the module's 8 bits
+                    assert counts["op-bfloat16"] >= 3 and counts["int8"] == 1
     assert errors[2, True] < errors[2, False] / 10
     assert errors[2, True] <= 1.5
+    assert errors[8, True] < errors[8, False] / 2
+
+
+def test_v_and_norm_inputs_are_one_step_up():
+    """At 4 bits, fused attention's v and a norm's input get 8 bits (at 2 bits: 4):
+    v's error reaches q and k through sharp softmaxes, and a norm's backward does not
+    cancel its input's error."""
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    x = torch.randn(64, 512, requires_grad=True)
+    for bits, up in ((4, "int8"), (2, "int4")):
+        mf = memfit.activations(bits=bits, min_bytes=0)
+        with mf:
+            F.scaled_dot_product_attention(q * 1, k * 1, v * 1, is_causal=True)
+            F.layer_norm(x * 1, (512,))
+        assert mf.stats.by_op["sdpa"].counts[up] == 1 + (bits == 4) * 2  # v (and q, k at 8 bits)
+        assert mf.stats.by_op["norm"].counts[up] == 1
+    # what v one step up buys at 4 bits on sharp attention (q and k of std 3)
+    assert _attention_error(_sdpa, 4, True) < 0.1
 
 
 # --------------------------------------------------------------------------- masks
@@ -232,6 +296,57 @@ def test_normalisation_statistics_are_kept_exact():
     counts = mf.stats.by_op["norm"].counts
     assert counts["op-kept"] == 2  # mean and rstd
     assert counts["int4"] == 1  # the input: at least 4 bits
+
+
+class _ComposedRMSNorm(nn.Module):
+    """An RMSNorm written as plain ops, as HF's LlamaRMSNorm and Gemma2RMSNorm are."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+def test_norms_written_as_plain_ops_get_the_norm_rule():
+    """A composed RMSNorm whose incoming gradient lies mostly along its normalised
+    input (the backward removes that part, so the decoded input's error does not
+    cancel): its input stored at 2 bits makes the gradient several times off; the norm
+    rule stores it at 4 bits, the per-row statistics exact and the normalised values
+    (the weight's gradient only) at the module's 2 bits."""
+    g = torch.Generator().manual_seed(0)
+    norm = _ComposedRMSNorm(256)
+    x0 = torch.randn(64, 256, generator=g)
+    w = x0 / x0.pow(2).mean(-1, keepdim=True).sqrt() + 0.1 * torch.randn(64, 256, generator=g)
+
+    def grads(mf):
+        x = x0.clone().requires_grad_()
+        with mf if mf is not None else contextlib.nullcontext():
+            out = norm(x * 1)
+        (out * w).sum().backward()
+        return x.grad
+
+    exact = grads(None)
+
+    def error(policy):
+        return sum(rel(grads(memfit.activations(norm, bits=2, head_bits=2, min_bytes=0, seed=s, policy=policy)),
+                       exact) for s in range(3)) / 3
+
+    with_rule, two_bit_input = error(None), error({"op:norm": 2})
+    assert with_rule < two_bit_input / 3
+    mf = memfit.activations(norm, bits=2, head_bits=2, min_bytes=0)
+    grads(mf)
+    counts = mf.stats.by_op["norm"].counts
+    assert counts["int4"] == 1 and counts["shared"] == 1  # the input, saved by pow and by the mul
+    assert counts["op-kept"] == 2  # mean(x^2) and its rsqrt: per-row statistics
+    assert counts["int2"] == 1  # the normalised values, for the weight's gradient
+
+
+def test_only_modules_named_as_norms_are_composed_norms():
+    assert ops.is_norm_module(_ComposedRMSNorm(4))
+    assert ops.is_norm_module(nn.LayerNorm(4)) and ops.is_norm_module(nn.GroupNorm(2, 4))
+    assert not ops.is_norm_module(nn.Linear(4, 4)) and not ops.is_norm_module(nn.BatchNorm1d(4))
 
 
 def test_real_minilm_at_2_bits_does_not_blow_up():

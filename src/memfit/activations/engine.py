@@ -106,7 +106,9 @@ from .ops import (
     OpCall,
     OpTracker,
     Treatment,
+    ComposedNormCall,
     consistent_attention,
+    is_norm_module,
 )
 from .offload import OFFLOAD, Offload, OffloadedEncoded, Offloader
 from .policy import (
@@ -469,6 +471,10 @@ class ActivationCompressor:
         self._held: dict[int, weakref.ref] = {}  # kept storages in stored_bytes
         self._hooks: saved_tensors_hooks | None = None
         self._param_storages: set[int] = set()
+        # Norm modules written as plain ops: the running call of each (see _on_module_enter).
+        self._norm_modules = frozenset(
+            name for name, m in model.named_modules() if is_norm_module(m)) if model is not None else frozenset()
+        self._norm_calls: dict[str, ComposedNormCall] = {}
 
     # -- public -------------------------------------------------------------------
 
@@ -533,6 +539,7 @@ class ActivationCompressor:
         self._counted = {}
         self._held = {}
         self._after_blocks = False
+        self._norm_calls = {}
         if self.model is not None:
             self._param_storages = parameter_storages(
                 list(self.model.parameters()) + list(self.model.buffers())
@@ -586,10 +593,13 @@ class ActivationCompressor:
     def _on_module_enter(self, name: str) -> None:
         if name == "" or name == self._first_block:
             self._after_blocks = False
+        if name in self._norm_modules and self._ops is not None:
+            self._norm_calls[name] = ComposedNormCall()
 
     def _on_module_exit(self, name: str) -> None:
         if name == self._last_block:
             self._after_blocks = True
+        self._norm_calls.pop(name, None)
 
     def _tally(self, module: str, op: str) -> tuple[ModuleStats, ModuleStats]:
         by_module, by_op = self._stats.by_module, self._stats.by_op
@@ -606,6 +616,8 @@ class ActivationCompressor:
     def _pack(self, t: torch.Tensor):
         module = self._modules.current
         call = self._ops.current if self._ops is not None else None
+        if call is None and module in self._norm_calls:
+            call = self._norm_calls[module]
         op = call.kind if call is not None else ""
         kind, key = classify(t, self._param_storages)
         if kind == PARAM:
@@ -724,10 +736,13 @@ class ActivationCompressor:
         how = treatment.how
         if how == "exact":
             return RAW, EXACT
-        if how in ("at_least_8", "at_least_4"):
-            floor = 8 if how == "at_least_8" else 4
-            if isinstance(fmt, IntFormat) and fmt.bits < floor:
-                return IntFormat(bits=floor, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+        if how == "precise":
+            return _precise(fmt), treatment
+        if how == "step_up":
+            return _step_up(fmt), treatment
+        if how == "at_least_4":
+            if isinstance(fmt, IntFormat) and fmt.bits < 4:
+                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
             return fmt, treatment
         if how == "mask" and _mask_values_hold(treatment, t.dtype):
             return MASK, treatment
@@ -737,17 +752,16 @@ class ActivationCompressor:
             return fmt, None
         if treatment in (SDPA_INPUT, SDPA_OUT, SDPA_LSE, SDPA_QK, SDPA_V):
             # q and k: 8 bits below 8 bits, bf16 at 8 bits and fp8, where 8-bit codes
-            # of these alone would cost more than 8 bits everywhere else; v: at
-            # least 4 bits, since at 2 bits its error dominates what reaches q and k
-            # through sharp softmaxes (docs/guide-plain.md, "Op-aware formats"). The
-            # output and logsumexp are not stored at all (_pack_attention_output).
+            # of these alone would cost more than 8 bits everywhere else; v: one step
+            # up (2 -> 4, 4 -> 8 bits), since at the module's bits its error dominates
+            # what reaches q and k through sharp softmaxes (docs/guide-plain.md,
+            # "Op-aware formats"). The output and logsumexp are not stored at all
+            # (_pack_attention_output).
             role = call.role(t) if treatment is SDPA_INPUT else None
             if treatment is SDPA_QK or role in ("q", "k"):
-                if isinstance(fmt, IntFormat) and fmt.bits < 8:
-                    return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding), treatment
-                return BF16, treatment
-            if (treatment is SDPA_V or role == "v") and isinstance(fmt, IntFormat) and fmt.bits < 4:
-                return IntFormat(bits=4, block_size=fmt.block_size, rounding=fmt.rounding), treatment
+                return _precise(fmt), treatment
+            if treatment is SDPA_V or role == "v":
+                return _step_up(fmt), treatment
             return fmt, treatment
         return fmt, None
 
@@ -914,6 +928,23 @@ def _channels(t: torch.Tensor, fmt: Format) -> int | None:
     if not isinstance(fmt, IntFormat) or t.dim() not in (2, 3) or t.shape[-1] > _MAX_CHANNELS:
         return None
     return t.shape[-1]
+
+
+def _precise(fmt: Format) -> Format | str:
+    """8-bit codes when ``fmt`` is coarser; a cast to bf16 when it is 8-bit codes or
+    fp8, where 8-bit codes of these few tensors alone would cost more than 8 bits
+    everywhere else (see :mod:`.ops`)."""
+    if isinstance(fmt, IntFormat) and fmt.bits < 8:
+        return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding)
+    return BF16
+
+
+def _step_up(fmt: Format) -> Format:
+    """The integer format one step more precise than ``fmt`` (2 -> 4 -> 8 bits);
+    ``fmt`` itself when it is 8 bits or not integer codes."""
+    if isinstance(fmt, IntFormat) and fmt.bits < 8:
+        return IntFormat(bits=2 * fmt.bits, block_size=fmt.block_size, rounding=fmt.rounding)
+    return fmt
 
 
 def _per_view(entry: _StorageEntry, t: torch.Tensor) -> _Compressed:

@@ -10,18 +10,31 @@ op kind        ops                                         how their saved tenso
 =============  ==========================================  ================================
 ``sdpa``       ``F.scaled_dot_product_attention`` (fused   q, k: at least 8 bits (bf16 when
                kernels: flash, efficient, cuDNN; CPU and   the module's format is 8 bits or
-               CUDA)                                       fp8); v: at least 4 bits;
+               CUDA)                                       fp8); v: one step up (2 -> 4,
+                                                           4 -> 8 bits);
                                                            the output and logsumexp: not
                                                            stored, recomputed in backward
                                                            from the decoded q, k, v; fused
                                                            with dropout or on autocast's
                                                            copies: all exact; the math
                                                            backend: q, k, v as above and
-                                                           the probabilities at least 8
-                                                           bits; with dropout q, k, v at
-                                                           least 4 bits and the
+                                                           the probabilities as q and k;
+                                                           with dropout q, k at least 4
+                                                           bits, v as above, and the
                                                            probabilities the module's
                                                            format
+``matmul``     ``torch.matmul``, ``@``, ``torch.bmm`` of   attention written as plain ops
+               two activations (not with a weight)         (HF's eager attention): the
+                                                           scores' operands (q, kᵀ:
+                                                           matrices, not a matrix times
+                                                           a vector) as fused q and k;
+                                                           when the first operand comes
+                                                           from a softmax (probabilities
+                                                           @ v): it as q and k, v one
+                                                           step up; with a weight: the
+                                                           module's format
+``softmax``    ``F.softmax``, ``torch.softmax``,           the output: as fused q and k
+               ``Tensor.softmax``
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
                ``Tensor.relu(_)``, ``nn.ReLU``
 ``hardtanh``   ``F.hardtanh``, ``F.relu6``, ``nn.ReLU6``,  a 1-bit mask of
@@ -35,9 +48,20 @@ op kind        ops                                         how their saved tenso
                                                            with that derivative); at 8
                                                            bits: the module's format
 ``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
-``norm``       ``F.layer_norm``, ``F.group_norm``,         the input: at least 4 bits; the
-               ``F.batch_norm``, ``F.instance_norm``,      statistics (mean, rstd): exact
-               ``F.rms_norm``
+``norm``       ``F.layer_norm``, ``F.rms_norm``, and the    the input: one step up (at
+               plain ops inside a norm module (class name  least 4 bits for
+               ending in ``Norm`` or ``NormGated``: HF's   ``F.group_norm``,
+               ``LlamaRMSNorm``, ``T5LayerNorm``,          ``F.batch_norm``,
+               ``Gemma2RMSNorm``) outside the ops above;   ``F.instance_norm``); the
+               ``F.group_norm``, ``F.batch_norm``,         statistics (mean, rstd): exact
+               ``F.instance_norm``                         (composed norms: the input is
+                                                           what is saved before the first
+                                                           statistic, a tensor with a
+                                                           dimension of 1 after the first
+                                                           and fewer elements than the
+                                                           input; the normalised values
+                                                           after it keep the module's
+                                                           format)
 =============  ==========================================  ================================
 
 Why:
@@ -53,8 +77,21 @@ Why:
   per call; :func:`consistent_attention`). The backward is then the exact gradient at
   the decoded inputs, like an explicit softmax without its quantized probabilities.
   v's error reaches q and k through ``dO vᵀ`` and the softmax's backward, which sharp
-  attention amplifies: below 4 bits it dominated, so v gets at least 4 bits.
+  attention amplifies: at the module's bits it dominated (at 2 bits, and at 4 bits
+  on the zoo's ViT, Qwen3 and T5), so v gets one step more: 4 bits at 2, 8 at 4.
   Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
+* **Attention written as plain ops** (``softmax(q kᵀ) v``, HF's eager attention,
+  which Gemma2's logit soft-capping selects) has no recompute to lean on: its
+  backward uses the probabilities and the operands of the scores as stored. So the
+  table stores them as SDPA's math backend stores its own copies: the scores'
+  operands and the probabilities as fused q and k (8-bit codes, bf16 at 8-bit
+  settings: small probabilities have no precision left in 8-bit block codes), v one
+  step up. A product of two
+  activations is recognised as attention; which operand is v is told by the other
+  coming from a softmax (its autograd node, through at most three ops such as
+  dropout or a cast); a matrix-vector product (a recurrent scan's state times a
+  vector, per step) is not one. A softmax elsewhere (a router, a loss) keeps its
+  output as precisely too; those outputs are small next to attention's.
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
   mask decodes to values on the same side (ReLU: 1 and 0; hardtanh: the midpoint and
@@ -68,14 +105,26 @@ Why:
   (GPT-2's ``gelu_new``, ``tanh``, ``sigmoid``) are separate ops each; their tensors
   keep the module's format.
 * **Normalisation statistics** are small and their errors scale every element of the
-  row. The norm's **input** gets at least 4 bits: its backward normalises the decoded
-  input with the exact statistics, and at 2 bits the two disagree enough to blow the
-  gradient up on pretrained weights (the real all-MiniLM-L6-v2's post-LN residual
-  stream; figures in ``docs/guide-plain.md``).
+  row. The norm's **input** gets one step more than the module (4 bits at 2, 8 at
+  4; CNNs' batch, group and instance norms, whose inputs are the largest tensors of a
+  convolutional network and where 4 bits measured fine, at least 4 bits): its backward normalises the decoded input with the exact statistics, and at 2
+  bits the two disagree enough to blow the gradient up on pretrained weights (the real all-MiniLM-L6-v2's post-LN residual
+  stream; figures in ``docs/guide-plain.md``). Most HF decoders write their RMSNorm as
+  plain ops (``x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``), which no entry
+  above sees; the ops inside a module whose class name says it is a norm are treated
+  as one ``norm`` call (:class:`ComposedNormCall`), so the rule holds for them too,
+  with no per-architecture code. The normalised values such a module saves for its
+  weight's gradient keep the module's format: only the weight's gradient sees them,
+  summed over every row. The backward is sensitive to the input where the incoming
+  gradient lies mostly along the normalised input, which the backward removes: the
+  error of the decoded input does not cancel with it (figures in
+  ``docs/guide-plain.md``). Recomputing the statistics from the decoded input does
+  not remove that error (it is first order in the input's error either way).
 
 The table never makes a tensor less precise than the module's format: "at least 8
 bits" is 8 bits when the module's format is 4 or 2 bits, the module's format when it
-is 8 bits or fp8, and exact when the module keeps tensors (``None``). Masks apply only
+is 8 bits or fp8, and exact when the module keeps tensors (``None``); "one step up"
+is 4 bits at 2, 8 bits at 4, and the module's format at 8 bits or fp8. Masks apply only
 when the module's format is lossy.
 
 How ops are seen: while the engine is active, a ``TorchFunctionMode`` notes which of
@@ -108,7 +157,9 @@ OP_PREFIX = "op:"
 class Treatment:
     """How one saved tensor of a table op is stored.
 
-    ``how`` is ``"default"`` (the module's format), ``"at_least_8"``, ``"exact"`` or
+    ``how`` is ``"default"`` (the module's format), ``"precise"`` (8-bit codes below
+    8 bits, bf16 at 8 bits and fp8), ``"step_up"`` (2 -> 4, 4 -> 8 bits),
+    ``"at_least_4"``, ``"exact"`` or
     ``"mask"`` or ``"fewbit"``; for masks, ``predicate(t) -> bool tensor`` and the two
     values a true and a false element decode to (checked at encode time to satisfy
     the predicate in the tensor's dtype; otherwise the module's format is used); for
@@ -123,8 +174,11 @@ class Treatment:
 
 
 DEFAULT = Treatment("default")
-AT_LEAST_8 = Treatment("at_least_8")
 AT_LEAST_4 = Treatment("at_least_4")
+#: As fused attention's q and k: 8-bit codes below 8 bits, bf16 at 8 bits and fp8.
+PRECISE = Treatment("precise")
+#: One step more precise than the module's integer codes: 2 -> 4, 4 -> 8 bits.
+STEP_UP = Treatment("step_up")
 EXACT = Treatment("exact")
 #: Fused attention: q, k and v take the module's format; the output and logsumexp are
 #: replaced by those of the attention at the decoded q, k, v (:func:`consistent_attention`).
@@ -223,8 +277,9 @@ def _sdpa_math(call: OpCall, t: torch.Tensor) -> Treatment:
     the score matmul), the probabilities and v. Without dropout (a float mask that
     requires grad, as T5's learned position bias, sends SDPA here) the copies of q
     and k get the precision of a fused call's q and k, v that of its v, and the
-    probabilities at least 8 bits. With dropout (CPU training of most models) the
-    copies of q and k and v get at least 4 bits and the probabilities, the largest
+    probabilities that of q and k. With dropout (CPU training of most models) the
+    copies of q and k get at least 4 bits, v that of a fused call's v, and the
+    probabilities, the largest
     tensors, the module's format: 2-bit q and k blew the real MiniLM's gradient up,
     and the dropout's own noise dominates the probabilities' (docs/guide-plain.md)."""
     q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
@@ -234,7 +289,7 @@ def _sdpa_math(call: OpCall, t: torch.Tensor) -> Treatment:
     if t.is_floating_point() and t.numel() in (q.numel(), k.numel()):
         return AT_LEAST_4 if dropout else SDPA_QK
     if t.is_floating_point() and not dropout:
-        return AT_LEAST_8  # the probabilities
+        return PRECISE  # the probabilities
     return DEFAULT
 
 
@@ -359,7 +414,90 @@ def _silu(call: OpCall, t: torch.Tensor) -> Treatment:
 
 
 def _norm(call: OpCall, t: torch.Tensor) -> Treatment:
+    return STEP_UP if call.role(t) == "input" else EXACT
+
+
+def _batch_norm(call: OpCall, t: torch.Tensor) -> Treatment:
     return AT_LEAST_4 if call.role(t) == "input" else EXACT
+
+
+class ComposedNormCall(OpCall):
+    """One call of a norm module written as plain ops (:func:`is_norm_module`), seen
+    as one ``norm`` op: what it saves before its first per-row statistic, and any later
+    save of the same storages, is its input; what it saves after (the normalised
+    values, kept for the weight's gradient) is not."""
+
+    __slots__ = ("_input_storages", "_input_numel", "_after_statistics")
+
+    def __init__(self) -> None:
+        super().__init__("norm", _composed_norm, (), {})
+        self._input_storages: set[int] = set()
+        self._input_numel = 0
+        self._after_statistics = False
+
+
+def _composed_norm(call: ComposedNormCall, t: torch.Tensor) -> Treatment:
+    if 1 in t.shape[1:] and (call._input_numel == 0 or t.numel() < call._input_numel):
+        # mean(-1, keepdim=True) and rsqrt of it (or over channels, [N, 1, H, W]):
+        # per-row statistics
+        call._after_statistics = True
+        return EXACT
+    storage = t.untyped_storage()._cdata
+    if not call._after_statistics or storage in call._input_storages:
+        call._input_storages.add(storage)
+        call._input_numel = max(call._input_numel, t.numel())
+        return STEP_UP
+    return DEFAULT
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a normalisation layer by its class name: one ending with
+    ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ``Gemma2RMSNorm``) or ``NormGated``."""
+    name = type(module).__name__.lower()
+    return name.endswith("norm") or name.endswith("normgated")
+
+
+def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
+    """A product of two activations (not of an activation and a weight): attention
+    written as plain ops. ``softmax(q kᵀ) v`` saves q and kᵀ for the scores, the
+    probabilities and v for the output: the scores' operands and the probabilities as
+    fused q and k, v one step up, as in SDPA's math backend (:func:`_sdpa_math`)."""
+    a, b = call._arg(0, "input"), call._arg(1, "other")
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or _is_weight(a) or _is_weight(b):
+        return DEFAULT
+    if not _from_softmax(a):
+        # q kᵀ: a product of matrices; a matrix-vector product (a recurrent scan's
+        # state times a vector, per step) is no attention score
+        matrices = a.dim() >= 2 and b.dim() >= 2 and a.shape[-2] > 1 and b.shape[-1] > 1
+        return PRECISE if matrices else DEFAULT
+    storage = t.untyped_storage()._cdata
+    if storage == b.untyped_storage()._cdata or (storage != a.untyped_storage()._cdata
+                                                 and t.numel() == b.numel() != a.numel()):
+        return STEP_UP  # v
+    return PRECISE  # the probabilities (or a copy matmul made of them)
+
+
+def _is_weight(t: torch.Tensor) -> bool:
+    base = t._base if t._base is not None else t
+    return base.is_leaf and base.requires_grad
+
+
+def _from_softmax(t: torch.Tensor, depth: int = 3) -> bool:
+    """Whether ``t`` is a softmax's output, or one of up to ``depth`` ops after it
+    (dropout, a dtype cast, a reshape)."""
+    fn = t.grad_fn
+    for _ in range(depth + 1):
+        if fn is None:
+            return False
+        if "Softmax" in type(fn).__name__:
+            return True
+        nexts = [n for n, _ in fn.next_functions if n is not None]
+        fn = nexts[0] if nexts else None
+    return False
+
+
+def _softmax(call: OpCall, t: torch.Tensor) -> Treatment:
+    return PRECISE
 
 
 Treater = Callable[["OpCall", torch.Tensor], Treatment]
@@ -378,11 +516,17 @@ def _functions() -> dict[Callable, tuple[str, Treater]]:
     for f in (F.threshold, F.threshold_, torch.threshold, getattr(torch, "threshold_", None)):
         if f is not None:
             table[f] = ("threshold", _threshold)
+    for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm):
+        table[f] = ("matmul", _matmul)
+    for f in (F.softmax, torch.softmax, torch.Tensor.softmax):
+        table[f] = ("softmax", _softmax)
     table[F.gelu] = ("gelu", _gelu)
     table[F.silu] = ("silu", _silu)
-    for f in (F.layer_norm, F.group_norm, F.batch_norm, F.instance_norm, getattr(F, "rms_norm", None)):
+    for f in (F.layer_norm, getattr(F, "rms_norm", None)):
         if f is not None:
             table[f] = ("norm", _norm)
+    for f in (F.group_norm, F.batch_norm, F.instance_norm):
+        table[f] = ("norm", _batch_norm)
     return table
 
 
