@@ -92,7 +92,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .._units import MB
-from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, channel_absmax, decode, encode
+from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
 from ..codec.blockwise import is_fake
 from . import fewbit
 from .ops import (
