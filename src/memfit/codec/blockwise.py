@@ -249,9 +249,9 @@ OUTLIER_SPREAD = 2.0
 def channel_scales(x: torch.Tensor, channels: int) -> torch.Tensor | None:
     """The factors :func:`encode` divides ``x``'s channels by (each channel's largest
     finite magnitude; 1 for an all-zero channel, or one with infinities or magnitudes
-    near the float limits), or None when scaling
-    does not pay: fewer than ``MIN_CHANNELS`` channels, fewer than two rows, a size
-    that is not whole rows, or channels of even width. For a fake tensor (a memory
+    near the float limits), or None when scaling does not pay: fewer than
+    ``MIN_CHANNELS`` channels, fewer than two rows, a size that is not whole rows, or
+    channels of similar widths. For a fake tensor (a memory
     estimate, no data to decide from) the factors a real run may hold."""
     n = x.numel()
     if channels < MIN_CHANNELS or n % channels or n // channels < 2:
