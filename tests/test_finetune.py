@@ -231,7 +231,7 @@ def test_bf16_autocast_plan_fits_its_measured_budget():
     model, batch = tiny_llama(batch=4, seq=64)
     plain = measure_peak(model, batch, StepConfig(autocast="bf16")).peak_bytes
     assert plain != measure_peak(model, batch).peak_bytes  # autocast's casts change the step
-    budget = int(0.6 * plain)
+    budget = int(0.7 * plain)  # the floor is about 0.6 of plain: leave it room
     p = memfit.plan(model, batch, budget, autocast=torch.bfloat16, **FAST_PLAN)
     assert p.autocast == "bf16" and p.config.autocast == "bf16" and "torch.autocast in bf16" in str(p)
     assert any(c != "keep" for c in p.choices.values()) or p.state_bits < 32, p.choices
