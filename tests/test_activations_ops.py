@@ -141,15 +141,102 @@ def test_attention_policy_override_keeps_it_exact():
     assert mf.stats.by_op["sdpa"].stored_bytes == mf.stats.by_op["sdpa"].original_bytes
 
 
-def test_attention_with_dropout_in_a_model_runs_the_math_path_at_the_module_format():
-    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
-    mf = memfit.activations(bits=4, min_bytes=0)
-    with mf:
-        F.scaled_dot_product_attention(q * 1, k * 1, v * 1, dropout_p=0.5)
-    counts = mf.stats.by_op["sdpa"].counts
-    # composed ops, each consistent: q, k and the probabilities at the module's 4 bits,
-    # v one step up
-    assert counts["int4"] >= 3 and counts["int8"] == 1
+def _dropout_attention(mf, q0, k0, v0, w, *, mask=None, causal=True, autocast=False, seed=7):
+    """Plain or memfit: the output, the input (and mask) gradients, and draws of the
+    global RNG after forward and after backward."""
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    m = mask.detach().clone().requires_grad_() if mask is not None and mask.requires_grad else mask
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            mf if mf is not None else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(q * 1, k * 1, v * 1, attn_mask=m, dropout_p=0.3, is_causal=causal)
+    after_forward = torch.rand(8)
+    (out.float() * w).sum().backward()
+    after_backward = torch.rand(8)
+    grads = [q.grad, k.grad, v.grad] + ([m.grad] if m is not None and m.requires_grad else [])
+    return out.detach(), torch.cat([g.flatten() for g in grads]), after_forward, after_backward
+
+
+def _qkv(shape=(2, 2, 64, 32), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    q0, k0 = (torch.randn(shape, generator=g) * 3 for _ in range(2))  # trained-like q, k
+    v0, w = (torch.randn(shape, generator=g) for _ in range(2))
+    return q0, k0, v0, w
+
+
+def test_attention_with_dropout_is_recomputed_with_the_forward_mask():
+    from memfit.activations.dropout_attention import recomputed_attention
+
+    q0, k0, v0, w = _qkv((1, 2, 256, 32))
+    out0, g0, f0, b0 = _dropout_attention(None, q0, k0, v0, w)
+    # Without memfit's hooks the recomputation is exact: the same output, the same
+    # gradients (so the same dropout mask in backward) and the same RNG stream after.
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    torch.manual_seed(7)
+    out = recomputed_attention((q * 1, k * 1, v * 1), {"dropout_p": 0.3, "is_causal": True})
+    assert torch.equal(out.detach(), out0) and torch.equal(torch.rand(8), f0)
+    (out * w).sum().backward()
+    assert torch.equal(torch.rand(8), b0)
+    assert torch.allclose(torch.cat([q.grad.flatten(), k.grad.flatten(), v.grad.flatten()]), g0,
+                          rtol=1e-5, atol=1e-6)
+
+    probs_bytes = q0.numel() // q0.shape[-1] * k0.shape[-2] * 4  # B*H*L*S fp32
+    errors = {}
+    for bits in (8, 4, 2):
+        mf = memfit.activations(bits=bits, min_bytes=0)
+        out, g, f, b = _dropout_attention(mf, q0, k0, v0, w)
+        assert torch.equal(out, out0) and torch.equal(f, f0) and torch.equal(b, b0)
+        errors[bits] = rel(g, g0)
+        st = mf.stats.by_op["sdpa"]
+        assert st.counts["op-recomputed"] == 1
+        # q, k, v only: nothing of the probabilities' size is stored ...
+        assert st.stored_bytes < probs_bytes / 4
+        # ... while what plain autograd keeps (probabilities, dropout noise, dropped
+        # probabilities) is counted as the original
+        assert st.original_bytes >= 2 * probs_bytes
+        if bits == 4:
+            assert st.counts["int8"] == 3  # q, k at 8 bits; v one step up
+        if bits == 2:
+            assert st.counts["int8"] == 2 and st.counts["int4"] == 1
+    assert errors[8] < 0.03 and errors[4] < 0.3 and errors[2] < 1.5
+    assert errors[2] > errors[4] > errors[8] > 0
+
+
+def test_attention_with_dropout_differentiates_a_learned_bias():
+    # T5: a learned position bias as the mask; with dropout in training
+    q0, k0, v0, w = _qkv()
+    bias = torch.randn(1, 2, 64, 64, requires_grad=True)
+    _, g0, _, _ = _dropout_attention(None, q0, k0, v0, w, mask=bias, causal=False)
+    mf = memfit.activations(bits=8, min_bytes=0)
+    _, g, _, _ = _dropout_attention(mf, q0, k0, v0, w, mask=bias, causal=False)
+    assert g.shape == g0.shape  # the bias's gradient too
+    n_bias = bias.numel()
+    assert rel(g[-n_bias:], g0[-n_bias:]) < 0.03 and rel(g, g0) < 0.03
+    assert mf.stats.by_op["sdpa"].counts["op-recomputed"] == 1
+
+
+def test_attention_with_dropout_under_autocast_recomputes_in_bf16():
+    q0, k0, v0, w = _qkv()
+    out0, g0, f0, b0 = _dropout_attention(None, q0, k0, v0, w, autocast=True)
+    mf = memfit.activations(bits=8, min_bytes=0)
+    out, g, f, b = _dropout_attention(mf, q0, k0, v0, w, autocast=True)
+    assert out.dtype is torch.bfloat16 and torch.equal(out, out0)
+    assert torch.equal(f, f0) and torch.equal(b, b0)
+    assert rel(g, g0) < 0.03
+
+
+def test_attention_with_dropout_kept_exact_runs_as_plain():
+    q0, k0, v0, w = _qkv()
+    out0, g0, _, _ = _dropout_attention(None, q0, k0, v0, w)
+    mf = memfit.activations(bits=2, min_bytes=0, policy={"op:sdpa": None})
+    out, g, _, _ = _dropout_attention(mf, q0, k0, v0, w)
+    assert torch.equal(out, out0) and torch.equal(g, g0)
+    assert mf.stats.by_op["sdpa"].counts["op-recomputed"] == 0
+    # without grad (evaluation inside the block) the call is untouched too
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with torch.no_grad(), mf:
+        F.scaled_dot_product_attention(q0, k0, v0, dropout_p=0.3)
+    assert "sdpa" not in mf.stats.by_op
 
 
 def _biased_attention(bias):

@@ -550,7 +550,7 @@ class ActivationCompressor:
         self._hooks = saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         if self._lossy:
-            self._ops = OpTracker()
+            self._ops = OpTracker(recompute_dropout=self._attention_recompute)
             self._ops.__enter__()
         return self
 
@@ -600,6 +600,37 @@ class ActivationCompressor:
         if name == self._last_block:
             self._after_blocks = True
         self._norm_calls.pop(name, None)
+
+    def _attention_recompute(self):
+        """For an attention call here: None when its tensors are kept exact (it runs as
+        plain), else where to report what plain autograd would have saved for it, as
+        it runs with dropout as :class:`~.dropout_attention.RecomputedAttention`."""
+        fmt = self._op_formats.get("sdpa")
+        if fmt is None:
+            fmt = self._format_at(self._modules.current)
+        if isinstance(fmt, RawFormat) or not self._hooks_on_top():
+            return None
+        module = self._modules.current
+
+        def report(nbytes: int) -> None:
+            # what plain autograd keeps for the call, beyond q, k, v and the mask,
+            # which the engine counts when they are packed (if plain saved them too)
+            for s in self._tally(module, "sdpa"):
+                s.original_bytes += nbytes
+                s.counts["op-recomputed"] += 1
+
+        return report
+
+    def _hooks_on_top(self) -> bool:
+        """Whether memfit's pack hook is the innermost one, so what is saved now is
+        memfit's to store: not inside a ``torch.utils.checkpoint`` region, whose own
+        hooks take the saved tensors and whose recomputation (outside memfit) must
+        save the same ones."""
+        try:
+            top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        except (AttributeError, RuntimeError, TypeError):  # a torch without it: be safe
+            return False
+        return top is not None and top[0] == self._pack
 
     def _tally(self, module: str, op: str) -> tuple[ModuleStats, ModuleStats]:
         by_module, by_op = self._stats.by_module, self._stats.by_op

@@ -14,15 +14,17 @@ op kind        ops                                         how their saved tenso
                                                            4 -> 8 bits);
                                                            the output and logsumexp: not
                                                            stored, recomputed in backward
-                                                           from the decoded q, k, v; fused
-                                                           with dropout or on autocast's
-                                                           copies: all exact; the math
-                                                           backend: q, k, v as above and
-                                                           the probabilities as q and k;
-                                                           with dropout q, k at least 4
-                                                           bits, v as above, and the
-                                                           probabilities the module's
-                                                           format
+                                                           from the decoded q, k, v; on
+                                                           autocast's copies: all exact;
+                                                           the math backend: q, k, v as
+                                                           above and the probabilities as
+                                                           q and k; with dropout (any
+                                                           kernel): the call runs as
+                                                           RecomputedAttention, which
+                                                           stores q, k, v as above and
+                                                           nothing else, and recomputes
+                                                           the rest in backward with the
+                                                           forward's dropout mask
 ``matmul``     ``torch.matmul``, ``@``, ``torch.bmm`` of   attention written as plain ops
                two activations (not with a weight)         (HF's eager attention): the
                                                            scores' operands (q, kᵀ:
@@ -80,6 +82,16 @@ Why:
   attention amplifies: at the module's bits it dominated (at 2 bits, and at 4 bits
   on the zoo's ViT, Qwen3 and T5), so v gets one step more: 4 bits at 2, 8 at 4.
   Measured figures are in ``docs/guide-plain.md`` ("Op-aware formats").
+* **Attention with dropout** (training: on CPU SDPA then runs as composed ops, which
+  keep the probabilities, the dropout's noise and the dropped probabilities, the
+  largest tensors of the model; on CUDA a fused kernel whose mask cannot be redrawn
+  from its saved tensors) runs as
+  :class:`~memfit.activations.dropout_attention.RecomputedAttention`: like
+  ``torch.utils.checkpoint`` around the one call, it records the RNG state, stores
+  q, k and v as a fused call's, and in backward runs the call again on the decoded
+  inputs with that RNG state, so the backward is exact at the decoded inputs with the
+  forward's own mask, and nothing of size ``B·H·L·S`` is stored. ``stats`` count
+  what plain autograd would have kept for the call as its original bytes.
 * **Attention written as plain ops** (``softmax(q kᵀ) v``, HF's eager attention,
   which Gemma2's logit soft-capping selects) has no recompute to lean on: its
   backward uses the probabilities and the operands of the scores as stored. So the
@@ -148,6 +160,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from .dropout_attention import recomputed_attention
 
 #: Prefix of policy keys that name op kinds.
 OP_PREFIX = "op:"
@@ -258,6 +272,12 @@ def _geometry(t: torch.Tensor) -> tuple:
 def _sdpa(call: OpCall, t: torch.Tensor) -> Treatment:
     if call.fused is None:
         call.fused = _fused_kind(call)
+    if call.fused == "recompute":
+        # RecomputedAttention saves q, k, v and the mask, nothing else
+        role = call.role(t)
+        if role in ("q", "k"):
+            return SDPA_QK
+        return SDPA_V if role == "v" else EXACT
     if call.fused == "math":
         return _sdpa_math(call, t)
     if call.fused == "exact" or call.broken:
@@ -277,11 +297,10 @@ def _sdpa_math(call: OpCall, t: torch.Tensor) -> Treatment:
     the score matmul), the probabilities and v. Without dropout (a float mask that
     requires grad, as T5's learned position bias, sends SDPA here) the copies of q
     and k get the precision of a fused call's q and k, v that of its v, and the
-    probabilities that of q and k. With dropout (CPU training of most models) the
+    probabilities that of q and k. With dropout the call normally runs as
+    RecomputedAttention instead; when it cannot (arguments it does not know), the
     copies of q and k get at least 4 bits, v that of a fused call's v, and the
-    probabilities, the largest
-    tensors, the module's format: 2-bit q and k blew the real MiniLM's gradient up,
-    and the dropout's own noise dominates the probabilities' (docs/guide-plain.md)."""
+    probabilities, the largest tensors, the module's format."""
     q, k, v = call._arg(0, "query"), call._arg(1, "key"), call._arg(2, "value")
     dropout = float(call._arg(4, "dropout_p", 0.0)) > 0.0
     if t.untyped_storage()._cdata == v.untyped_storage()._cdata:
@@ -318,8 +337,10 @@ def _fused_kind(call: OpCall) -> str:
         return "math"
     if dropout > 0 or (cast is not None and any(call._arg(i, n).dtype is not cast
                                                  for i, n in enumerate(("query", "key", "value")))):
-        # The dropout mask cannot be redrawn; autocast's copies cannot be told apart
-        # from the output by their geometry: keep this call's tensors exact.
+        # A fused kernel's dropout mask cannot be redrawn from its saved tensors (such
+        # calls normally run as RecomputedAttention, which redraws it from the RNG
+        # state); autocast's copies cannot be told apart from the output by their
+        # geometry: keep this call's tensors exact.
         return "exact"
     return "fused"
 
@@ -550,9 +571,13 @@ class OpTracker(TorchFunctionMode):
     one op even though it calls ``hardtanh`` inside.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, recompute_dropout: Callable[[], Callable[[int], None] | None] | None = None) -> None:
         super().__init__()
         self.current: OpCall | None = None
+        # Asked at each attention call: None to run it as plain, or (where the format
+        # is lossy) where to report the bytes plain autograd would have saved, and the
+        # call runs as RecomputedAttention if it has dropout (see .dropout_attention).
+        self._recompute_dropout = recompute_dropout
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -562,11 +587,17 @@ class OpTracker(TorchFunctionMode):
             return func(*args, **kwargs)
         previous = self.current
         self.current = OpCall(entry[0], entry[1], args, kwargs)
-        if entry[0] == "sdpa":
-            # Decided before the call: inside it, autocast has already cast the inputs
-            # and no longer reports itself as enabled.
-            self.current.fused = _fused_kind(self.current)
         try:
+            if entry[0] == "sdpa":
+                report = self._recompute_dropout() if self._recompute_dropout is not None else None
+                if report is not None:
+                    self.current.fused = "recompute"
+                    out = recomputed_attention(args, kwargs, report)
+                    if out is not None:
+                        return out
+                # Decided before the call: inside it, autocast has already cast the
+                # inputs and no longer reports itself as enabled.
+                self.current.fused = _fused_kind(self.current)
             return func(*args, **kwargs)
         finally:
             self.current = previous
