@@ -154,3 +154,36 @@ def test_estimate_counts_offloaded_bytes_on_the_host():
     assert off.host_bytes > 0
     assert off.activation_bytes < plain.activation_bytes
     assert off.reserved_bytes >= off.peak_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_with_dropout_recomputes_the_forward_mask_on_cuda(dtype):
+    # A fused kernel with dropout (flash / efficient) draws its mask from the CUDA
+    # generator: the recomputation restores that state, so without memfit's hooks the
+    # output, the gradients and the RNG streams after forward and backward all match
+    # plain autograd.
+    import torch.nn.functional as F
+    from memfit.activations.dropout_attention import recomputed_attention
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q0, k0, v0, w = (torch.randn(2, 4, 256, 64, device=DEVICE, generator=g, dtype=dtype) for _ in range(4))
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        torch.manual_seed(3)
+        out = fn(q, k, v)
+        after_forward = torch.rand(4, device=DEVICE)
+        (out * w).float().sum().backward()
+        return out.detach(), [q.grad, k.grad, v.grad], after_forward, torch.rand(4, device=DEVICE)
+
+    kw = {"dropout_p": 0.2, "is_causal": True}
+    ref = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kw))
+    got = run(lambda q, k, v: recomputed_attention((q, k, v), dict(kw)))
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+    for a, b in zip(got[1], ref[1]):
+        torch.testing.assert_close(a, b)
+    mf = memfit.activations(bits=4, min_bytes=0)
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    with mf:
+        F.scaled_dot_product_attention(q * 1, k * 1, v * 1, **kw)
+    assert mf.stats.by_op["sdpa"].counts["op-recomputed"] == 1
