@@ -198,3 +198,13 @@ def test_bits_none_stays_bit_identical():
     for adaptive in (True, False):
         got = _grads(model, x, memfit.activations(model, bits=None, adaptive=adaptive))
         assert all(torch.equal(a, b) for a, b in zip(got, plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_predicted_error_of_16_bit_tensors(dtype):
+    # fp16's squares overflow its own range: the energy is summed in fp32.
+    x = (torch.randn(3 * 100_000 + 17, generator=torch.Generator().manual_seed(6)) * 300).to(dtype)
+    fmt = IntFormat(4)
+    enc = encode(x, fmt, seed=0)
+    ratio = predicted_error(x, enc) / gaussian_error(fmt)
+    assert math.isfinite(ratio) and 0.9 < ratio < 1.15

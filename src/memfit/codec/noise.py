@@ -41,20 +41,38 @@ def predicted_error(x: torch.Tensor, enc: Encoded) -> float:
     be predicted: ``x`` has no energy, infinite energy (non-finite values, or squares
     past the fp32 range), is a fake tensor, or ``enc`` is not integer codes.
 
-    Cost: one read of ``x`` (its fp32 squared norm, no temporary) and reductions over
-    the per-block scales, which are ``block_size`` times fewer than the elements.
+    Cost: one read of ``x`` (its squared norm in fp32; no temporary for fp32, pieces of
+    at most 1 MiB for 16-bit tensors) and reductions over the per-block scales, one
+    per block.
     """
     fmt = enc.format
     if not isinstance(fmt, IntFormat) or enc.scale is None or is_fake(x) or x.numel() == 0:
         return math.nan
-    energy = float(torch.linalg.vector_norm(x.detach(), dtype=torch.float32)) ** 2
+    energy = _energy(x.detach())
     if not (0.0 < energy < math.inf):
         return math.nan
-    scale = enc.scale.to(torch.float64)
+    # fp32, which every device has; near its limit a sum may overflow to inf (errs high).
+    scale = enc.scale.to(torch.float32)
     scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))  # blocks stored exactly
-    weight = _block_weights(x.numel(), fmt.block_size, scale.numel(), enc.channel_scale).to(scale.device)
+    weight = _block_weights(x.numel(), fmt.block_size, scale.numel(), enc.channel_scale)
+    weight = weight.to(device=scale.device, dtype=torch.float32)
     noise = float((scale * scale * weight).sum()) * _mean_square_error_per_step(fmt)
     return noise / energy
+
+
+#: Elements per piece when summing the squares of a 16-bit tensor in fp32: a cast of the
+#: whole tensor would cost twice its size; a piece costs at most 1 MiB.
+_PIECE = 1 << 18
+
+
+def _energy(x: torch.Tensor) -> float:
+    """``sum(x**2)`` accumulated in fp32, in one read of ``x``. fp16's own range
+    would overflow, so 16-bit tensors are summed a piece at a time in fp32."""
+    if x.dtype is torch.float32:
+        return float(torch.linalg.vector_norm(x)) ** 2
+    pieces = x.reshape(-1).split(_PIECE)
+    norms = torch.stack([torch.linalg.vector_norm(piece, dtype=torch.float32) for piece in pieces])
+    return float((norms.double() ** 2).sum())
 
 
 def _block_weights(n: int, block: int, nblocks: int, channel_scale: torch.Tensor | None) -> torch.Tensor:
