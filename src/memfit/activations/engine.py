@@ -973,10 +973,10 @@ def _precise(fmt: Format) -> Format | str:
 #: (:func:`memfit.codec.noise.predicted_error`) is more than this many times a
 #: Gaussian tensor's at the same width (:func:`~memfit.codec.noise.gaussian_error`) is
 #: coded one step up (see ``adaptive``). The ratio measures heavy tails, not the width:
-#: Gaussian-like activations (linear and norm inputs, attention operands) sit near 1,
-#: products of two activations (gated MLPs, Mamba's gated scan output) above 2; one
-#: step up divides the error by (15/3)**2 = 25 (2 -> 4 bits) or (255/15)**2 = 289
-#: (4 -> 8). Why 3: it steps up the tensors that kept the zoo's Mamba over the
+#: Gaussian-like activations (linear and norm inputs, attention operands) sit near 1
+#: by construction, products of two activations (gated MLPs, Mamba's gated scan
+#: output) several times higher; one step up divides the error by (15/3)**2 = 25
+#: (2 -> 4 bits) or (255/15)**2 = 289 (4 -> 8). Why 3: it steps up the tensors that kept the zoo's Mamba over the
 #: fidelity bars and none of GPT-2-small's, whose memory ratios stay as they were
 #: (figures in docs/guide-plain.md, "Op-aware formats").
 STEP_UP_ERROR = 3.0
