@@ -23,7 +23,13 @@ memfit, by :func:`memfit.activations.saved.classify`):
   are coded per-channel scaled, see :func:`_channels`), unless the op that
   saves them is in the op table
   (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
-  statistics), which says how that op's tensors are stored.
+  statistics), which says how that op's tensors are stored;
+* heavy-tailed tensors: one coded at 2 or 4 bits whose predicted rounding error is
+  more than :data:`STEP_UP_ERROR` times a Gaussian tensor's at that width (a product
+  of activations) is coded again one step up, 4 or 8 bits (``adaptive=False`` turns
+  this off); stats count it as ``stepped-up`` and its bytes in ``stepped_up_bytes``.
+  The check costs one pass over the tensor and a reduction over its block scales;
+  a stepped-up tensor is encoded twice.
 
 Rounding noise comes from one stream per compressor, seeded by ``seed``;
 :meth:`ActivationCompressor.state_dict` saves its position so a resumed run draws the
@@ -94,6 +100,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from .._units import MB
 from ..codec import Encoded, FP8Format, Format, IntFormat, RawFormat, decode, encode
 from ..codec.blockwise import is_fake
+from ..codec.noise import gaussian_error, predicted_error
 from . import fewbit
 from .ops import (
     EXACT,
@@ -138,6 +145,7 @@ class ModuleStats:
     original_bytes: int = 0  # what plain autograd would have kept alive
     stored_bytes: int = 0  # what memfit holds instead, on the tensors' device
     host_bytes: int = 0  # what memfit holds in host memory instead (offload)
+    stepped_up_bytes: int = 0  # of stored_bytes, what tensors coded one step up hold
     counts: Counter = field(default_factory=Counter)  # saved tensors by kind
     # Host time in the codec's encode (forward) and decode (backward). Measurements,
     # not outcomes: left out of ==, so the same step compares equal across runs.
@@ -188,6 +196,13 @@ class ActivationStats:
         return sum(m.host_bytes for m in self.by_module.values())
 
     @property
+    def stepped_up_bytes(self) -> int:
+        """Of ``stored_bytes``, what the tensors coded one step above their format hold
+        because their values are heavy-tailed (count kind ``stepped-up``; see
+        :data:`~memfit.activations.engine.STEP_UP_ERROR`)."""
+        return sum(m.stepped_up_bytes for m in self.by_module.values())
+
+    @property
     def ratio(self) -> float:
         s = self.stored_bytes
         return self.original_bytes / s if s else float("inf")
@@ -223,6 +238,8 @@ class ActivationStats:
         )
         if self.host_bytes:
             lines.append(f"{'offloaded to host':<{width}}  {'':>10}  {self.host_bytes / MB:>10.2f}")
+        if self.stepped_up_bytes:
+            lines.append(f"{'of which stepped up':<{width}}  {'':>10}  {self.stepped_up_bytes / MB:>10.2f}")
         return "\n".join(lines)
 
 
@@ -407,9 +424,13 @@ class ActivationCompressor:
         head_bits: Setting = "auto",
         rank: int | None = None,
         offload: Offload | None = None,
+        adaptive: bool = True,
     ):
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be True or False, got {adaptive!r}")
+        self.adaptive = adaptive
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
             raise ValueError(f"rank must be a non-negative int or None, got {rank!r}")
         model = _unwrap_ddp(model)
@@ -873,13 +894,22 @@ class ActivationCompressor:
             flat = t.contiguous()
             entry_key = (key, t.dtype, fmt, t.storage_offset(), tuple(t.shape), t.stride())
         in_order = len(entry_key) > 3 or t.is_contiguous()  # flat holds t's elements in t's order
-        encoded = self._encode(flat, fmt, stats[0], _channels(t, fmt) if in_order else None)
+        channels = _channels(t, fmt) if in_order else None
+        encoded = self._encode(flat, fmt, stats[0], channels)
+        kind = _kind(fmt)
+        if self.adaptive and _heavy_tailed(flat, encoded):
+            # Entries stay keyed by the requested format: later saves of the storage
+            # share this encoding.
+            encoded = self._encode(flat, _step_up(fmt), stats[0], channels)
+            kind = "stepped-up"
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0])
         self._entries[entry_key] = entry
         self._count_original(storage, key, stats)
         for s in stats:
-            s.counts[_kind(fmt)] += 1
+            s.counts[kind] += 1
             s.stored_bytes += encoded.nbytes
+            if kind == "stepped-up":
+                s.stepped_up_bytes += encoded.nbytes
         if len(entry_key) == 3:
             return _Compressed(entry, t, 0)
         return _per_view(entry, t)
@@ -968,6 +998,30 @@ def _precise(fmt: Format) -> Format | str:
     if isinstance(fmt, IntFormat) and fmt.bits < 8:
         return IntFormat(bits=8, block_size=fmt.block_size, rounding=fmt.rounding)
     return BF16
+
+
+#: A tensor coded at 2 or 4 bits whose predicted relative rounding error
+#: (:func:`memfit.codec.noise.predicted_error`) is more than this many times a
+#: Gaussian tensor's at the same width (:func:`~memfit.codec.noise.gaussian_error`) is
+#: coded one step up (see ``adaptive``). The ratio measures heavy tails, not the width:
+#: Gaussian-like activations (linear and norm inputs, attention operands) sit near 1
+#: by construction, products of two activations (gated MLPs, Mamba's gated scan
+#: output) several times higher; one step up divides the error by (15/3)**2 = 25
+#: (2 -> 4 bits) or (255/15)**2 = 289 (4 -> 8). Why 3: it steps up the tensors that kept the zoo's Mamba over the
+#: fidelity bars and none of GPT-2-small's, whose memory ratios stay as they were
+#: (figures in docs/guide-plain.md, "Op-aware formats").
+STEP_UP_ERROR = 3.0
+
+
+def _heavy_tailed(flat: torch.Tensor, encoded: Encoded) -> bool:
+    """Whether ``encoded`` (integer codes below 8 bits of ``flat``) carries more than
+    :data:`STEP_UP_ERROR` times a Gaussian tensor's rounding error at its width. One
+    pass over ``flat`` and a reduction over the block scales; never for a fake tensor
+    (a memory estimate has no values to judge)."""
+    fmt = encoded.format
+    if not isinstance(fmt, IntFormat) or fmt.bits >= 8 or is_fake(flat):
+        return False
+    return predicted_error(flat, encoded) > STEP_UP_ERROR * gaussian_error(fmt)  # False for NaN
 
 
 def _step_up(fmt: Format) -> Format:
@@ -1097,6 +1151,7 @@ def activations(
     head_bits: Setting = "auto",
     rank: int | None = None,
     offload: Offload | None = None,
+    adaptive: bool = True,
 ) -> ActivationCompressor:
     """Compress the activations autograd saves for backward, on any model.
 
@@ -1145,6 +1200,13 @@ def activations(
             process group. Pass it to reproduce one rank's noise in a single process.
         offload: options of the ``"offload"`` settings (:class:`Offload`: prefetch
             window, host-memory limit, transport); None for the defaults.
+        adaptive: code a tensor one step up (2 -> 4, 4 -> 8 bits) when its values
+            are so heavy-tailed that its predicted rounding error is more than
+            :data:`~memfit.activations.engine.STEP_UP_ERROR` times a Gaussian
+            tensor's at its width (a product of activations, such as Mamba's gated
+            scan output); ``stats`` count such tensors as ``stepped-up`` and their
+            bytes in ``stepped_up_bytes``. ``False`` codes every tensor at its
+            format.
 
     The op that saves a tensor can change its format (fused attention, ReLU-like ops,
     GELU/SiLU, normalisation statistics): see :mod:`memfit.activations.ops`. For an
@@ -1166,4 +1228,5 @@ def activations(
         head_bits=head_bits,
         rank=rank,
         offload=offload,
+        adaptive=adaptive,
     )
