@@ -82,6 +82,18 @@ def test_heavy_tails_raise_the_error_against_a_gaussian_one():
     assert predicted_error(heavy, encode(heavy, fmt)) / gaussian_error(fmt) > engine.STEP_UP_ERROR
 
 
+@pytest.mark.parametrize("kind", ["gauss", "heavy"])
+def test_a_large_tensor_is_judged_on_a_sample_of_its_blocks(kind, monkeypatch):
+    from memfit.codec import noise
+
+    n = 256 * 4 * noise.SAMPLE_BLOCKS + 100  # over twice the sample, a partial last block
+    x = torch.randn(n, generator=torch.Generator().manual_seed(5)) if kind == "gauss" else _heavy(n, seed=5)
+    enc = encode(x, IntFormat(2), seed=0)
+    sampled = predicted_error(x, enc)
+    monkeypatch.setattr(noise, "SAMPLE_BLOCKS", 10 ** 9)  # every block
+    assert sampled == pytest.approx(predicted_error(x, enc), rel=0.05)
+
+
 def test_predicted_error_is_nan_when_it_cannot_be_predicted():
     fmt = IntFormat(4)
     zeros = torch.zeros(1024)

@@ -28,8 +28,8 @@ memfit, by :func:`memfit.activations.saved.classify`):
   more than :data:`STEP_UP_ERROR` times a Gaussian tensor's at that width (a product
   of activations) is coded again one step up, 4 or 8 bits (``adaptive=False`` turns
   this off); stats count it as ``stepped-up`` and its bytes in ``stepped_up_bytes``.
-  The check costs one pass over the tensor and a reduction over its block scales;
-  a stepped-up tensor is encoded twice.
+  The check reads at most 2048 blocks of the tensor (1024 evenly spaced ones of a
+  larger tensor) and their scales; a stepped-up tensor is encoded twice.
 
 Rounding noise comes from one stream per compressor, seeded by ``seed``;
 :meth:`ActivationCompressor.state_dict` saves its position so a resumed run draws the
@@ -1015,9 +1015,9 @@ STEP_UP_ERROR = 3.0
 
 def _heavy_tailed(flat: torch.Tensor, encoded: Encoded) -> bool:
     """Whether ``encoded`` (integer codes below 8 bits of ``flat``) carries more than
-    :data:`STEP_UP_ERROR` times a Gaussian tensor's rounding error at its width. One
-    pass over ``flat`` and a reduction over the block scales; never for a fake tensor
-    (a memory estimate has no values to judge)."""
+    :data:`STEP_UP_ERROR` times a Gaussian tensor's rounding error at its width,
+    judged on at most 2048 of its blocks (:func:`memfit.codec.noise.predicted_error`);
+    never for a fake tensor (a memory estimate has no values to judge)."""
     fmt = encoded.format
     if not isinstance(fmt, IntFormat) or fmt.bits >= 8 or is_fake(flat):
         return False
