@@ -60,8 +60,7 @@ def predicted_error(x: torch.Tensor, enc: Encoded) -> float:
     if n // block > 2 * SAMPLE_BLOCKS:
         picked = _sample(n // block, SAMPLE_BLOCKS)
         starts = picked * block
-        x = x.view(-1, block)[picked.to(x.device)] if n % block == 0 else \
-            x[: n // block * block].view(-1, block)[picked.to(x.device)]
+        x = x[: n // block * block].view(-1, block)[picked.to(x.device)]  # whole blocks only
         scale = scale[picked.to(scale.device)]
     energy = _energy(x)
     if not (0.0 < energy < math.inf):
