@@ -9,7 +9,10 @@ docs/benchmarks.md):
   (which stdlib package a Python snippet comes from), with its data and evaluation
   code, at fp32 and under ``memfit.activations(model, bits=b)`` at 4 and 2 bits: the
   same seed, initial classifier head, data order and dropout masks. A plain loop
-  (AdamW, linear decay), no planner, so the only difference is the compression.
+  (AdamW, linear decay), no planner, so the only difference is the compression. A
+  third setting, ``2-linear2`` (2 bits with ``policy={"op:linear": 2}``: the linear
+  layers' inputs at 2 bits too, where the op table gives them 4), shows what that
+  choice of the table buys (no bar; ``--variants``).
   memfit runs once per rounding seed (``--rounding-seeds``). Reported: held-out
   accuracy and loss, and the final training loss (mean of the last
   ``--final-window`` steps). Bars (issue 15): accuracy within 1 point of fp32, final
@@ -23,7 +26,7 @@ docs/benchmarks.md):
 
 Usage::
 
-    python bench/fidelity.py --parts minilm               # 8 runs, about 20 minutes
+    python bench/fidelity.py --parts minilm               # 11 runs, about 28 minutes
     python bench/fidelity.py --parts demo2                # 9 demo runs at 2 threads
     python bench/fidelity.py --parts demo1 --json d1.json # the same at 1 thread
     python bench/fidelity.py --parts demo2 --demo-steps 40 --demo-seeds 0 --no-write   # smoke test
@@ -51,7 +54,10 @@ import _common as C  # noqa: E402
 
 DOCS = C.REPO / "docs" / "benchmarks.md"
 PARTS = ("minilm", "demo2", "demo1")
-MINILM_LOSS_BARS = {4: 0.01, 2: 0.03}  # |final loss / fp32's - 1|
+MINILM_LOSS_BARS = {"4": 0.01, "2": 0.03}  # |final loss / fp32's - 1|
+#: The memfit settings the minilm part runs: name -> (bits, policy). Variants other than
+#: the bare bit widths have no bar; they show what a policy buys on a real fine-tune.
+MINILM_VARIANTS = {"4": (4, None), "2": (2, None), "2-linear2": (2, {"op:linear": 2})}
 MINILM_ACCURACY_BAR = 0.01  # |accuracy - fp32's|
 DEMO_BITS = (4, 2)
 
@@ -73,7 +79,8 @@ def _example():
 
 def minilm_run(bits: int | None, *, steps: int, batch_size: int, max_length: int, lr: float, per_class: int,
                eval_per_class: int, seed: int, final_window: int, rounding_seed: int | None = None,
-               dropout_seed: int | None = None, on_step: Callable[[int, float], None] | None = None) -> dict:
+               dropout_seed: int | None = None, on_step: Callable[[int, float], None] | None = None,
+               policy: dict | None = None, variant: str | None = None) -> dict:
     """Fine-tune all-MiniLM-L6-v2 for ``steps`` steps, plain (``bits=None``) or under
     ``memfit.activations(model, bits=bits, seed=rounding_seed)`` (``rounding_seed``
     defaults to ``seed``); everything else fixed by ``seed`` (the dropout masks by
@@ -93,7 +100,8 @@ def minilm_run(bits: int | None, *, steps: int, batch_size: int, max_length: int
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: max(0.0, 1 - i / steps))
     rounding_seed = seed if rounding_seed is None else rounding_seed
-    compressor = memfit.activations(model, bits=bits, seed=rounding_seed) if bits is not None else None
+    compressor = (memfit.activations(model, bits=bits, policy=policy, seed=rounding_seed)
+                  if bits is not None else None)
     order_gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed if dropout_seed is None else dropout_seed)  # dropout masks: the same in every run
     order: list[int] = []
@@ -117,7 +125,7 @@ def minilm_run(bits: int | None, *, steps: int, batch_size: int, max_length: int
             on_step(step, losses[-1])
     eval_loss, accuracy = ex.evaluate(model, eval_ds)
     tail = losses[-final_window:]
-    out = {"bits": bits, "rounding_seed": rounding_seed if bits is not None else None, "dropout_seed": dropout_seed,
+    out = {"bits": bits, "variant": variant, "policy": policy, "rounding_seed": rounding_seed if bits is not None else None, "dropout_seed": dropout_seed,
            "losses": losses, "final_loss": sum(tail) / len(tail), "eval_loss": eval_loss,
            "accuracy": accuracy, "n_train": len(train_ds), "n_eval": len(eval_ds)}
     if compressor is not None:
@@ -131,11 +139,12 @@ def run_minilm(args) -> dict:
               final_window=args.final_window)
     runs = []
     with _progress() as bar:
-        for bits, rseed in [(None, None)] + [(b, r) for b in (4, 2) for r in args.rounding_seeds]:
-            name = "fp32" if bits is None else f"{bits}-bit, rounding seed {rseed}"
+        for variant, rseed in [(None, None)] + [(v, r) for v in args.variants for r in args.rounding_seeds]:
+            bits, policy = MINILM_VARIANTS[variant] if variant is not None else (None, None)
+            name = "fp32" if variant is None else f"{variant_label(variant)}, rounding seed {rseed}"
             task = bar.add_task(f"MiniLM {name}", total=args.steps, loss="-")
-            runs.append(minilm_run(bits, **kw, rounding_seed=rseed, on_step=lambda i, loss, t=task: bar.update(
-                t, advance=1, loss=f"{loss:.3f}")))
+            runs.append(minilm_run(bits, **kw, rounding_seed=rseed, policy=policy, variant=variant,
+                                   on_step=lambda i, loss, t=task: bar.update(t, advance=1, loss=f"{loss:.3f}")))
         # How far an equally valid fp32 run lands: other dropout masks, nothing else
         # changed. Not a bar; it says what size of gap a single run can resolve.
         task = bar.add_task("MiniLM fp32, other dropout masks", total=args.steps, loss="-")
@@ -148,21 +157,28 @@ def run_minilm(args) -> dict:
     # The bars are judged on the mean over rounding seeds: one run's gap mixes the
     # compression's effect with where its noise happened to steer this short run.
     summary = {}
-    for bits in (4, 2):
-        rs = [r for r in runs[1:] if r["bits"] == bits]
+    for variant in args.variants:
+        rs = [r for r in runs[1:] if r["variant"] == variant]
         loss_gaps, acc_gaps = [r["loss_gap"] for r in rs], [r["accuracy_gap"] for r in rs]
         mean_loss, mean_acc = statistics.fmean(loss_gaps), statistics.fmean(acc_gaps)
-        summary[bits] = {
+        summary[variant] = {
             "loss_gap": mean_loss, "loss_gap_min": min(loss_gaps), "loss_gap_max": max(loss_gaps),
             "accuracy_gap": mean_acc, "accuracy_gap_min": min(acc_gaps), "accuracy_gap_max": max(acc_gaps),
             "final_loss": statistics.fmean(r["final_loss"] for r in rs),
             "accuracy": statistics.fmean(r["accuracy"] for r in rs),
             "eval_loss": statistics.fmean(r["eval_loss"] for r in rs),
             "kept_ratio": statistics.fmean(r["kept_ratio"] for r in rs),
-            "passes": abs(mean_acc) <= MINILM_ACCURACY_BAR and abs(mean_loss) <= MINILM_LOSS_BARS[bits],
+            "passes": (abs(mean_acc) <= MINILM_ACCURACY_BAR and abs(mean_loss) <= MINILM_LOSS_BARS[variant]
+                       if variant in MINILM_LOSS_BARS else None),
         }
-    return {"config": {**kw, "rounding_seeds": list(args.rounding_seeds)}, "runs": runs, "reference": reference,
-            "summary": {str(b): v for b, v in summary.items()}}
+    return {"config": {**kw, "rounding_seeds": list(args.rounding_seeds), "variants": list(args.variants)},
+            "runs": runs, "reference": reference, "summary": summary}
+
+
+def variant_label(variant: str) -> str:
+    """``"4"`` -> ``"4-bit"``; a policy variant names its policy."""
+    bits, policy = MINILM_VARIANTS[variant]
+    return f"{bits}-bit" + (", " + ", ".join(f"{k} {v}" for k, v in policy.items()) if policy else "")
 
 
 MINILM_HEADERS = ["run", "final train loss", "vs fp32", "held-out accuracy", "vs fp32 (points)", "held-out loss",
@@ -177,7 +193,8 @@ def minilm_rows(result: dict) -> list[list[str]]:
             rows.append(["fp32", f"{r['final_loss']:.4f}", "", f"{r['accuracy']:.1%}", "", f"{r['eval_loss']:.4f}",
                          "", ""])
             continue
-        rows.append([f"memfit {b}-bit, rounding seed {r['rounding_seed']}", f"{r['final_loss']:.4f}",
+        rows.append([f"memfit {variant_label(r['variant'])}, rounding seed {r['rounding_seed']}",
+                     f"{r['final_loss']:.4f}",
                      f"{r['loss_gap']:+.2%}", f"{r['accuracy']:.1%}", f"{100 * r['accuracy_gap']:+.1f}",
                      f"{r['eval_loss']:.4f}", f"{r['kept_ratio']:.1f}x", ""])
     ref = result.get("reference")
@@ -185,9 +202,10 @@ def minilm_rows(result: dict) -> list[list[str]]:
         rows.append([f"fp32, other dropout masks (seed {ref['dropout_seed']}; reference, no bar)",
                      f"{ref['final_loss']:.4f}", f"{ref['loss_gap']:+.2%}", f"{ref['accuracy']:.1%}",
                      f"{100 * ref['accuracy_gap']:+.1f}", f"{ref['eval_loss']:.4f}", "", ""])
-    for b, m in result["summary"].items():
-        bar = f"{'PASS' if m['passes'] else 'FAIL'} (loss {MINILM_LOSS_BARS[int(b)]:.0%}, acc 1 pt)"
-        rows.append([f"**memfit {b}-bit, mean**", f"{m['final_loss']:.4f}",
+    for v, m in result["summary"].items():
+        bar = ("no bar" if m["passes"] is None else
+               f"{'PASS' if m['passes'] else 'FAIL'} (loss {MINILM_LOSS_BARS[v]:.0%}, acc 1 pt)")
+        rows.append([f"**memfit {variant_label(v)}, mean**", f"{m['final_loss']:.4f}",
                      f"{m['loss_gap']:+.2%} ({m['loss_gap_min']:+.2%} to {m['loss_gap_max']:+.2%})",
                      f"{m['accuracy']:.1%}",
                      f"{100 * m['accuracy_gap']:+.1f} ({100 * m['accuracy_gap_min']:+.1f} to "
@@ -209,7 +227,9 @@ def write_minilm_docs(result: dict, info: dict) -> None:
         f"{first['n_eval']} held out, {cfg['max_length']} tokens, batch {cfg['batch_size']}, {cfg['steps']} steps, "
         f"AdamW lr {cfg['lr']:g} with linear decay, dropout on, seed {cfg['seed']} (same classifier init, data "
         "order and dropout masks in every run). A plain loop: the runs differ only by "
-        "`memfit.activations(model, bits=b)` with its defaults.",
+        "`memfit.activations(model, bits=b)` with its defaults; the `op:linear 2` rows add "
+        "`policy={'op:linear': 2}` (the linear layers' inputs at 2 bits too, where the op table gives them 4: "
+        "the layout before 2026-12-02; no bar).",
         f"- memfit runs once per rounding seed ({', '.join(map(str, cfg['rounding_seeds']))}; "
         "`memfit.activations(..., seed=s)`), with the same data, init and dropout masks.",
         f"- final train loss: mean of the last {cfg['final_window']} steps; held-out: after training.",
@@ -323,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--per-class", type=int, default=120, help="training snippets per package")
     g.add_argument("--eval-per-class", type=int, default=50, help="held-out snippets per package")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--variants", default=",".join(MINILM_VARIANTS),
+                   help=f"comma list of memfit settings to run, of {', '.join(MINILM_VARIANTS)} "
+                        "(default: all; 2-linear2 is 2 bits with policy {'op:linear': 2}, no bar)")
     g.add_argument("--rounding-seeds", default="0,1,2",
                    help="comma list of memfit rounding seeds, one run per bit width each (default 0,1,2)")
     g.add_argument("--final-window", type=int, default=10, help="steps averaged into the final loss")
@@ -343,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--demo-seeds is empty")
     try:
         args.rounding_seeds = [int(s) for s in args.rounding_seeds.split(",") if s.strip()]
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown_variants = [v for v in args.variants if v not in MINILM_VARIANTS]
+        if unknown_variants:
+            ap.error(f"unknown --variants {unknown_variants}; known: {', '.join(MINILM_VARIANTS)}")
     except ValueError:
         ap.error(f"--rounding-seeds must be a comma list of integers, got {args.rounding_seeds!r}")
     if not args.rounding_seeds:
@@ -367,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         if part == "minilm":
             res = run_minilm(args)
             C.print_table("all-MiniLM-L6-v2 fine-tune: fp32 vs memfit", MINILM_HEADERS, minilm_rows(res))
-            status |= not all(m["passes"] for m in res["summary"].values())
+            status |= not all(m["passes"] is not False for m in res["summary"].values())
         else:
             res = run_demo_part(threads, seeds, args.demo_steps)
             C.print_table(f"memfit demo over seeds {args.demo_seeds}, {threads} thread(s)", DEMO_HEADERS,

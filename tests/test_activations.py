@@ -68,7 +68,8 @@ def test_bits_none_is_bit_identical(make):
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_bert], ids=["gpt2", "bert"])
-@pytest.mark.parametrize("bits,tol,min_ratio", [(8, 0.03, 3.5), ("fp8", 0.1, 3.5), (4, 0.35, 6.0), (2, 1.2, 10.0)])
+# 2 bits: the linears' inputs take 4 (the op table), which costs the tiny GPT-2 about a tenth
+@pytest.mark.parametrize("bits,tol,min_ratio", [(8, 0.03, 3.5), ("fp8", 0.1, 3.5), (4, 0.35, 6.0), (2, 1.2, 9.5)])
 def test_compressed_gradients_are_close(make, bits, tol, min_ratio):
     model, data = make(), batch()
     loss0, g0 = grads_of(model, data)
@@ -108,7 +109,10 @@ def test_unbiased_weight_gradient_error_shrinks_as_one_over_sqrt_k():
         return model[2].weight.grad.clone()
 
     exact = weight_grad()
-    samples = torch.stack([weight_grad(memfit.activations(model, bits=2, min_bytes=0, seed=s)) for s in range(256)])
+    # The linears' inputs at 2 bits (the op table gives them 4): their stochastic codes
+    # are the subject here, and must dominate the few-bit GELU derivative's fixed error.
+    samples = torch.stack([weight_grad(memfit.activations(model, bits=2, policy={"op:linear": 2}, min_bytes=0, seed=s))
+                           for s in range(256)])
     err = {}
     for k in (4, 16, 64, 256):
         # average over disjoint groups of k seeds to smooth the estimate
@@ -242,14 +246,16 @@ def test_loss_head_stays_at_8_bits_below_8():
         assert _int_kinds(stats, name) == {"int8"}, name
     # (the attention module itself also holds the op table's 8-bit q, k and output)
     for name in ("transformer.h.1.mlp.c_fc", "transformer.h.1.attn.c_proj"):
-        assert _int_kinds(stats, name) == {"int2"}, name
+        assert _int_kinds(stats, name) == {"int4"}, name  # the op table: a linear's input
+    assert _int_kinds(stats, "transformer.h.1.mlp.act") == {"int2"}  # gelu_new, written as plain ops
     assert _int_kinds(stats, "transformer.h.0.ln_1") == {"int4"}  # the op table: a norm's input
     assert mf.head_format.bits == 8 and mf.head_format.rounding == "stochastic"
 
 
 def test_head_bits_equal_to_bits_quantizes_everything_alike():
     model, data = tiny_gpt2(), batch()
-    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0, policy={"op:sdpa": 2, "op:norm": 2})
+    mf = memfit.activations(model, bits=2, head_bits=2, min_bytes=0,
+                            policy={"op:sdpa": 2, "op:norm": 2, "op:linear": 2})
     grads_of(model, data, mf)
     kinds = set().union(*(_int_kinds(mf.stats, n) for n in mf.stats.by_module))
     assert kinds == {"int2"}
@@ -269,11 +275,23 @@ def test_policy_rules_beat_the_head_rule():
     assert _int_kinds(mf.stats, "") == {"int8"}  # the loss: no rule names the root
 
 
+@pytest.mark.parametrize("head_bits,head_kind", [("auto", "int8"), (2, "int2")])
+def test_op_keys_do_not_lower_the_loss_head(head_bits, head_kind):
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=2, head_bits=head_bits, policy={"op:linear": 2}, min_bytes=0)
+    grads_of(model, data, mf)
+    assert _int_kinds(mf.stats, "transformer.h.1.mlp.c_fc") == {"int2"}  # the key, in the blocks
+    assert _int_kinds(mf.stats, "lm_head") == {head_kind}  # head_bits sets the head
+    exact = memfit.activations(model, bits=2, policy={"op:linear": None}, min_bytes=0)
+    grads_of(model, data, exact)
+    assert "int8" not in exact.stats.by_module["lm_head"].counts  # a finer key applies in the head too
+
+
 def test_head_without_module_list_is_code_outside_submodules():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
     x = torch.randn(128, 64, requires_grad=True)
-    mf = memfit.activations(model, bits=2, min_bytes=0)
+    mf = memfit.activations(model, bits=2, min_bytes=0, policy={"op:linear": 2})
     with mf:
         loss = torch.log_softmax(model(x), dim=-1).exp().sum()  # saved outside every submodule
     loss.backward()

@@ -781,6 +781,10 @@ class ActivationCompressor:
         is ``fmt`` (see :mod:`memfit.activations.ops`)."""
         override = self._op_formats.get(call.kind)
         if override is not None:
+            if fmt is self.head_format and _coarser(override, fmt):
+                # An op key is a rule for an op kind; the loss head's precision is
+                # head_bits' to set: {"op:linear": 2} must not put lm_head at 2 bits.
+                return fmt, None
             return override, None
         if isinstance(fmt, RawFormat):
             return fmt, None
@@ -1024,6 +1028,21 @@ def _heavy_tailed(flat: torch.Tensor, encoded: Encoded) -> bool:
     return predicted_error(flat, encoded) > STEP_UP_ERROR * gaussian_error(fmt)  # False for NaN
 
 
+def _precision(fmt: Format) -> float:
+    """Bits per element a format keeps of each value, for ordering formats: kept
+    tensors above everything, then 8-bit codes and fp8, 4, 2."""
+    if isinstance(fmt, IntFormat):
+        return fmt.bits
+    if isinstance(fmt, FP8Format):
+        return 8
+    return math.inf
+
+
+def _coarser(a: Format, b: Format) -> bool:
+    """Whether ``a`` keeps less of each value than ``b``."""
+    return _precision(a) < _precision(b)
+
+
 def _step_up(fmt: Format) -> Format:
     """The integer format one step more precise than ``fmt`` (2 -> 4 -> 8 bits);
     ``fmt`` itself when it is 8 bits or not integer codes."""
@@ -1180,8 +1199,10 @@ def activations(
             matching rule wins; modules no rule matches inherit their parent's; a glob
             that matches no module warns once. Keys ``"op:<kind>"`` (a kind of
             :data:`memfit.activations.OP_KINDS`) replace the op table's entry for that
-            op, e.g. ``{"op:sdpa": None}`` keeps fused attention exact. Must be a
-            mapping (``ValueError`` otherwise).
+            op in every module, e.g. ``{"op:sdpa": None}`` keeps fused attention exact,
+            except that they never store the loss head's tensors coarser than
+            ``head_bits`` (``{"op:linear": 2}`` leaves ``lm_head``'s input at 8 bits).
+            Must be a mapping (``ValueError`` otherwise).
         min_bytes: storages smaller than this are kept as they are.
         block_size: elements per quantization block.
         rounding: ``"stochastic"`` (unbiased; default) or ``"nearest"``.

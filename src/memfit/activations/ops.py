@@ -26,15 +26,17 @@ op kind        ops                                         how their saved tenso
                                                            the rest in backward with the
                                                            forward's dropout mask
 ``matmul``     ``torch.matmul``, ``@``, ``torch.bmm`` of   attention written as plain ops
-               two activations (not with a weight)         (HF's eager attention): the
-                                                           scores' operands (q, kᵀ:
+               two activations (with a weight operand:     (HF's eager attention): the
+               ``linear``)                                 scores' operands (q, kᵀ:
                                                            matrices, not a matrix times
                                                            a vector) as fused q and k;
                                                            when the first operand comes
                                                            from a softmax (probabilities
                                                            @ v): it as q and k, v one
-                                                           step up; with a weight: the
-                                                           module's format
+                                                           step up
+``linear``     ``F.linear``; ``torch.addmm``, ``torch.mm``  the input: at least 4 bits
+               and ``matmul`` with a weight operand        (4 at 2; the module's format
+               (``nn.Linear``, GPT-2's ``Conv1D``)         at 4 and 8 bits and fp8)
 ``softmax``    ``F.softmax``, ``torch.softmax``,           the output: as fused q and k
                ``Tensor.softmax``
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
@@ -104,6 +106,18 @@ Why:
   dropout or a cast); a matrix-vector product (a recurrent scan's state times a
   vector, per step) is not one. A softmax elsewhere (a router, a loss) keeps its
   output as precisely too; those outputs are small next to attention's.
+* **Products with a weight** (``linear``): their saved input feeds only the weight's
+  gradient, ``dW = dYᵀ X``, and stochastic rounding keeps that unbiased; but its
+  relative error is X's, and with 2-bit codes every weight matrix gets a gradient
+  that is off by most of its own size at every step. Adam divides each step by the
+  root of its second moment, which that noise inflates, so the weights move less than
+  they should: fine-tuning the real all-MiniLM-L6-v2, 2-bit codes of these inputs
+  alone cost most of the gap of the final loss to fp32, and a Hadamard rotation,
+  nearest rounding or 3-bit codes of them close too little of it (figures in
+  ``docs/guide-plain.md``, "2 bits on a real fine-tune"). So they take at least 4
+  bits; at 2 bits the rest of the model (the activation functions' derivatives,
+  dropout, the norms' normalised values, attention's v) still gets 2.
+  ``{"op:linear": 2}`` restores the smaller, noisier layout.
 * **ReLU-like ops**: the backward needs only which side of the kink each element was
   on, so a 1-bit mask is lossless for the gradient and smaller than any code. The
   mask decodes to values on the same side (ReLU: 1 and 0; hardtanh: the midpoint and
@@ -498,6 +512,18 @@ def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
     return PRECISE  # the probabilities (or a copy matmul made of them)
 
 
+def _linear(call: OpCall, t: torch.Tensor) -> Treatment:
+    """A product with a weight: its saved input (for the weight's gradient) takes at
+    least 4 bits."""
+    return AT_LEAST_4
+
+
+def _has_weight_operand(args: tuple, kwargs: dict) -> bool:
+    """Whether a product multiplies by a weight (a leaf that requires grad, or a view
+    of one: ``x @ W.T``)."""
+    return any(isinstance(a, torch.Tensor) and _is_weight(a) for a in (*args, *kwargs.values()))
+
+
 def _is_weight(t: torch.Tensor) -> bool:
     base = t._base if t._base is not None else t
     return base.is_leaf and base.requires_grad
@@ -539,6 +565,8 @@ def _functions() -> dict[Callable, tuple[str, Treater]]:
             table[f] = ("threshold", _threshold)
     for f in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm):
         table[f] = ("matmul", _matmul)
+    for f in (F.linear, torch.addmm, torch.Tensor.addmm, torch.mm, torch.Tensor.mm):
+        table[f] = ("linear", _linear)
     for f in (F.softmax, torch.softmax, torch.Tensor.softmax):
         table[f] = ("softmax", _softmax)
     table[F.gelu] = ("gelu", _gelu)
@@ -552,6 +580,7 @@ def _functions() -> dict[Callable, tuple[str, Treater]]:
 
 
 _KIND_OF: dict[Callable, tuple[str, Treater]] = _functions()
+_LINEAR: tuple[str, Treater] = ("linear", _linear)
 
 #: The op kinds a policy may name with ``"op:<kind>"``.
 OP_KINDS: tuple[str, ...] = tuple(sorted({kind for kind, _ in _KIND_OF.values()}))
@@ -585,6 +614,13 @@ class OpTracker(TorchFunctionMode):
         if entry is None or torch.compiler.is_compiling():
             # (a compiled graph saves its own tensors, at run time, outside any op)
             return func(*args, **kwargs)
+        if entry[0] in ("matmul", "linear") and func is not F.linear:
+            # A product is a linear layer when one operand is a weight (x @ W.T, GPT-2's
+            # addmm); torch.mm / addmm of two activations are no table op.
+            if _has_weight_operand(args, kwargs):
+                entry = _LINEAR
+            elif entry[0] == "linear":
+                return func(*args, **kwargs)
         previous = self.current
         self.current = OpCall(entry[0], entry[1], args, kwargs)
         try:
