@@ -125,7 +125,8 @@ def minilm_run(bits: int | None, *, steps: int, batch_size: int, max_length: int
             on_step(step, losses[-1])
     eval_loss, accuracy = ex.evaluate(model, eval_ds)
     tail = losses[-final_window:]
-    out = {"bits": bits, "variant": variant, "policy": policy, "rounding_seed": rounding_seed if bits is not None else None, "dropout_seed": dropout_seed,
+    out = {"bits": bits, "variant": variant, "policy": policy,
+           "rounding_seed": rounding_seed if bits is not None else None, "dropout_seed": dropout_seed,
            "losses": losses, "final_loss": sum(tail) / len(tail), "eval_loss": eval_loss,
            "accuracy": accuracy, "n_train": len(train_ds), "n_eval": len(eval_ds)}
     if compressor is not None:

@@ -687,6 +687,17 @@ def test_products_with_a_weight_are_the_linear_op_at_least_4_bits(bits, kind):
     assert mf.stats.by_op[""].counts == {f"int{bits}": 1, "shared": 1}  # mm of two activations: no table op
 
 
+def test_an_addmm_of_two_activations_with_a_learned_bias_is_no_linear_layer():
+    b = nn.Parameter(torch.zeros(64))
+    x = torch.randn(64, 64, requires_grad=True)
+    mf = memfit.activations(bits=2, min_bytes=0)
+    with mf:
+        h = x * 2
+        torch.addmm(b, h, h.T)
+    assert "linear" not in mf.stats.by_op
+    assert mf.stats.by_op[""].counts["int2"] == 1
+
+
 @pytest.mark.parametrize("setting,kind", [(2, "int2"), (4, "int4"), (8, "int8")])
 def test_op_linear_sets_the_bits_of_linear_inputs_only(setting, kind):
     mf, _ = _products_grads({"op:linear": setting})

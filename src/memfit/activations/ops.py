@@ -493,12 +493,13 @@ def is_norm_module(module: torch.nn.Module) -> bool:
 
 
 def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
-    """A product of two activations (not of an activation and a weight): attention
-    written as plain ops. ``softmax(q kᵀ) v`` saves q and kᵀ for the scores, the
-    probabilities and v for the output: the scores' operands and the probabilities as
-    fused q and k, v one step up, as in SDPA's math backend (:func:`_sdpa_math`)."""
+    """A product of two activations (one with a weight is :func:`_linear`'s, see
+    :class:`OpTracker`): attention written as plain ops. ``softmax(q kᵀ) v`` saves q
+    and kᵀ for the scores, the probabilities and v for the output: the scores' operands
+    and the probabilities as fused q and k, v one step up, as in SDPA's math backend
+    (:func:`_sdpa_math`)."""
     a, b = call._arg(0, "input"), call._arg(1, "other")
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or _is_weight(a) or _is_weight(b):
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return DEFAULT
     if not _from_softmax(a):
         # q kᵀ: a product of matrices; a matrix-vector product (a recurrent scan's
@@ -518,10 +519,16 @@ def _linear(call: OpCall, t: torch.Tensor) -> Treatment:
     return AT_LEAST_4
 
 
-def _has_weight_operand(args: tuple, kwargs: dict) -> bool:
-    """Whether a product multiplies by a weight (a leaf that requires grad, or a view
-    of one: ``x @ W.T``)."""
-    return any(isinstance(a, torch.Tensor) and _is_weight(a) for a in (*args, *kwargs.values()))
+_ADDMM = (torch.addmm, torch.Tensor.addmm)
+
+
+def _has_weight_operand(func: Callable, args: tuple, kwargs: dict) -> bool:
+    """Whether a product's matrices include a weight (a leaf that requires grad, or a
+    view of one: ``x @ W.T``); an ``addmm``'s bias does not count."""
+    addmm = func in _ADDMM
+    matrices = list(args[1:3] if addmm else args[:2])
+    matrices += [kwargs[k] for k in (("mat1", "mat2") if addmm else ("input", "other")) if k in kwargs]
+    return any(isinstance(a, torch.Tensor) and _is_weight(a) for a in matrices)
 
 
 def _is_weight(t: torch.Tensor) -> bool:
@@ -617,7 +624,7 @@ class OpTracker(TorchFunctionMode):
         if entry[0] in ("matmul", "linear") and func is not F.linear:
             # A product is a linear layer when one operand is a weight (x @ W.T, GPT-2's
             # addmm); torch.mm / addmm of two activations are no table op.
-            if _has_weight_operand(args, kwargs):
+            if _has_weight_operand(func, args, kwargs):
                 entry = _LINEAR
             elif entry[0] == "linear":
                 return func(*args, **kwargs)
