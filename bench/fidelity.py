@@ -17,6 +17,14 @@ docs/benchmarks.md):
   accuracy and loss, and the final training loss (mean of the last
   ``--final-window`` steps). Bars (issue 15): accuracy within 1 point of fp32, final
   loss within 1% (4-bit) and 3% (2-bit), on the mean over rounding seeds.
+* ``grads``: where the MiniLM part's gradient error comes from. One batch of its task
+  after ``--grads-warmup`` fp32 steps; for each setting (the minilm part's, plus one
+  op kind or part of the model kept exact at a time), the relative error of every
+  weight matrix's gradient against fp32 (``||g - g32|| / ||g32||``, mean of the
+  rounding seeds), reported as the median over the 6 layers per matrix (q, k, v, the
+  attention output, the MLP's input and output), with the whole gradient's error and
+  the error of the mean over the seeds (``bias``: about ``total / sqrt(seeds)`` when
+  the error is unbiased). No bar.
 * ``demo2`` / ``demo1``: ``memfit demo``'s fp32, 4-bit and 2-bit runs
   (:func:`memfit.demo.run_demo`, its defaults otherwise) at 2 / 1 threads, for each
   of ``--demo-seeds`` (the seed sets the init, the data order and memfit's rounding).
@@ -27,6 +35,7 @@ docs/benchmarks.md):
 Usage::
 
     python bench/fidelity.py --parts minilm               # 11 runs, about 28 minutes
+    python bench/fidelity.py --parts grads                # one batch, gradient errors, a minute
     python bench/fidelity.py --parts demo2                # 9 demo runs at 2 threads
     python bench/fidelity.py --parts demo1 --json d1.json # the same at 1 thread
     python bench/fidelity.py --parts demo2 --demo-steps 40 --demo-seeds 0 --no-write   # smoke test
@@ -53,7 +62,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 
 DOCS = C.REPO / "docs" / "benchmarks.md"
-PARTS = ("minilm", "demo2", "demo1")
+PARTS = ("minilm", "grads", "demo2", "demo1")
 MINILM_LOSS_BARS = {"4": 0.01, "2": 0.03}  # |final loss / fp32's - 1|
 #: The memfit settings the minilm part runs: name -> (bits, policy). Variants other than
 #: the bare bit widths have no bar; they show what a policy buys on a real fine-tune.
@@ -244,6 +253,113 @@ def write_minilm_docs(result: dict, info: dict) -> None:
     C.update_markdown_section(DOCS, "fidelity-minilm", "\n".join(lines))
 
 
+# --------------------------------------------------------------------------- grads
+
+#: Settings of the grads part: name -> (bits, policy). Each keeps one op kind or part of
+#: the model exact at 2 bits (or, for "2, op:linear 2", the layout before 2026-12-02).
+GRADS_SETTINGS = {
+    "4-bit": (4, None),
+    "2-bit": (2, None),
+    "2-bit, op:linear 2": (2, {"op:linear": 2}),
+    "2-bit, op:linear 2, attention block exact": (2, {"op:linear": 2, "*.attention.self*": None}),
+    "2-bit, op:linear 2, MLP output exact": (2, {"op:linear": 2, "bert.encoder.layer.?.output*": None}),
+    "2-bit, op:linear 2, op:gelu exact": (2, {"op:linear": 2, "op:gelu": None}),
+    "2-bit, op:linear 2, op:norm exact": (2, {"op:linear": 2, "op:norm": None}),
+}
+#: Weight matrices of a BERT layer, by the end of their parameter name.
+GRADS_MATRICES = {"q": "attention.self.query.weight", "k": "attention.self.key.weight",
+                  "v": "attention.self.value.weight", "attn out": "attention.output.dense.weight",
+                  "mlp in": "intermediate.dense.weight", "mlp out": "output.dense.weight"}
+
+
+def run_grads(args) -> dict:
+    """Gradient errors of one MiniLM batch under each of :data:`GRADS_SETTINGS`."""
+    from transformers import AutoTokenizer, BertForSequenceClassification, set_seed
+
+    import memfit
+
+    ex = _example()
+    set_seed(args.seed)
+    path = ex.model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = BertForSequenceClassification.from_pretrained(path, num_labels=len(ex.PACKAGES))
+    train, _ = ex.split_held_out(ex.stdlib_snippets(args.per_class + args.eval_per_class, seed=args.seed),
+                                 args.eval_per_class)
+    ds = ex.Encoded(tokenizer, train, args.max_length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    order = torch.Generator().manual_seed(args.seed)
+    model.train()
+    for step in range(args.grads_warmup + 1):  # the last batch is the one measured
+        idx = torch.randperm(len(ds), generator=order)[:args.batch_size]
+        batch = dict(input_ids=ds.input_ids[idx], attention_mask=ds.attention_mask[idx], labels=ds.labels[idx])
+        if step < args.grads_warmup:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    def grads(bits=None, policy=None, rseed=0):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(args.seed)  # the same dropout masks in every run
+        mf = memfit.activations(model, bits=bits, policy=policy, seed=rseed) if bits is not None else None
+        with mf if mf is not None else contextlib.nullcontext():
+            loss = model(**batch).loss
+        loss.backward()
+        return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}, mf
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    ref, _ = grads()
+    ref_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in ref.values()))
+    rows = []
+    for name, (bits, policy) in GRADS_SETTINGS.items():
+        runs = [grads(bits, policy, r) for r in args.rounding_seeds]
+        total = statistics.fmean(
+            math.sqrt(sum(float((g[n] - ref[n]).pow(2).sum()) for n in ref)) / ref_norm for g, _ in runs)
+        mean = {n: sum(g[n] for g, _ in runs) / len(runs) for n in ref}
+        bias = math.sqrt(sum(float((mean[n] - ref[n]).pow(2).sum()) for n in ref)) / ref_norm
+        per = {}
+        for label, suffix in GRADS_MATRICES.items():
+            names = [n for n in ref if n.endswith(suffix) and ".layer." in n]
+            per[label] = statistics.median(statistics.fmean(rel(g[n], ref[n]) for g, _ in runs) for n in names)
+        rows.append({"setting": name, "bits": bits, "policy": policy, "total": total, "bias": bias,
+                     "matrices": per, "kept_ratio": statistics.fmean(mf.stats.ratio for _, mf in runs)})
+    return {"config": {"warmup": args.grads_warmup, "batch_size": args.batch_size, "max_length": args.max_length,
+                       "seed": args.seed, "rounding_seeds": list(args.rounding_seeds)}, "rows": rows}
+
+
+GRADS_HEADERS = ["setting", *GRADS_MATRICES, "whole gradient", "bias (mean of seeds)", "kept ratio"]
+
+
+def grads_rows(result: dict) -> list[list[str]]:
+    return [[r["setting"], *(f"{r['matrices'][m]:.2f}" for m in GRADS_MATRICES), f"{r['total']:.3f}",
+             f"{r['bias']:.3f}", f"{r['kept_ratio']:.1f}x"] for r in result["rows"]]
+
+
+def write_grads_docs(result: dict, info: dict) -> None:
+    cfg = result["config"]
+    lines = [
+        "## Fidelity: where MiniLM's gradient error comes from",
+        "",
+        "Written by `bench/fidelity.py --parts grads`; do not edit by hand between the markers.",
+        "",
+        *C.machine_lines(info),
+        "",
+        f"- The real all-MiniLM-L6-v2 on the minilm part's task: one batch of {cfg['batch_size']} x "
+        f"{cfg['max_length']} tokens after {cfg['warmup']} fp32 AdamW steps, dropout on (the same masks in every "
+        "run), seed {}.".format(cfg["seed"]),
+        "- Per matrix: `||g - g_fp32|| / ||g_fp32||` of that weight's gradient, mean over rounding seeds "
+        f"{', '.join(map(str, cfg['rounding_seeds']))}, median over the 6 layers. Whole gradient: the same over "
+        "every parameter. Bias: the error of the mean gradient over the seeds (about whole / sqrt(seeds) when "
+        "the error is unbiased).",
+        "- Settings keep one op kind (`op:<kind>: None`) or part of the model (a module glob) exact, on top of "
+        "`{'op:linear': 2}` (linear inputs at 2 bits, as before 2026-12-02).",
+        "",
+        C.markdown_table(GRADS_HEADERS, grads_rows(result)),
+    ]
+    C.update_markdown_section(DOCS, "fidelity-grads", "\n".join(lines))
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -350,7 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--rounding-seeds", default="0,1,2",
                    help="comma list of memfit rounding seeds, one run per bit width each (default 0,1,2)")
     g.add_argument("--final-window", type=int, default=10, help="steps averaged into the final loss")
-    g.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for minilm (default 1)")
+    g.add_argument("--threads", type=int, default=1, help="torch.set_num_threads for minilm and grads (default 1)")
+    g.add_argument("--grads-warmup", type=int, default=5, help="fp32 steps before the grads part's batch")
     g = ap.add_argument_group("demo")
     g.add_argument("--demo-seeds", default="0,1,2", help="comma list of demo seeds (default 0,1,2)")
     g.add_argument("--demo-steps", type=int, default=None, help="steps per demo run (default: the demo's)")
@@ -386,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     result: dict[str, Any] = {}
     for part in parts:
-        threads = args.threads if part == "minilm" else int(part[len("demo"):])
+        threads = args.threads if part in ("minilm", "grads") else int(part[len("demo"):])
         torch.set_num_threads(threads)
         info = C.machine_info()
         for k, v in info.items():
@@ -396,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
             res = run_minilm(args)
             C.print_table("all-MiniLM-L6-v2 fine-tune: fp32 vs memfit", MINILM_HEADERS, minilm_rows(res))
             status |= not all(m["passes"] is not False for m in res["summary"].values())
+        elif part == "grads":
+            res = run_grads(args)
+            C.print_table("all-MiniLM-L6-v2, one batch: gradient error per weight matrix", GRADS_HEADERS,
+                          grads_rows(res))
         else:
             res = run_demo_part(threads, seeds, args.demo_steps)
             C.print_table(f"memfit demo over seeds {args.demo_seeds}, {threads} thread(s)", DEMO_HEADERS,
@@ -409,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         res["machine"] = info
         result[part] = res
         if not args.no_write:
-            (write_minilm_docs if part == "minilm" else write_demo_docs)(res, info)
+            {"minilm": write_minilm_docs, "grads": write_grads_docs}.get(part, write_demo_docs)(res, info)
             print(f"updated {DOCS.relative_to(C.REPO)}")
     if args.no_write:
         print("(docs not updated: --no-write)")

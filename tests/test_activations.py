@@ -287,6 +287,18 @@ def test_op_keys_do_not_lower_the_loss_head(head_bits, head_kind):
     assert "int8" not in exact.stats.by_module["lm_head"].counts  # a finer key applies in the head too
 
 
+def test_op_keys_do_not_lower_a_module_rule():
+    model, data = tiny_gpt2(), batch()
+    mf = memfit.activations(model, bits=2, policy={"transformer.h.0*": None, "transformer.h.1*": 8,
+                                                   "op:linear": 2}, min_bytes=0)
+    grads_of(model, data, mf)
+    assert _int_kinds(mf.stats, "transformer.h.0.mlp.c_fc") == set()  # kept exact, as its rule says
+    assert _int_kinds(mf.stats, "transformer.h.1.mlp.c_fc") == {"int8"}
+    finer = memfit.activations(model, bits=2, policy={"transformer.h.1*": 8, "op:linear": None}, min_bytes=0)
+    grads_of(model, data, finer)
+    assert _int_kinds(finer.stats, "transformer.h.1.mlp.c_fc") == set()  # a finer key still applies
+
+
 def test_head_without_module_list_is_code_outside_submodules():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))

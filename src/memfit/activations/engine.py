@@ -686,7 +686,7 @@ class ActivationCompressor:
         else:
             fmt = self._format_at(module)
             if call is not None:
-                fmt, treatment = self._op_format(call, t, fmt)
+                fmt, treatment = self._op_format(call, t, fmt, module)
                 if treatment is SDPA_OUT or treatment is SDPA_LSE:
                     return self._pack_attention_output(call, t, treatment, fmt, key, module, op)
         if self._offloader is not None and module in self._offloaded_modules:
@@ -776,14 +776,16 @@ class ActivationCompressor:
         entry.offloaded.add_view()
         return _Compressed(entry, t, t.storage_offset())
 
-    def _op_format(self, call: OpCall, t: torch.Tensor, fmt: Format) -> tuple[Format, Treatment | None]:
-        """The format of ``t``, saved by the table op ``call`` in a module whose format
+    def _op_format(self, call: OpCall, t: torch.Tensor, fmt: Format,
+                   module: str) -> tuple[Format, Treatment | None]:
+        """The format of ``t``, saved by the table op ``call`` in ``module``, whose format
         is ``fmt`` (see :mod:`memfit.activations.ops`)."""
         override = self._op_formats.get(call.kind)
         if override is not None:
-            if fmt is self.head_format and _coarser(override, fmt):
-                # An op key is a rule for an op kind; the loss head's precision is
-                # head_bits' to set: {"op:linear": 2} must not put lm_head at 2 bits.
+            if _coarser(override, fmt) and (fmt is self.head_format or module in self._ruled):
+                # The more specific setting wins: an op key is a rule for every module,
+                # a module rule or head_bits one for these modules, so {"op:linear": 2}
+                # leaves lm_head at 8 bits and a module kept with None exact.
                 return fmt, None
             return override, None
         if isinstance(fmt, RawFormat):
@@ -1200,8 +1202,9 @@ def activations(
             that matches no module warns once. Keys ``"op:<kind>"`` (a kind of
             :data:`memfit.activations.OP_KINDS`) replace the op table's entry for that
             op in every module, e.g. ``{"op:sdpa": None}`` keeps fused attention exact,
-            except that they never store the loss head's tensors coarser than
-            ``head_bits`` (``{"op:linear": 2}`` leaves ``lm_head``'s input at 8 bits).
+            except that they never store a tensor coarser than a module rule or
+            ``head_bits`` sets for its module (the more specific setting wins:
+            ``{"op:linear": 2}`` leaves ``lm_head``'s input at 8 bits).
             Must be a mapping (``ValueError`` otherwise).
         min_bytes: storages smaller than this are kept as they are.
         block_size: elements per quantization block.
