@@ -347,7 +347,7 @@ def write_grads_docs(result: dict, info: dict) -> None:
         "",
         f"- The real all-MiniLM-L6-v2 on the minilm part's task: one batch of {cfg['batch_size']} x "
         f"{cfg['max_length']} tokens after {cfg['warmup']} fp32 AdamW steps, dropout on (the same masks in every "
-        "run), seed {}.".format(cfg["seed"]),
+        f"run), seed {cfg['seed']}.",
         "- Per matrix: `||g - g_fp32|| / ||g_fp32||` of that weight's gradient, mean over rounding seeds "
         f"{', '.join(map(str, cfg['rounding_seeds']))}, median over the 6 layers. Whole gradient: the same over "
         "every parameter. Bias: the error of the mean gradient over the seeds (about whole / sqrt(seeds) when "
