@@ -203,6 +203,31 @@ def test_attention_with_dropout_is_recomputed_with_the_forward_mask():
     assert errors[2] > errors[4] > errors[8] > 0
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 256, 32), (2, 4, 128, 16)])
+def test_attention_with_dropout_reports_what_plain_autograd_saves(shape):
+    """The plain bytes it reports are every storage plain autograd saves for the call
+    (each once, q, k and v excepted), however the allocator reuses freed addresses."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from memfit.activations.dropout_attention import recomputed_attention
+
+    q0, k0, v0, _ = _qkv(shape)
+    kwargs = {"dropout_p": 0.3, "is_causal": True}
+    kept: list[torch.Tensor] = []
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    with saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):  # keeps them all alive
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    inputs = {t.untyped_storage()._cdata for t in (q, k, v)}
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in kept}
+    expected = sum(n for key, n in storages.items() if key not in inputs)
+    assert expected >= 2 * q0.numel() // q0.shape[-1] * k0.shape[-2] * 4  # probabilities and more
+    for _ in range(3):
+        reported = []
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        recomputed_attention((q, k, v), kwargs, reported.append)
+        assert reported == [expected]
+
+
 def test_attention_with_dropout_differentiates_a_learned_bias():
     # T5: a learned position bias as the mask; with dropout in training
     q0, k0, v0, w = _qkv()

@@ -37,6 +37,7 @@ path; with ``bits=None`` (or ``policy={"op:sdpa": None}``) the call runs as plai
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
@@ -97,23 +98,28 @@ class RecomputedAttention(torch.autograd.Function):
         ctx.options = (dropout_p, causal, scale, gqa, backend)
         inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) and t.is_floating_point()
                   else t for t in (q, k, v, mask)]
-        seen: dict[int, int] = {}
+        noted: list[tuple[weakref.ref, int]] = []  # each storage plain autograd saves, once
+        latest: dict[int, weakref.ref] = {}
 
         def note(t: torch.Tensor) -> None:
-            storage = t.untyped_storage()
-            seen[storage._cdata] = storage.nbytes()
             # Nothing is kept: this graph is never differentiated (backward builds its
             # own), and a pack hook returning a tensor the node outputs would tie the
-            # two into a cycle that outlives the forward.
+            # two into a cycle that outlives the forward. So a storage noted here may be
+            # freed before the next is saved, and the next may get its address: a
+            # storage is the same one only if its weak reference says so.
+            storage = t.untyped_storage()
+            ref = latest.get(storage._cdata)
+            if ref is None or ref() is not storage:
+                latest[storage._cdata] = ref = weakref.ref(storage)
+                noted.append((ref, storage.nbytes()))
 
         with torch.enable_grad(), saved_tensors_hooks(note, _identity):
             out = _attention(*inputs, *ctx.options).detach()
         if report_plain_bytes is not None:
-            # q, k, v and the mask are packed (and counted) by the engine itself
-            for t in (q, k, v, mask):
-                if isinstance(t, torch.Tensor):
-                    seen.pop(t.untyped_storage()._cdata, None)
-            report_plain_bytes(sum(seen.values()))
+            # q, k, v and the mask are packed (and counted) by the engine itself; they
+            # are alive, so a live noted storage at one of their addresses is theirs
+            own = {t.untyped_storage()._cdata for t in (q, k, v, mask) if isinstance(t, torch.Tensor)}
+            report_plain_bytes(sum(n for ref, n in noted if (kept := ref()) is None or kept._cdata not in own))
         mask_is_tensor = isinstance(mask, torch.Tensor)
         ctx.mask_is_tensor = mask_is_tensor
         ctx.mask = None if mask_is_tensor else mask
