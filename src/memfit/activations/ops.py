@@ -34,9 +34,10 @@ op kind        ops                                         how their saved tenso
                                                            from a softmax (probabilities
                                                            @ v): it as q and k, v one
                                                            step up
-``linear``     ``F.linear``; ``torch.addmm``, ``torch.mm``  the input: at least 4 bits
-               and ``matmul`` with a weight operand        (4 at 2; the module's format
-               (``nn.Linear``, GPT-2's ``Conv1D``)         at 4 and 8 bits and fp8)
+``linear``     ``F.linear``; ``torch.addmm``,              the input: at least 4 bits
+               ``torch.mm`` and ``matmul`` with a weight   (4 at 2; the module's format
+               operand (``nn.Linear``, GPT-2's             at 4 and 8 bits and fp8)
+               ``Conv1D``)
 ``softmax``    ``F.softmax``, ``torch.softmax``,           the output: as fused q and k
                ``Tensor.softmax``
 ``relu``       ``F.relu``, ``torch.relu(_)``,              a 1-bit mask of ``x > 0``
