@@ -56,28 +56,48 @@ def model_dir() -> Path:
     return path
 
 
+def package_snippets(pkg: str, *, lines: int = 12) -> list[str]:
+    """Every ``lines``-line window (non-blank lines, no overlap) of the stdlib package
+    ``pkg``'s ``.py`` files, tests excluded, in a fixed order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    chunks = []
+    for path in sorted((root / pkg).rglob("*.py")):
+        if any(part in ("test", "tests", "__pycache__") for part in path.relative_to(root).parts):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        body = [ln for ln in text.splitlines() if ln.strip()]
+        chunks += ["\n".join(body[i:i + lines]) for i in range(0, len(body) - lines + 1, lines)]
+    return chunks
+
+
 def stdlib_snippets(per_class: int, *, lines: int = 12, seed: int = 0) -> list[tuple[str, int]]:
     """``per_class`` snippets (``lines`` non-blank lines each) per package in
     :data:`PACKAGES`, labelled by the package's index; the same on every machine with
     the same Python."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     rng = random.Random(seed)
     out: list[tuple[str, int]] = []
     for label, pkg in enumerate(PACKAGES):
-        chunks = []
-        for path in sorted((root / pkg).rglob("*.py")):
-            if any(part in ("test", "tests", "__pycache__") for part in path.relative_to(root).parts):
-                continue
-            try:
-                text = path.read_text(encoding="utf-8", errors="replace")
-            except OSError:
-                continue
-            body = [ln for ln in text.splitlines() if ln.strip()]
-            chunks += ["\n".join(body[i:i + lines]) for i in range(0, len(body) - lines + 1, lines)]
+        chunks = package_snippets(pkg, lines=lines)
         if len(chunks) < per_class:
             raise RuntimeError(f"only {len(chunks)} snippets in the stdlib package {pkg!r}")
         out += [(c, label) for c in rng.sample(chunks, per_class)]
     rng.shuffle(out)
+    return out
+
+
+def more_snippets(exclude: list[tuple[str, int]], per_class: int, *, lines: int = 12,
+                  seed: int = 1) -> list[tuple[str, int]]:
+    """Up to ``per_class`` more snippets per package whose text is in none of
+    ``exclude`` (an evaluation set larger than the example's, disjoint from training)."""
+    seen = {t for t, _ in exclude}
+    rng = random.Random(seed)
+    out: list[tuple[str, int]] = []
+    for label, pkg in enumerate(PACKAGES):
+        pool = sorted({c for c in package_snippets(pkg, lines=lines)} - seen)
+        out += [(c, label) for c in rng.sample(pool, min(per_class, len(pool)))]
     return out
 
 
