@@ -215,7 +215,8 @@ def _ddp_job(rank: int) -> None:
         kinds = mf.stats.counts
         assert kinds["param"] > 0 and kinds["param"] == mfs[rank].stats.counts["param"], what
         if bits is not None:
-            assert kinds[f"int{bits}"] > 0 and mf.stats.ratio > 2, f"{what}: nothing compressed? {dict(kinds)}"
+            at_bits = kinds[f"int{bits}"] + kinds[f"op-fewbit{bits}"]  # codes or derivative levels
+            assert at_bits > 0 and mf.stats.ratio > 2, f"{what}: nothing compressed? {dict(kinds)}"
         runs[bits], models[bits] = losses, model
 
     # bits=None changes nothing: bit-identical to plain DDP
@@ -304,7 +305,8 @@ def _fsdp_job(rank: int) -> None:
         assert losses == twin_losses, f"{what}: losses {losses} != exact single-process twin {twin_losses}"
         _assert_same_params(model, twin, what)
         _assert_same_stats(mf.stats, mfs[rank].stats, what)
-        assert mf.stats.counts["param"] > 0 and mf.stats.counts[f"int{bits}"] > 0, what
+        at_bits = mf.stats.counts[f"int{bits}"] + mf.stats.counts[f"op-fewbit{bits}"]  # codes or levels
+        assert mf.stats.counts["param"] > 0 and at_bits > 0, what
 
 
 @needs_fsdp2

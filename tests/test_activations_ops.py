@@ -795,6 +795,146 @@ def test_few_bit_is_not_used_at_8_bits():
     assert mf.stats.counts["int8"] == 1 and not any("fewbit" in k for k in mf.stats.counts)
 
 
+# --------------------------------------------------------------------------- activations written as formulas
+
+
+def _hf_activation(name: str) -> nn.Module:
+    from transformers import activations as hf
+
+    return {"gelu_python": lambda: hf.GELUActivation(use_gelu_python=True)}.get(
+        name, lambda: getattr(hf, name)())()
+
+
+class _MLP(nn.Module):
+    def __init__(self, act: nn.Module, width: int = 256):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.up = nn.Linear(64, width)
+        self.act = act
+        self.down = nn.Linear(width, 64)
+        with torch.no_grad():  # inputs of trained-like spread (std about 2) at the activation
+            self.up.weight.copy_(torch.randn(width, 64, generator=g) * 0.25)
+            self.down.weight.copy_(torch.randn(64, width, generator=g) * 0.06)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+FORMULAS = [("NewGELUActivation", "gelu_tanh"), ("FastGELUActivation", "gelu_tanh"),
+            ("AccurateGELUActivation", "gelu_tanh"), ("QuickGELUActivation", "quick_gelu"),
+            ("gelu_python", "gelu")]
+
+
+@pytest.mark.parametrize("name,function", FORMULAS, ids=[n for n, _ in FORMULAS])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_activation_formulas_store_one_few_bit_input_and_recompute(name, function, bits):
+    pytest.importorskip("transformers")
+    from memfit.activations import fewbit
+
+    act = _hf_activation(name)
+    model = _MLP(act)
+    # the same formula under a class name memfit does not know: its plain ops' tensors
+    # are stored as codes each, as before the formulas were recognised
+    unknown = _MLP(type("MyActivation", (type(act),), {})(**({"use_gelu_python": True} if name == "gelu_python"
+                                                              else {})))
+    unknown.load_state_dict(model.state_dict())
+    x = torch.randn(16, 32, 64, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(16, 32, 64, generator=torch.Generator().manual_seed(3))
+    exact_linears = {"up": None, "down": None}  # only the activation is compressed
+
+    def run(m, policy):
+        m.zero_grad()
+        mf = memfit.activations(m, bits=bits, min_bytes=0, policy=policy) if policy != "plain" else None
+        with mf if mf is not None else contextlib.nullcontext():
+            y = m(x)
+        (y * w).sum().backward()
+        return y.detach(), m.up.weight.grad.clone(), mf
+
+    y0, plain, _ = run(model, "plain")
+    y, composed, mf = run(model, exact_linears)
+    assert torch.equal(y, y0)  # the forward is untouched
+    stats = mf.stats.by_module["act"]
+    # the input once, as 2**bits derivative levels; every tensor the formula saved: nothing
+    assert set(stats.counts) == {f"op-fewbit{bits}", "op-recomputed"}
+    assert stats.counts[f"op-fewbit{bits}"] == 1 and stats.counts["op-recomputed"] >= 2
+    n = 16 * 32 * 256
+    assert stats.stored_bytes <= n * (bits / 8 + 8 / 256)  # codes and a scale per block of 256
+    assert stats.original_bytes >= 2 * n * 4  # plain keeps at least two fp32 copies
+    # the up projection's gradient sees f' at the decoded input: exactly the level of
+    # each element's f'(x), times the incoming gradient
+    h = model.up(x).detach()
+    slope = fewbit.levels(function, bits)[1][fewbit.bucket(function, bits, h).long()]
+    expected = ((w @ model.down.weight).detach() * slope).reshape(-1, 256).T @ x.reshape(-1, 64)
+    assert rel(composed, expected) < 1e-5
+    # closer to plain, in fewer bytes, than codes of each of the formula's tensors
+    _, coded, coded_mf = run(unknown, exact_linears)
+    assert rel(composed, plain) < rel(coded, plain)
+    assert stats.stored_bytes * 2 <= coded_mf.stats.by_module["act"].stored_bytes
+
+
+def test_activation_formula_recompute_keeps_plain_rules():
+    pytest.importorskip("transformers")
+    model = _MLP(_hf_activation("NewGELUActivation"))
+    x = torch.randn(8, 32, 64)
+
+    # kept exact by the policy: plain autograd's tensors, bit-identical gradients
+    plain_grads = []
+    for policy in ("plain", {"up": None, "down": None, "op:gelu": None}, {"up": None, "down": None, "act": None}):
+        model.zero_grad()
+        mf = memfit.activations(model, bits=2, min_bytes=0, policy=policy) if policy != "plain" else None
+        with mf if mf is not None else contextlib.nullcontext():
+            y = model(x)
+        y.square().sum().backward()
+        plain_grads.append(model.up.weight.grad.clone())
+        if mf is not None:
+            assert "op-recomputed" not in mf.stats.by_module["act"].counts
+    assert torch.equal(plain_grads[0], plain_grads[1]) and torch.equal(plain_grads[0], plain_grads[2])
+
+    # an in-place change of a saved tensor raises as in plain PyTorch
+    mf = memfit.activations(model, bits=2, min_bytes=0)
+    with mf:
+        h = model.up(x)
+        a = model.act(h)
+    h.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        a.sum().backward()
+
+    # retain_graph: a second backward recomputes again and gives the same gradients
+    model.zero_grad()
+    with memfit.activations(model, bits=2, min_bytes=0):
+        loss = model(x).square().sum()
+    loss.backward(retain_graph=True)
+    first = model.up.weight.grad.clone()
+    model.zero_grad()
+    loss.backward()
+    assert torch.equal(first, model.up.weight.grad)
+
+    # bf16 autocast: the recompute runs under the forward's autocast state
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16), memfit.activations(model, bits=2, min_bytes=0) as mf:
+        loss = model(x).float().square().sum()
+    loss.backward()
+    assert mf.stats.by_module["act"].counts["op-recomputed"] >= 2
+    assert torch.isfinite(model.up.weight.grad).all()
+
+
+def test_activation_formula_that_is_not_a_pure_function_raises():
+    class NewGELUActivation(nn.Module):  # named like HF's, but its forward changes between calls
+        calls = 0
+
+        def forward(self, x):
+            type(self).calls += 1
+            if type(self).calls % 2:
+                return 0.5 * x * (1.0 + torch.tanh(0.79788456 * (x + 0.044715 * torch.pow(x, 3.0))))
+            return x * torch.sigmoid(x)
+
+    model = _MLP(NewGELUActivation())
+    with memfit.activations(model, bits=2, min_bytes=0):
+        loss = model(torch.randn(8, 32, 64)).sum()
+    with pytest.raises(RuntimeError, match="pure function of its input"):
+        loss.backward()
+
+
 def test_attention_under_autocast_with_mixed_inputs_stays_exact():
     # LLaMA under bf16 autocast: rotary embeddings leave q, k in fp32 while v is bf16;
     # autocast casts them inside the call, after the op was seen, so the copies it

@@ -97,6 +97,23 @@ def test_offload_after_coding_equals_coding_alone():
     assert off.stats.original_bytes == coded.stats.original_bytes
 
 
+def test_offloaded_formula_activation_moves_its_stored_input():
+    # GPT-2's gelu_new stores only its input (as few-bit levels): offload moves those
+    # codes to the host, and the gradients equal coding alone.
+    activations = pytest.importorskip("transformers.activations")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), activations.NewGELUActivation(), torch.nn.Linear(256, 64))
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    coded = memfit.activations(model, 4, min_bytes=1024, seed=3)
+    g_coded = grads(model, x, coded)
+    off = memfit.activations(model, "offload:4", min_bytes=1024, seed=3, offload=Offload(transport=FakeTransport()))
+    g_off = grads(model, x, off)
+    assert same(g_off, g_coded)
+    act, act_off = coded.stats.by_module["1"], off.stats.by_module["1"]
+    assert act.counts["op-fewbit4"] == 1 and act.counts["op-recomputed"] >= 2
+    assert act_off.host_bytes == act.stored_bytes > 0 and act_off.stored_bytes == 0
+
+
 def test_cpu_tensors_with_the_cuda_transport_are_kept_and_say_so():
     model = make_model()
     plain = grads(model, X)

@@ -332,12 +332,12 @@ def test_four_bit_state_only_when_the_budget_needs_it(pinned_probes):
 
 
 def test_polish_checks_near_misses_with_real_estimates(pinned_probes):
-    # At 57% of plain's peak on this short batch the search's pick is verified, but
+    # At 60% of plain's peak on this short batch the search's pick is verified, but
     # a cheaper neighbour its peak model puts just over the target fits when
     # estimated: the polish rounds find it and the plan is cheaper, still verified.
     warnings.filterwarnings("ignore", category=RuntimeWarning)
     model, batch = tiny_gpt(batch=2, seq=32)
-    budget = int(estimate(model, batch).peak_bytes * 0.57)
+    budget = int(estimate(model, batch).peak_bytes * 0.60)
     polished = memfit.plan(model, batch, budget, step_seconds=0.05)
     rounds = polished.search["rounds"]
     searched = [r for r in rounds if not r.get("polish")]

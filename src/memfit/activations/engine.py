@@ -24,6 +24,11 @@ memfit, by :func:`memfit.activations.saved.classify`):
   saves them is in the op table
   (:mod:`memfit.activations.ops`: fused attention, ReLU-like ops, normalisation
   statistics), which says how that op's tensors are stored;
+* tensors saved by the plain ops of an activation module written as a formula
+  (GPT-2's ``gelu_new``; :class:`~memfit.activations.ops.ComposedActivationCall`):
+  nothing; the module's input is stored once, and backward runs the module's forward
+  again on it (:meth:`ActivationCompressor._pack_composed_activation`, whose rules
+  say how);
 * heavy-tailed tensors: one coded at 2 or 4 bits whose predicted rounding error is
   more than :data:`STEP_UP_ERROR` times a Gaussian tensor's at that width (a product
   of activations) is coded again one step up, 4 or 8 bits (``adaptive=False`` turns
@@ -86,6 +91,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from contextlib import nullcontext as _nullcontext
 import warnings
 import weakref
 from collections import Counter
@@ -113,7 +119,9 @@ from .ops import (
     OpCall,
     OpTracker,
     Treatment,
+    ComposedActivationCall,
     ComposedNormCall,
+    composed_activation,
     consistent_attention,
     is_norm_module,
 )
@@ -132,7 +140,7 @@ from .saved import MASK as MASK_KIND
 
 # The representation "cast to bfloat16" for fused attention's q and k (see _op_format).
 BF16 = "bf16"
-from .saved import NOT_DENSE, OTHER, PARAM, ModuleStack, classify, parameter_storages
+from .saved import FLOAT, NOT_DENSE, OTHER, PARAM, ModuleStack, classify, parameter_storages
 
 
 # --------------------------------------------------------------------------- stats
@@ -364,6 +372,90 @@ class _Recomputed:
         return laid_out.copy_(value.view(self.size))
 
 
+class _ActivationRecompute:
+    """The tensors one call of an activation module written as a formula saved,
+    computed again from its packed input the first time backward asks for one (see
+    :meth:`ActivationCompressor._pack_composed_activation`)."""
+
+    __slots__ = ("module", "x", "device", "autocast", "stats", "count", "pending", "_saved")
+
+    def __init__(self, module: torch.nn.Module, x, device: str, autocast: torch.dtype | None, stats: ModuleStats):
+        self.module = module
+        self.x = x  # the packed input
+        self.device = device
+        self.autocast = autocast  # the forward's autocast dtype, None when it was off
+        self.stats = stats
+        self.count = 0  # tensors the call saved, of every kind
+        self.pending = 0  # of those stored as nothing, how many backward has not asked for
+        self._saved: list[torch.Tensor] | None = None
+
+    def tensor(self, index: int) -> torch.Tensor:
+        if self._saved is None:
+            t0 = time.perf_counter()
+            self._saved = self._recompute()
+            self.stats.decode_seconds += time.perf_counter() - t0
+        t = self._saved[index]
+        self.pending -= 1
+        if self.pending <= 0:  # every one handed out: the nodes hold them now
+            self._saved = None
+        return t
+
+    def _recompute(self) -> list[torch.Tensor]:
+        x = _unpack(self.x).detach().requires_grad_(True)
+        saved: list[torch.Tensor] = []
+
+        def pack(t: torch.Tensor) -> int:
+            saved.append(t.detach())
+            return len(saved) - 1
+
+        try:
+            cast = (torch.autocast(self.device, dtype=self.autocast) if self.autocast is not None
+                    else torch.autocast(self.device, enabled=False))
+        except RuntimeError:  # a device type autocast does not know
+            cast = _nullcontext()
+        with torch.enable_grad(), cast, saved_tensors_hooks(pack, saved.__getitem__):
+            self.module.forward(x)
+        if len(saved) != self.count:
+            raise RuntimeError(
+                f"memfit.activations: recomputing {type(self.module).__name__} in backward saved {len(saved)} "
+                f"tensors where its forward saved {self.count}; its forward must be a pure function of its input "
+                "(keep it exact with policy={'op:gelu': None})"
+            )
+        return saved
+
+
+class _ActivationSaved:
+    """A tensor an activation module written as a formula saved, stored as nothing."""
+
+    __slots__ = ("source", "index", "size", "dtype", "sentinel", "version", "type_name", "requested")
+
+    def __init__(self, source: _ActivationRecompute, index: int, t: torch.Tensor):
+        self.source = source
+        self.index = index
+        self.size = t.size()
+        self.dtype = t.dtype
+        self.version = t._version
+        self.sentinel = _version_sentinel(t)
+        self.type_name = t.type()
+        self.requested = False
+
+    def value(self) -> torch.Tensor:
+        current = self.sentinel._version
+        if current != self.version:
+            raise _inplace_error(self.type_name, self.size, current, self.version)
+        if self.requested:  # asked again (retain_graph): the pending count is spent
+            self.source.pending += 1
+        self.requested = True
+        value = self.source.tensor(self.index)
+        if value.size() != self.size or value.dtype != self.dtype:
+            raise RuntimeError(
+                f"memfit.activations: recomputing {type(self.source.module).__name__} in backward gave a "
+                f"{value.dtype} tensor of size {list(value.size())} where its forward saved {self.dtype} of size "
+                f"{list(self.size)}; keep it exact with policy={{'op:gelu': None}}"
+            )
+        return value
+
+
 class _Compressed:
     """A saved tensor stored as a view (size, stride, offset) of an encoding."""
 
@@ -496,6 +588,18 @@ class ActivationCompressor:
         self._norm_modules = frozenset(
             name for name, m in model.named_modules() if is_norm_module(m)) if model is not None else frozenset()
         self._norm_calls: dict[str, ComposedNormCall] = {}
+        # Activation modules written as elementwise formulas: name -> (module, few-bit
+        # function), and the running call of each (see _pack_composed_activation).
+        self._activation_modules = {
+            name: (m, fn) for name, m in model.named_modules() if (fn := composed_activation(m)) is not None
+        } if model is not None else {}
+        self._activation_calls: dict[str, ComposedActivationCall] = {}
+        self._activation_hooks: list = []
+        few_bits = {f.bits for f in [default, self.head_format, *self._formats.values(), *self._op_formats.values()]
+                    if isinstance(f, IntFormat) and f.bits <= 4}
+        for function in {fn for _, fn in self._activation_modules.values()}:
+            for b in few_bits:
+                fewbit.prepare(function, b)
 
     # -- public -------------------------------------------------------------------
 
@@ -573,6 +677,10 @@ class ActivationCompressor:
         if self._lossy:
             self._ops = OpTracker(recompute_dropout=self._attention_recompute)
             self._ops.__enter__()
+            self._activation_calls = {}
+            for name, (module, function) in self._activation_modules.items():
+                self._activation_hooks.append(module.register_forward_pre_hook(
+                    self._activation_hook(name, module, function), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -581,6 +689,10 @@ class ActivationCompressor:
         if ops is not None:
             ops.__exit__(*exc)
         self._modules.detach()
+        for h in self._activation_hooks:
+            h.remove()
+        self._activation_hooks = []
+        self._activation_calls = {}
         self._entries = {}  # packed objects keep what backward still needs
         self._counted = {}
         self._held = {}
@@ -621,6 +733,20 @@ class ActivationCompressor:
         if name == self._last_block:
             self._after_blocks = True
         self._norm_calls.pop(name, None)
+        self._activation_calls.pop(name, None)
+
+    def _activation_hook(self, name: str, module: torch.nn.Module, function: str):
+        """A forward pre-hook for an activation module written as a formula: notes its
+        call and input (runs after the module stack's own pre-hook)."""
+
+        def hook(mod, args, kwargs):
+            inputs = list(args) + list(kwargs.values())
+            x = inputs[0] if len(inputs) == 1 else None
+            if not isinstance(x, torch.Tensor) or torch.compiler.is_compiling():
+                x = None
+            self._activation_calls[name] = ComposedActivationCall(module, function, x)
+
+        return hook
 
     def _attention_recompute(self):
         """For an attention call here: None when its tensors are kept exact (it runs as
@@ -670,6 +796,10 @@ class ActivationCompressor:
         call = self._ops.current if self._ops is not None else None
         if call is None and module in self._norm_calls:
             call = self._norm_calls[module]
+        if module in self._activation_calls:
+            packed = self._pack_composed_activation(self._activation_calls[module], t, module, call)
+            if packed is not None:
+                return packed
         op = call.kind if call is not None else ""
         kind, key = classify(t, self._param_storages)
         if kind == PARAM:
@@ -823,6 +953,69 @@ class ActivationCompressor:
             return fmt, treatment
         return fmt, None
 
+    def _pack_composed_activation(self, call: ComposedActivationCall, t: torch.Tensor, module: str,
+                                  table_call: OpCall | None):
+        """A tensor saved by the plain ops of an activation module written as a formula
+        (:class:`~.ops.ComposedActivationCall`): stored as nothing, recomputed in
+        backward from the module's input, which is stored once, as a ``gelu`` call's
+        input (its few-bit derivative at 2 and 4 bits). None when the call is not
+        composed (its module's format keeps tensors exact, it has no single float
+        input, or a table op inside it saves first) or ``t`` is not a float tensor of
+        its plain ops: then ``t`` is packed as usual. When ``op:gelu`` keeps the call
+        exact (``policy={"op:gelu": None}``), its float tensors are kept as they are.
+
+        Rules:
+
+        1. The input is packed when the call saves its first tensor, with the format
+           the op table gives a ``gelu`` call in this module (``op:gelu`` overrides it).
+        2. Every tensor the call saves takes a place in save order, whatever its kind,
+           so the recompute's saves line up with the forward's; float tensors are
+           stored as nothing, others are packed as usual.
+        3. The first time backward asks for one, the module's ``forward`` (no hooks)
+           runs again on the decoded input, with grad on and the forward's autocast
+           state, and the tensors it saves replace the stored nothing; each is handed
+           out once, and all are dropped once every one has been.
+        """
+        state = call.state
+        if state is None:
+            # a table op inside (GELUActivation running F.gelu): that op's entry applies
+            state = call.state = False if table_call is not None else self._start_composed_activation(call, module)
+        if state is False:
+            return None
+        kind, key = classify(t, self._param_storages)
+        if state is EXACT:  # op:gelu keeps the call's tensors exact
+            return self._pack_as(t, RAW, EXACT, key, module, call.kind) if kind == FLOAT and table_call is None \
+                else None
+        index = state.count
+        state.count += 1
+        if kind != FLOAT or table_call is not None:
+            return None
+        stats = self._tally(module, call.kind)
+        self._count_original(t.untyped_storage(), key, stats)
+        for s in stats:
+            s.counts["op-recomputed"] += 1
+        state.pending += 1
+        return _ActivationSaved(state, index, t)
+
+    def _start_composed_activation(self, call: ComposedActivationCall, module: str):
+        x = call.x
+        fmt = self._format_at(module)
+        if x is None or isinstance(fmt, RawFormat) or not x.requires_grad:
+            return False
+        kind, key = classify(x, self._param_storages)
+        if kind != FLOAT:
+            return False
+        xfmt, treatment = self._op_format(call, x, fmt, module)
+        if isinstance(xfmt, RawFormat):
+            return EXACT  # the plain ops' tensors, as plain autograd keeps them
+        if self._offloader is not None and module in self._offloaded_modules:
+            packed = self._pack_offloaded(x, xfmt, treatment, key, module, call.kind)
+        else:
+            packed = self._pack_as(x, xfmt, treatment, key, module, call.kind)
+        device = x.device.type
+        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        return _ActivationRecompute(call.module, packed, device, autocast, self._tally(module, call.kind)[0])
+
     def _pack_attention_output(self, call: OpCall, t, treatment: Treatment, fmt: Format, key, module: str, op: str):
         """Store nothing for the fused attention's output or logsumexp: both are
         recomputed in backward from the decoded q, k, v (see :mod:`.ops`), so the
@@ -933,11 +1126,8 @@ class ActivationCompressor:
 
     def _compress_fewbit(self, t, storage, key, fmt: IntFormat, function: str, module: str, op: str) -> _Compressed:
         stats = self._tally(module, op)
-        if is_fake(t):  # a memory estimate: only the size of the codes matters
-            levels, lookup = torch.empty(t.shape, dtype=torch.float32, device=t.device), None
-        else:
-            levels = fewbit.bucket(function, fmt.bits, t.detach()).contiguous()
-            lookup = fewbit.representatives(function, fmt.bits).to(t.device)
+        levels = fewbit.bucket(function, fmt.bits, t.detach())  # fake under a memory estimate
+        lookup = None if is_fake(t) else fewbit.representatives(function, fmt.bits).to(t.device)
         # Level indices are small integers: nearest-rounded codes store them exactly.
         encoded = self._encode(levels, fmt, stats[0])
         entry = _StorageEntry(encoded, weakref.ref(storage), t._version, t.dtype, stats[0], lookup=lookup)
@@ -966,7 +1156,7 @@ class ActivationCompressor:
 
 def _unpack(packed) -> torch.Tensor:
     """The tensor a packed object stands for (the engine's unpack hook)."""
-    if isinstance(packed, _Recomputed):
+    if isinstance(packed, (_Recomputed, _ActivationSaved)):
         return packed.value()
     if isinstance(packed, _Kept):
         t = packed.tensor

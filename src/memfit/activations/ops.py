@@ -47,11 +47,15 @@ op kind        ops                                         how their saved tenso
                                                            ReLU6)
 ``leaky_relu`` ``F.leaky_relu``, ``nn.LeakyReLU``          a 1-bit mask of ``x > 0``
 ``threshold``  ``F.threshold``, ``nn.Threshold``           a 1-bit mask of ``x > threshold``
-``gelu``       ``F.gelu``, ``nn.GELU`` (exact and tanh)    at 4 and 2 bits: a few-bit
-                                                           derivative (the level of
-                                                           ``f'(x)``, decoded to an ``x``
-                                                           with that derivative); at 8
-                                                           bits: the module's format
+``gelu``       ``F.gelu``, ``nn.GELU`` (exact and tanh);   at 4 and 2 bits: a few-bit
+               HF activation modules written as            derivative (the level of
+               formulas (``NewGELUActivation``: GPT-2's    ``f'(x)``, decoded to an ``x``
+               ``gelu_new``; ``FastGELUActivation``,       with that derivative); at 8
+               ``AccurateGELUActivation``,                 bits: the module's format; a
+               ``QuickGELUActivation``, and the Python     formula module: its input so,
+               variants of ``GELUActivation`` and          and the tensors its plain ops
+               ``GELUTanh``)                               save not stored, recomputed in
+                                                           backward from that input
 ``silu``       ``F.silu``, ``nn.SiLU``                     as ``gelu``
 ``norm``       ``F.layer_norm``, ``F.rms_norm``, and the    the input: one step up (at
                plain ops inside a norm module (class name  least 4 bits for
@@ -129,8 +133,18 @@ Why:
   derivative levels each element is nearest to (:mod:`memfit.activations.fewbit`)
   gives a 4 to 5 times smaller gradient error than codes of ``x`` at the same bits
   (figures in ``docs/guide-plain.md``). Activations written as elementwise formulas
-  (GPT-2's ``gelu_new``, ``tanh``, ``sigmoid``) are separate ops each; their tensors
-  keep the module's format.
+  (GPT-2's ``gelu_new``, ``0.5 x (1 + tanh(c (x + 0.044715 x³)))``) save four tensors
+  of the input's size through their plain ops, for a backward that needs only
+  ``f'(x)``. A module whose class is one of Hugging Face's formula GELUs
+  (:data:`COMPOSED_ACTIVATIONS`, by class name; no parameters, buffers or submodules)
+  is one ``gelu`` call (:class:`ComposedActivationCall`): the engine stores its input
+  once, as a ``gelu`` call's input, stores nothing for the four, and the first time
+  backward asks for one runs the module's forward again on the decoded input (like
+  ``torch.utils.checkpoint`` around the one module), so the formula's own backward
+  gives ``f'`` at the decoded input, that is the level. It costs one elementwise
+  forward per call in backward and saves three to four tensors' codes. ``tanh`` and
+  ``sigmoid`` on their own save their output, which the next op usually saves too;
+  they keep the module's format.
 * **Normalisation statistics** are small and their errors scale every element of the
   row. The norm's **input** gets one step more than the module (4 bits at 2, 8 at
   4; CNNs' batch, group and instance norms, whose inputs are the largest tensors of a
@@ -491,6 +505,56 @@ def is_norm_module(module: torch.nn.Module) -> bool:
     ``Norm`` (``LlamaRMSNorm``, ``T5LayerNorm``, ``Gemma2RMSNorm``) or ``NormGated``."""
     name = type(module).__name__.lower()
     return name.endswith("norm") or name.endswith("normgated")
+
+
+#: Activation modules written as elementwise formulas (Hugging Face's), by class name,
+#: and the function whose few-bit derivative stands for them. GELUActivation and
+#: GELUTanh count only when they run their Python formula: with ``F.gelu`` inside,
+#: the ``gelu`` entry sees that call.
+COMPOSED_ACTIVATIONS = {
+    "NewGELUActivation": "gelu_tanh",  # GPT-2's gelu_new (also GPT-J, CodeGen, Phi, T5 v1.1)
+    "FastGELUActivation": "gelu_tanh",
+    "AccurateGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "GELUActivation": "gelu",
+    "QuickGELUActivation": "quick_gelu",  # CLIP's
+}
+
+
+def composed_activation(module: torch.nn.Module) -> str | None:
+    """The few-bit function of an activation module written as an elementwise formula
+    (:data:`COMPOSED_ACTIVATIONS`), or None: matched by class name, with no parameters,
+    buffers or submodules (a pure function of its input)."""
+    function = COMPOSED_ACTIVATIONS.get(type(module).__name__)
+    if function is None:
+        return None
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()) \
+            or any(True for _ in module.children()):
+        return None
+    return function
+
+
+class ComposedActivationCall(OpCall):
+    """One call of an activation module written as an elementwise formula (GPT-2's
+    ``gelu_new``: ``0.5 x (1 + tanh(c (x + 0.044715 x³)))``), seen as one ``gelu`` op.
+    Its plain ops save four tensors of the input's size for a backward that needs only
+    ``f'(x)``; the engine stores the input once, as a ``gelu`` call's (the few-bit
+    derivative), and the four as nothing: the first time backward asks for one, the
+    module's forward runs again on the decoded input (:meth:`ActivationCompressor.
+    _pack_composed_activation`), so its ops' backward gives ``f'`` at the decoded input."""
+
+    __slots__ = ("module", "function", "x", "state")
+
+    def __init__(self, module: torch.nn.Module, function: str, x: torch.Tensor | None) -> None:
+        super().__init__("gelu", _composed_activation, (), {})
+        self.module = module
+        self.function = function
+        self.x = x  # the module's input; None when it has none to recompute from
+        self.state: object | None = None  # the engine's recompute, once the first tensor is saved
+
+
+def _composed_activation(call: ComposedActivationCall, t: torch.Tensor) -> Treatment:
+    return Treatment("fewbit", function=call.function)
 
 
 def _matmul(call: OpCall, t: torch.Tensor) -> Treatment:
