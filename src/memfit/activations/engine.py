@@ -91,10 +91,10 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext as _nullcontext
 import warnings
 import weakref
 from collections import Counter
+from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass, field
 from typing import Mapping
 
