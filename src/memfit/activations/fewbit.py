@@ -21,6 +21,8 @@ from functools import lru_cache
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+from ..codec.blockwise import is_fake
+
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
@@ -133,7 +135,7 @@ def bucket(function: str, bits: int, x: torch.Tensor) -> torch.Tensor:
     the last interval. Under a ``FakeTensorMode`` (a memory estimate) it runs the same
     ops on fake tensors, so the estimate sees the same temporaries."""
     breaks, interval_levels = _intervals(function, bits)
-    if isinstance(x, torch._subclasses.fake_tensor.FakeTensor):
+    if is_fake(x):
         # values do not matter to sizes
         breaks, interval_levels = torch.empty(len(breaks), device=x.device), torch.empty(len(interval_levels),
                                                                                            device=x.device)
