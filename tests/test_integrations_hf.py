@@ -279,6 +279,20 @@ def test_minilm_example_core_runs_on_the_real_weights():
     assert torch.isfinite(torch.tensor(r["loss_after"]))
 
 
+def test_minilm_example_more_held_out_snippets_are_disjoint_and_balanced():
+    # bench/fidelity.py evaluates on the example's held-out snippets plus these
+    ex = _load_example("hf_minilm")
+    items = ex.stdlib_snippets(20, seed=0)
+    more = ex.more_snippets(items, 15)
+    assert len(more) == 15 * len(ex.PACKAGES)
+    assert {y: sum(1 for _, l in more if l == y) for y in range(len(ex.PACKAGES))} == dict.fromkeys(
+        range(len(ex.PACKAGES)), 15)
+    assert not {t for t, _ in more} & {t for t, _ in items}
+    assert more == ex.more_snippets(items, 15)  # the same on every call
+    by_text = {t: y for y, pkg in enumerate(ex.PACKAGES) for t in ex.package_snippets(pkg)}
+    assert all(by_text[t] == y for t, y in more)  # labelled by the package it comes from
+
+
 def test_resume_from_checkpoint_loads_the_planned_optimizer_state(tmp_path, monkeypatch):
     # state_bits=8 pins the optimizer the plan picks, so both runs build the same one
     kw = dict(budget="60%", state_bits=8, verbose=False, plan_kwargs=FAST_PLAN)
