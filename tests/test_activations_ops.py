@@ -221,11 +221,42 @@ def test_attention_with_dropout_reports_what_plain_autograd_saves(shape):
     storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in kept}
     expected = sum(n for key, n in storages.items() if key not in inputs)
     assert expected >= 2 * q0.numel() // q0.shape[-1] * k0.shape[-2] * 4  # probabilities and more
+    saved_inputs = [role for role, t in zip("qkv", (q, k, v)) if t.untyped_storage()._cdata in storages]
     for _ in range(3):
         reported = []
         q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
-        recomputed_attention((q, k, v), kwargs, reported.append)
-        assert reported == [expected]
+        recomputed_attention((q, k, v), kwargs, lambda n, own: reported.append((n, own)))
+        roles = {t.untyped_storage()._cdata: role for role, t in zip("qkv", (q, k, v))}
+        assert [(n, sorted(roles[key] for key in own)) for n, own in reported] == [(expected, saved_inputs)]
+
+
+def test_attention_with_dropout_counts_what_plain_autograd_keeps():
+    # GPT-2: q, k, v are views of one fused projection, which plain autograd does not
+    # save (the math backend saves scaled copies): memfit's count of what plain keeps
+    # is plain's own, though memfit stores q, k and v.
+    from torch.autograd.graph import saved_tensors_hooks
+
+    B, H, L, D = 2, 4, 128, 32
+    qkv = torch.randn(B, L, 3 * H * D, generator=torch.Generator().manual_seed(0), requires_grad=True)
+
+    def attention():
+        q, k, v = (t.view(B, L, H, D).transpose(1, 2) for t in (qkv * 1).split(H * D, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.1, is_causal=True)
+
+    saved = {}
+
+    def keep(t):
+        saved.setdefault(t.untyped_storage()._cdata, t)
+        return t
+
+    with saved_tensors_hooks(keep, lambda t: t):
+        attention()
+    plain = sum(t.untyped_storage().nbytes() for t in saved.values())
+    mf = memfit.activations(bits=8, min_bytes=0)
+    with mf:
+        attention()
+    assert mf.stats.by_op["sdpa"].original_bytes == plain
+    assert mf.stats.by_op["sdpa"].stored_bytes < plain / 4
 
 
 def test_attention_with_dropout_differentiates_a_learned_bias():

@@ -116,10 +116,14 @@ class RecomputedAttention(torch.autograd.Function):
         with torch.enable_grad(), saved_tensors_hooks(note, _identity):
             out = _attention(*inputs, *ctx.options).detach()
         if report_plain_bytes is not None:
-            # q, k, v and the mask are packed (and counted) by the engine itself; they
-            # are alive, so a live noted storage at one of their addresses is theirs
+            # q, k, v and the mask are packed (and counted) by the engine itself, but
+            # only where plain autograd saves their storage too: the math backend saves
+            # scaled copies, and a view of them only sometimes. They are alive, so a
+            # live noted storage at one of their addresses is theirs.
             own = {t.untyped_storage()._cdata for t in (q, k, v, mask) if isinstance(t, torch.Tensor)}
-            report_plain_bytes(sum(n for ref, n in noted if (kept := ref()) is None or kept._cdata not in own))
+            live = [(kept._cdata if (kept := ref()) is not None else None, n) for ref, n in noted]
+            report_plain_bytes(sum(n for key, n in live if key not in own),
+                               frozenset(key for key, _ in live if key in own))
         mask_is_tensor = isinstance(mask, torch.Tensor)
         ctx.mask_is_tensor = mask_is_tensor
         ctx.mask = None if mask_is_tensor else mask
@@ -160,12 +164,15 @@ def _attention(q, k, v, mask, dropout_p, causal, scale, gqa, backend):
 
 
 def recomputed_attention(args: tuple, kwargs: dict,
-                         report_plain_bytes: Callable[[int], None] | None = None) -> torch.Tensor | None:
+                         report_plain_bytes: Callable[[int, frozenset], None] | None = None
+                         ) -> torch.Tensor | None:
     """Run ``F.scaled_dot_product_attention(*args, **kwargs)`` as
     :class:`RecomputedAttention`, or return None when the call is not one it takes:
     no dropout, no grad needed, arguments it does not know, or inputs on different
     devices. ``report_plain_bytes`` is given the bytes plain autograd would have
-    saved for the call (its saved storages, each once)."""
+    saved for the call (its saved storages, each once) other than the storages of q,
+    k, v and the mask, and which of those storages (``untyped_storage()._cdata``)
+    plain autograd saves too."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     bound = dict(zip(names, args))
     for name, value in kwargs.items():

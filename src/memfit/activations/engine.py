@@ -582,6 +582,7 @@ class ActivationCompressor:
         self._entries: dict[tuple, _StorageEntry] = {}
         self._counted: dict[int, weakref.ref] = {}  # storages in original_bytes
         self._held: dict[int, weakref.ref] = {}  # kept storages in stored_bytes
+        self._uncounted = False  # while packing a tensor plain autograd would not keep
         self._hooks: saved_tensors_hooks | None = None
         self._param_storages: set[int] = set()
         # Norm modules written as plain ops: the running call of each (see _on_module_enter).
@@ -759,12 +760,14 @@ class ActivationCompressor:
             return None
         module = self._modules.current
 
-        def report(nbytes: int) -> None:
+        def report(nbytes: int, inputs_saved: frozenset) -> None:
             # what plain autograd keeps for the call, beyond q, k, v and the mask,
-            # which the engine counts when they are packed (if plain saved them too)
+            # which the engine counts when they are packed, if plain saves them too
             for s in self._tally(module, "sdpa"):
                 s.original_bytes += nbytes
                 s.counts["op-recomputed"] += 1
+            if self._ops is not None and self._ops.current is not None:
+                self._ops.current.plain_saved = inputs_saved
 
         return report
 
@@ -819,10 +822,17 @@ class ActivationCompressor:
                 fmt, treatment = self._op_format(call, t, fmt, module)
                 if treatment is SDPA_OUT or treatment is SDPA_LSE:
                     return self._pack_attention_output(call, t, treatment, fmt, key, module, op)
-        if self._offloader is not None and module in self._offloaded_modules:
-            packed = self._pack_offloaded(t, fmt, treatment, key, module, op)
-        else:
-            packed = self._pack_as(t, fmt, treatment, key, module, op)
+        # RecomputedAttention's q, k, v: what plain autograd keeps is counted when they
+        # are its saves too (the math backend saves copies, reported as the call's)
+        self._uncounted = (call is not None and call.fused == "recompute"
+                           and t.untyped_storage()._cdata not in call.plain_saved)
+        try:
+            if self._offloader is not None and module in self._offloaded_modules:
+                packed = self._pack_offloaded(t, fmt, treatment, key, module, op)
+            else:
+                packed = self._pack_as(t, fmt, treatment, key, module, op)
+        finally:
+            self._uncounted = False
         if treatment is SDPA_INPUT:
             for role in call.roles(t):  # q and k may be one tensor
                 call.saved[role] = packed
@@ -851,7 +861,9 @@ class ActivationCompressor:
             if entry is None or entry.storage_ref() is not storage or entry.version != t._version:
                 return self._compress(t, storage, key, fmt, module, op)
             packed = _per_view(entry, t)  # the same view again
-        for s in self._tally(module, op):
+        stats = self._tally(module, op)
+        self._count_original(storage, key, stats)  # once per storage; a no-op unless its first save was uncounted
+        for s in stats:
             s.counts["shared"] += 1
         return packed
 
@@ -1050,7 +1062,7 @@ class ActivationCompressor:
 
     def _count_original(self, storage, key: int | None, stats) -> None:
         """Add what plain autograd keeps for ``storage`` (all of it, once)."""
-        if key is None:
+        if key is None or self._uncounted:
             return
         seen = self._counted.get(key)
         if seen is None or seen() is not storage:

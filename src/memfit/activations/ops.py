@@ -237,7 +237,8 @@ class OpCall:
     """One running call of a table op: its kind, and enough of its arguments to give
     each saved tensor its role (:meth:`treatment`)."""
 
-    __slots__ = ("kind", "_treater", "args", "kwargs", "_inputs", "fused", "broken", "saved", "recomputed")
+    __slots__ = ("kind", "_treater", "args", "kwargs", "_inputs", "fused", "broken", "saved", "recomputed",
+                 "plain_saved")
 
     def __init__(self, kind: str, treater: "Treater", args: tuple, kwargs: dict):
         self.kind = kind
@@ -251,6 +252,8 @@ class OpCall:
         self.broken = False
         self.saved: dict[str, object] = {}
         self.recomputed: object | None = None  # the engine's recompute, shared by output and lse
+        # RecomputedAttention only: which of its inputs' storages plain autograd saves
+        self.plain_saved: frozenset[int] = frozenset()
 
     def _arg(self, i: int, name: str, default: Any = None) -> Any:
         if len(self.args) > i:
