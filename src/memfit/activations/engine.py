@@ -827,16 +827,19 @@ class ActivationCompressor:
         self._uncounted = (call is not None and call.fused == "recompute"
                            and t.untyped_storage()._cdata not in call.plain_saved)
         try:
-            if self._offloader is not None and module in self._offloaded_modules:
-                packed = self._pack_offloaded(t, fmt, treatment, key, module, op)
-            else:
-                packed = self._pack_as(t, fmt, treatment, key, module, op)
+            packed = self._store(t, fmt, treatment, key, module, op)
         finally:
             self._uncounted = False
         if treatment is SDPA_INPUT:
             for role in call.roles(t):  # q and k may be one tensor
                 call.saved[role] = packed
         return packed
+
+    def _store(self, t, fmt: Format | str, treatment: Treatment | None, key, module: str, op: str):
+        """``t`` packed in ``fmt``, and moved to host memory when ``module`` is offloaded."""
+        if self._offloader is not None and module in self._offloaded_modules:
+            return self._pack_offloaded(t, fmt, treatment, key, module, op)
+        return self._pack_as(t, fmt, treatment, key, module, op)
 
     def _pack_as(self, t, fmt: Format | str, treatment: Treatment | None, key, module: str, op: str):
         if fmt is BF16 and t.dtype in (torch.bfloat16, torch.float16):
@@ -1020,10 +1023,7 @@ class ActivationCompressor:
         xfmt, treatment = self._op_format(call, x, fmt, module)
         if isinstance(xfmt, RawFormat):
             return EXACT  # the plain ops' tensors, as plain autograd keeps them
-        if self._offloader is not None and module in self._offloaded_modules:
-            packed = self._pack_offloaded(x, xfmt, treatment, key, module, call.kind)
-        else:
-            packed = self._pack_as(x, xfmt, treatment, key, module, call.kind)
+        packed = self._store(x, xfmt, treatment, key, module, call.kind)
         device = x.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return _ActivationRecompute(call.module, packed, device, autocast, self._tally(module, call.kind)[0])
